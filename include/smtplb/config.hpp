@@ -1,0 +1,108 @@
+#pragma once
+// The validated, immutable configuration. Loading reports every problem at once, each
+// with file, line and column, and never yields a half-valid Config.
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "smtplb/duration.hpp"
+
+namespace smtplb {
+
+enum class LogLevel : uint8_t { trace, debug, info, warn, error };
+enum class Algorithm : uint8_t { roundrobin, leastconn };
+enum class Handoff : uint8_t { banner, connect };
+
+struct GlobalConfig {
+  std::string hostname;             // default: the machine's host name
+  unsigned workers = 0;             // 0 = one per core
+  unsigned max_connections = 20000; // process-wide client sessions
+};
+
+struct LogConfig {
+  LogLevel level = LogLevel::info;
+  bool access_log = true;
+};
+
+struct SocketAddress {
+  sockaddr_storage storage{};
+  socklen_t len = 0;
+  const sockaddr* sa() const { return reinterpret_cast<const sockaddr*>(&storage); }
+  int family() const { return storage.ss_family; }
+  uint16_t port() const;
+  void set_port(uint16_t port);
+  std::string to_string() const;  // "1.2.3.4:25" or "[::1]:25"
+};
+
+struct ListenerConfig {
+  std::string name;
+  std::string address;              // as written
+  uint16_t port = 25;               // 0 = any free port (tests); the bound port is logged
+  SocketAddress bind;               // resolved
+  std::string pool;
+  unsigned max_connections = 10000;
+  Millis client_idle_timeout{300000};
+};
+
+struct HealthCheckConfig {
+  Millis interval{2000};
+  Millis timeout{10000};            // covers the whole dialogue
+  unsigned rise = 2;
+  unsigned fall = 3;
+  std::string ehlo_name;            // resolved: global.hostname when empty
+};
+
+struct ServerConfig {
+  std::string name;
+  std::string address;              // as written
+  uint16_t port = 25;
+  SocketAddress addr;               // resolved at load
+  unsigned weight = 1;              // 0..256; 0 = no new sessions
+};
+
+struct PoolConfig {
+  std::string name;
+  Algorithm algorithm = Algorithm::roundrobin;
+  Handoff handoff = Handoff::banner;
+  unsigned retries = 3;             // further servers tried after a failed attempt
+  Millis connect_timeout{5000};
+  Millis banner_timeout{15000};
+  Millis server_idle_timeout{300000};
+  HealthCheckConfig health_check;
+  std::vector<ServerConfig> servers;
+};
+
+struct Config {
+  std::string path;
+  GlobalConfig global;
+  LogConfig log;
+  std::vector<ListenerConfig> listeners;   // sorted by name
+  std::vector<PoolConfig> pools;           // sorted by name
+
+  const PoolConfig* find_pool(std::string_view name) const;
+};
+
+struct ConfigError {
+  std::string file;
+  uint32_t line = 0;
+  uint32_t column = 0;
+  std::string message;
+  std::string to_string() const;  // "FILE:LINE:COL: message"
+};
+
+struct ConfigLoad {
+  std::shared_ptr<const Config> config;  // null when errors is not empty
+  std::vector<ConfigError> errors;
+  bool ok() const { return config != nullptr; }
+};
+
+ConfigLoad load_config_file(const std::string& path);
+// `path` only labels the errors.
+ConfigLoad load_config_string(std::string_view text, const std::string& path);
+
+}  // namespace smtplb

@@ -1,0 +1,55 @@
+#pragma once
+// Incremental SMTP reply parser (RFC 5321 4.2): "250-first\r\n250 last\r\n".
+// Bytes may arrive split anywhere; feed() consumes what belongs to one reply.
+#include <cstddef>
+#include <string>
+#include <string_view>
+
+namespace smtplb {
+
+class SmtpReplyParser {
+ public:
+  enum class Status { need_more, complete, error };
+
+  // RFC 5321 caps a reply line at 512 octets; real servers exceed it a little, so the
+  // default allows more while still bounding memory against a hostile peer.
+  explicit SmtpReplyParser(size_t max_line = 2048, size_t max_lines = 128)
+      : max_line_(max_line), max_lines_(max_lines) {}
+
+  // Consumes bytes up to the end of the reply (or all of `data` when more is needed).
+  // `consumed` tells how many bytes were used, so pipelined bytes after a reply stay with
+  // the caller. After complete or error, call reset() before parsing the next reply.
+  Status feed(std::string_view data, size_t& consumed);
+  Status feed(std::string_view data) {
+    size_t c = 0;
+    return feed(data, c);
+  }
+
+  void reset();
+  int code() const { return code_; }
+  // Text of all lines joined with ' ' (without codes), for logs: "4.3.2 All ports busy".
+  const std::string& text() const { return text_; }
+  size_t lines() const { return lines_; }
+  const std::string& error() const { return error_; }
+
+ private:
+  Status finish_line();
+
+  size_t max_line_;
+  size_t max_lines_;
+  std::string line_;   // current partial line
+  std::string text_;
+  std::string error_;
+  int code_ = 0;
+  size_t lines_ = 0;
+  Status status_ = Status::need_more;
+};
+
+// Verdict on a greeting's first line for the banner-gated handoff: "220 ..." or "220-..."
+// is accepted; anything else is not. `line` excludes the line ending.
+bool is_positive_greeting(std::string_view line);
+
+// Shortens and sanitises peer text for a log line (printable ASCII, at most `max` bytes).
+std::string printable(std::string_view text, size_t max = 120);
+
+}  // namespace smtplb

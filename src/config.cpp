@@ -1,0 +1,567 @@
+#include "smtplb/config.hpp"
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <set>
+#include <sstream>
+#include <toml++/toml.h>
+
+namespace smtplb {
+
+uint16_t SocketAddress::port() const {
+  if (family() == AF_INET) return ntohs(reinterpret_cast<const sockaddr_in*>(&storage)->sin_port);
+  if (family() == AF_INET6) return ntohs(reinterpret_cast<const sockaddr_in6*>(&storage)->sin6_port);
+  return 0;
+}
+
+void SocketAddress::set_port(uint16_t p) {
+  if (family() == AF_INET) reinterpret_cast<sockaddr_in*>(&storage)->sin_port = htons(p);
+  if (family() == AF_INET6) reinterpret_cast<sockaddr_in6*>(&storage)->sin6_port = htons(p);
+}
+
+std::string SocketAddress::to_string() const {
+  char buf[INET6_ADDRSTRLEN] = "?";
+  if (family() == AF_INET) {
+    inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(&storage)->sin_addr, buf, sizeof buf);
+    return std::string(buf) + ":" + std::to_string(port());
+  }
+  if (family() == AF_INET6) {
+    inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6*>(&storage)->sin6_addr, buf, sizeof buf);
+    return "[" + std::string(buf) + "]:" + std::to_string(port());
+  }
+  return "?";
+}
+
+const PoolConfig* Config::find_pool(std::string_view name) const {
+  for (const auto& p : pools)
+    if (p.name == name) return &p;
+  return nullptr;
+}
+
+std::string ConfigError::to_string() const {
+  return file + ":" + std::to_string(line) + ":" + std::to_string(column) + ": " + message;
+}
+
+namespace {
+
+// Parses and validates one document, collecting every error instead of stopping at the
+// first, so an operator fixes a file in one pass.
+class Loader {
+ public:
+  explicit Loader(std::string file) : file_(std::move(file)) {}
+
+  ConfigLoad run(std::string_view text);
+
+ private:
+  // Handles one key of a table; the node is the key's value.
+  using KeyHandler = std::function<void(const toml::node&)>;
+  struct Key {
+    const char* name;
+    KeyHandler handle;
+  };
+
+  void error(const toml::source_region& where, std::string msg) {
+    errors_.push_back({file_, where.begin.line, where.begin.column, std::move(msg)});
+  }
+  void error(const toml::node& n, std::string msg) { error(n.source(), std::move(msg)); }
+
+  void table_keys(const toml::table& t, const std::string& section, const std::vector<Key>& keys);
+  // A key of DESIGN.md that this version does not implement: accepted only with the value
+  // that means "feature off", so a config never silently asks for something not done.
+  Key not_yet(const char* name, std::function<bool(const toml::node&)> inert, const char* what);
+
+  std::optional<std::string> str(const toml::node& n, std::string_view key);
+  std::optional<int64_t> integer(const toml::node& n, std::string_view key, int64_t lo, int64_t hi);
+  std::optional<bool> boolean(const toml::node& n, std::string_view key);
+  std::optional<Millis> duration(const toml::node& n, std::string_view key, Millis lo);
+  template <typename E>
+  std::optional<E> choice(const toml::node& n, std::string_view key,
+                          std::initializer_list<std::pair<const char*, E>> values);
+
+  void parse_global(const toml::node& n, Config& c);
+  void parse_log(const toml::node& n, Config& c);
+  void parse_listener(const std::string& name, const toml::node& n, Config& c);
+  void parse_pool(const std::string& name, const toml::node& n, Config& c);
+  void parse_health_check(const toml::node& n, PoolConfig& p);
+  void parse_server(const toml::node& n, PoolConfig& p, std::set<std::string>& names);
+
+  bool resolve(const toml::node& where, const std::string& host, uint16_t port, bool numeric_only,
+               SocketAddress& out);
+
+  std::string file_;
+  std::vector<ConfigError> errors_;
+  std::map<std::string, toml::source_region> listener_pool_refs_;
+  std::map<std::string, toml::source_region> listener_sources_;
+};
+
+void Loader::table_keys(const toml::table& t, const std::string& section, const std::vector<Key>& keys) {
+  for (auto&& [k, v] : t) {
+    auto it = std::find_if(keys.begin(), keys.end(), [&](const Key& key) { return k.str() == key.name; });
+    if (it == keys.end()) {
+      error(k.source().begin.line ? k.source() : v.source(),
+            "unknown key '" + std::string(k.str()) + "' in [" + section + "]");
+      continue;
+    }
+    it->handle(v);
+  }
+}
+
+Loader::Key Loader::not_yet(const char* name, std::function<bool(const toml::node&)> inert, const char* what) {
+  std::string key = name;
+  std::string off = what;
+  return {name, [this, key, off, inert](const toml::node& n) {
+            if (!inert(n))
+              error(n, "'" + key + "' is not supported yet in this version of smtplb (only " + off +
+                           " is accepted)");
+          }};
+}
+
+std::optional<std::string> Loader::str(const toml::node& n, std::string_view key) {
+  if (auto s = n.as_string()) return s->get();
+  error(n, "'" + std::string(key) + "' must be a string");
+  return std::nullopt;
+}
+
+std::optional<int64_t> Loader::integer(const toml::node& n, std::string_view key, int64_t lo, int64_t hi) {
+  auto i = n.as_integer();
+  if (!i) {
+    error(n, "'" + std::string(key) + "' must be an integer");
+    return std::nullopt;
+  }
+  if (i->get() < lo || i->get() > hi) {
+    error(n, "'" + std::string(key) + "' must be between " + std::to_string(lo) + " and " + std::to_string(hi) +
+                 ", not " + std::to_string(i->get()));
+    return std::nullopt;
+  }
+  return i->get();
+}
+
+std::optional<bool> Loader::boolean(const toml::node& n, std::string_view key) {
+  if (auto b = n.as_boolean()) return b->get();
+  error(n, "'" + std::string(key) + "' must be true or false");
+  return std::nullopt;
+}
+
+std::optional<Millis> Loader::duration(const toml::node& n, std::string_view key, Millis lo) {
+  auto s = n.as_string();
+  if (!s) {
+    error(n, "'" + std::string(key) + "' must be a duration string such as \"5s\" or \"500ms\"");
+    return std::nullopt;
+  }
+  auto d = parse_duration(s->get());
+  if (!d) {
+    error(n, "'" + std::string(key) + "': bad duration \"" + s->get() +
+                 "\" (a number with a unit ms, s, m, h or d, e.g. \"5s\")");
+    return std::nullopt;
+  }
+  if (*d < lo) {
+    error(n, "'" + std::string(key) + "' must be at least " + format_duration(lo));
+    return std::nullopt;
+  }
+  return d;
+}
+
+template <typename E>
+std::optional<E> Loader::choice(const toml::node& n, std::string_view key,
+                                std::initializer_list<std::pair<const char*, E>> values) {
+  auto s = n.as_string();
+  std::string allowed;
+  for (auto& [name, _] : values) allowed += (allowed.empty() ? "" : ", ") + std::string(name);
+  if (s) {
+    for (auto& [name, v] : values)
+      if (s->get() == name) return v;
+  }
+  error(n, "'" + std::string(key) + "' must be one of: " + allowed);
+  return std::nullopt;
+}
+
+bool Loader::resolve(const toml::node& where, const std::string& host, uint16_t port, bool numeric_only,
+                     SocketAddress& out) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = numeric_only ? AI_NUMERICHOST : AI_ADDRCONFIG;
+  addrinfo* res = nullptr;
+  int rc = getaddrinfo(host.c_str(), nullptr, &hints, &res);
+  if (rc != 0 || !res) {
+    if (numeric_only)
+      error(where, "'" + host + "' is not an IP address (listeners bind to addresses, e.g. \"0.0.0.0\" or \"::\")");
+    else
+      error(where, "cannot resolve '" + host + "': " + gai_strerror(rc));
+    return false;
+  }
+  std::memcpy(&out.storage, res->ai_addr, res->ai_addrlen);
+  out.len = res->ai_addrlen;
+  out.set_port(port);
+  freeaddrinfo(res);
+  return true;
+}
+
+void Loader::parse_global(const toml::node& n, Config& c) {
+  auto t = n.as_table();
+  if (!t) return error(n, "[global] must be a table");
+  table_keys(*t, "global",
+             {
+                 {"hostname",
+                  [&](const toml::node& v) {
+                    if (auto s = str(v, "hostname")) {
+                      if (s->empty() || s->find_first_of(" \t\r\n") != std::string::npos)
+                        error(v, "'hostname' must be a non-empty name without spaces");
+                      else
+                        c.global.hostname = *s;
+                    }
+                  }},
+                 {"workers",
+                  [&](const toml::node& v) {
+                    if (auto i = integer(v, "workers", 0, 64)) c.global.workers = unsigned(*i);
+                  }},
+                 {"max_connections",
+                  [&](const toml::node& v) {
+                    if (auto i = integer(v, "max_connections", 1, 1'000'000)) c.global.max_connections = unsigned(*i);
+                  }},
+                 not_yet("shutdown_grace", [](const toml::node&) { return false; }, "the built-in immediate stop"),
+             });
+}
+
+void Loader::parse_log(const toml::node& n, Config& c) {
+  auto t = n.as_table();
+  if (!t) return error(n, "[log] must be a table");
+  table_keys(*t, "log",
+             {
+                 {"level",
+                  [&](const toml::node& v) {
+                    if (auto l = choice<LogLevel>(v, "level",
+                                                  {{"trace", LogLevel::trace},
+                                                   {"debug", LogLevel::debug},
+                                                   {"info", LogLevel::info},
+                                                   {"warn", LogLevel::warn},
+                                                   {"error", LogLevel::error}}))
+                      c.log.level = *l;
+                  }},
+                 {"access_log",
+                  [&](const toml::node& v) {
+                    if (auto b = boolean(v, "access_log")) c.log.access_log = *b;
+                  }},
+                 not_yet("format", [](const toml::node& v) { return v.value<std::string>() == "text"; },
+                         "\"text\""),
+                 not_yet("target", [](const toml::node& v) { return v.value<std::string>() == "stderr"; },
+                         "\"stderr\""),
+                 not_yet("file", [](const toml::node& v) { return v.value<std::string>() == ""; }, "\"\""),
+             });
+}
+
+void Loader::parse_listener(const std::string& name, const toml::node& n, Config& c) {
+  auto t = n.as_table();
+  if (!t) return error(n, "[listener." + name + "] must be a table");
+  ListenerConfig l;
+  l.name = name;
+  listener_sources_[name] = n.source();
+  const std::string section = "listener." + name;
+  bool have_address = false, have_pool = false;
+  const toml::node* address_node = nullptr;
+  table_keys(*t, section,
+             {
+                 {"address",
+                  [&](const toml::node& v) {
+                    if (auto s = str(v, "address")) {
+                      l.address = *s;
+                      have_address = true;
+                      address_node = &v;
+                    }
+                  }},
+                 {"port",
+                  [&](const toml::node& v) {
+                    if (auto i = integer(v, "port", 0, 65535)) l.port = uint16_t(*i);
+                  }},
+                 {"pool",
+                  [&](const toml::node& v) {
+                    if (auto s = str(v, "pool")) {
+                      l.pool = *s;
+                      have_pool = true;
+                      listener_pool_refs_[name] = v.source();
+                    }
+                  }},
+                 {"max_connections",
+                  [&](const toml::node& v) {
+                    if (auto i = integer(v, "max_connections", 1, 1'000'000)) l.max_connections = unsigned(*i);
+                  }},
+                 {"client_idle_timeout",
+                  [&](const toml::node& v) {
+                    if (auto d = duration(v, "client_idle_timeout", Millis(1000))) l.client_idle_timeout = *d;
+                  }},
+                 not_yet("proxy_protocol", [](const toml::node& v) { return v.value<std::string>() == "none"; },
+                         "\"none\""),
+                 not_yet("trusted_proxies",
+                         [](const toml::node& v) { return v.is_array() && v.as_array()->empty(); }, "[]"),
+                 not_yet("max_connections_per_ip", [](const toml::node& v) { return v.value<int64_t>() == 0; },
+                         "0"),
+                 not_yet("allow", [](const toml::node& v) { return v.is_array() && v.as_array()->empty(); }, "[]"),
+                 not_yet("deny", [](const toml::node& v) { return v.is_array() && v.as_array()->empty(); }, "[]"),
+             });
+  if (!have_address) error(n, "[" + section + "] needs 'address'");
+  if (!have_pool) error(n, "[" + section + "] needs 'pool'");
+  if (address_node && !resolve(*address_node, l.address, l.port, true, l.bind)) return;
+  c.listeners.push_back(std::move(l));
+}
+
+void Loader::parse_health_check(const toml::node& n, PoolConfig& p) {
+  auto t = n.as_table();
+  if (!t) return error(n, "[pool." + p.name + ".health_check] must be a table");
+  HealthCheckConfig& h = p.health_check;
+  table_keys(*t, "pool." + p.name + ".health_check",
+             {
+                 {"interval",
+                  [&](const toml::node& v) {
+                    if (auto d = duration(v, "interval", Millis(100))) h.interval = *d;
+                  }},
+                 {"timeout",
+                  [&](const toml::node& v) {
+                    if (auto d = duration(v, "timeout", Millis(100))) h.timeout = *d;
+                  }},
+                 {"rise",
+                  [&](const toml::node& v) {
+                    if (auto i = integer(v, "rise", 1, 100)) h.rise = unsigned(*i);
+                  }},
+                 {"fall",
+                  [&](const toml::node& v) {
+                    if (auto i = integer(v, "fall", 1, 100)) h.fall = unsigned(*i);
+                  }},
+                 {"ehlo_name",
+                  [&](const toml::node& v) {
+                    if (auto s = str(v, "ehlo_name")) {
+                      if (s->find_first_of(" \t\r\n") != std::string::npos)
+                        error(v, "'ehlo_name' must not contain spaces or line breaks");
+                      else
+                        h.ehlo_name = *s;
+                    }
+                  }},
+                 not_yet("starttls", [](const toml::node& v) { return v.value<bool>() == false; }, "false"),
+                 not_yet("tls_verify", [](const toml::node& v) { return v.value<bool>() == false; }, "false"),
+                 not_yet("tls_ca_file", [](const toml::node& v) { return v.value<std::string>() == ""; }, "\"\""),
+                 not_yet("tls_server_name", [](const toml::node& v) { return v.value<std::string>() == ""; },
+                         "\"\""),
+             });
+}
+
+void Loader::parse_server(const toml::node& n, PoolConfig& p, std::set<std::string>& names) {
+  auto t = n.as_table();
+  if (!t) return error(n, "each [[pool." + p.name + ".server]] must be a table");
+  ServerConfig s;
+  const std::string section = "[pool." + p.name + ".server]";
+  bool ok = true;
+  const toml::node* address_node = nullptr;
+  const toml::node* name_node = nullptr;
+  table_keys(*t, "[pool." + p.name + ".server]",
+             {
+                 {"name",
+                  [&](const toml::node& v) {
+                    if (auto x = str(v, "name")) {
+                      s.name = *x;
+                      name_node = &v;
+                    } else {
+                      ok = false;
+                    }
+                  }},
+                 {"address",
+                  [&](const toml::node& v) {
+                    if (auto x = str(v, "address")) {
+                      s.address = *x;
+                      address_node = &v;
+                    } else {
+                      ok = false;
+                    }
+                  }},
+                 {"port",
+                  [&](const toml::node& v) {
+                    if (auto i = integer(v, "port", 1, 65535)) s.port = uint16_t(*i);
+                    else ok = false;
+                  }},
+                 {"weight",
+                  [&](const toml::node& v) {
+                    if (auto i = integer(v, "weight", 0, 256)) s.weight = unsigned(*i);
+                  }},
+                 not_yet("max_connections", [](const toml::node& v) { return v.value<int64_t>() == 0; }, "0"),
+                 not_yet("backup", [](const toml::node& v) { return v.value<bool>() == false; }, "false"),
+                 not_yet("state", [](const toml::node& v) { return v.value<std::string>() == "ready"; },
+                         "\"ready\""),
+             });
+  if (!name_node) {
+    error(n, "a server in pool '" + p.name + "' needs 'name'");
+    ok = false;
+  } else if (s.name.empty() || s.name.find_first_of(" \t\r\n/\"") != std::string::npos) {
+    error(*name_node, "server name \"" + s.name + "\" must be non-empty, without spaces, quotes or '/'");
+    ok = false;
+  } else if (!names.insert(s.name).second) {
+    error(*name_node, "duplicate server name '" + s.name + "' in pool '" + p.name + "'");
+    ok = false;
+  }
+  if (!address_node) {
+    error(n, "server '" + s.name + "' in pool '" + p.name + "' needs 'address'");
+    ok = false;
+  }
+  if (ok && !resolve(*address_node, s.address, s.port, false, s.addr)) ok = false;
+  if (ok) p.servers.push_back(std::move(s));
+}
+
+void Loader::parse_pool(const std::string& name, const toml::node& n, Config& c) {
+  auto t = n.as_table();
+  if (!t) return error(n, "[pool." + name + "] must be a table");
+  PoolConfig p;
+  p.name = name;
+  const toml::node* servers_node = nullptr;
+  std::set<std::string> names;
+  table_keys(*t, "pool." + name,
+             {
+                 {"algorithm",
+                  [&](const toml::node& v) {
+                    if (auto a = choice<Algorithm>(v, "algorithm",
+                                                   {{"roundrobin", Algorithm::roundrobin},
+                                                    {"leastconn", Algorithm::leastconn}}))
+                      p.algorithm = *a;
+                  }},
+                 {"handoff",
+                  [&](const toml::node& v) {
+                    if (auto h = choice<Handoff>(v, "handoff",
+                                                 {{"banner", Handoff::banner}, {"connect", Handoff::connect}}))
+                      p.handoff = *h;
+                  }},
+                 {"retries",
+                  [&](const toml::node& v) {
+                    if (auto i = integer(v, "retries", 0, 16)) p.retries = unsigned(*i);
+                  }},
+                 {"connect_timeout",
+                  [&](const toml::node& v) {
+                    if (auto d = duration(v, "connect_timeout", Millis(10))) p.connect_timeout = *d;
+                  }},
+                 {"banner_timeout",
+                  [&](const toml::node& v) {
+                    if (auto d = duration(v, "banner_timeout", Millis(10))) p.banner_timeout = *d;
+                  }},
+                 {"server_idle_timeout",
+                  [&](const toml::node& v) {
+                    if (auto d = duration(v, "server_idle_timeout", Millis(1000))) p.server_idle_timeout = *d;
+                  }},
+                 {"health_check", [&](const toml::node& v) { parse_health_check(v, p); }},
+                 {"server",
+                  [&](const toml::node& v) {
+                    servers_node = &v;
+                    auto arr = v.as_array();
+                    if (!arr) return error(v, "servers are written as [[pool." + name + ".server]] tables");
+                    for (const toml::node& s : *arr) parse_server(s, p, names);
+                  }},
+                 not_yet("proxy_protocol", [](const toml::node& v) { return v.value<std::string>() == "none"; },
+                         "\"none\""),
+                 not_yet("queue_timeout", [](const toml::node&) { return false; }, "no queue (omit the key)"),
+                 not_yet("slow_start", [](const toml::node& v) { return v.value<std::string>() == "0s"; },
+                         "\"0s\""),
+             });
+  if (!servers_node) error(n, "pool '" + name + "' has no [[pool." + name + ".server]]");
+  c.pools.push_back(std::move(p));
+}
+
+ConfigLoad Loader::run(std::string_view text) {
+  ConfigLoad out;
+  toml::table root;
+  try {
+    root = toml::parse(text, std::string_view(file_));
+  } catch (const toml::parse_error& e) {
+    error(e.source(), std::string(e.description()));
+    out.errors = std::move(errors_);
+    return out;
+  }
+  auto c = std::make_shared<Config>();
+  c->path = file_;
+  for (auto&& [k, v] : root) {
+    const std::string key(k.str());
+    if (key == "global") {
+      parse_global(v, *c);
+    } else if (key == "log") {
+      parse_log(v, *c);
+    } else if (key == "admin") {
+      error(k.source(), "[admin] is not supported yet in this version of smtplb");
+    } else if (key == "listener" || key == "pool") {
+      auto t = v.as_table();
+      if (!t) {
+        error(v, "'" + key + "' must be written as [" + key + ".NAME] tables");
+        continue;
+      }
+      for (auto&& [name, section] : *t) {
+        std::string nm(name.str());
+        if (nm.empty() || nm.find_first_of(" \t/\"") != std::string::npos) {
+          error(section, key + " name \"" + nm + "\" must be non-empty, without spaces, quotes or '/'");
+          continue;
+        }
+        if (key == "listener") parse_listener(nm, section, *c);
+        else parse_pool(nm, section, *c);
+      }
+    } else {
+      error(k.source(), "unknown section or key '" + key + "'");
+    }
+  }
+
+  if (c->global.hostname.empty()) {
+    char host[256] = {};
+    if (gethostname(host, sizeof host - 1) == 0 && host[0]) c->global.hostname = host;
+    else c->global.hostname = "localhost";
+  }
+  for (auto& p : c->pools)
+    if (p.health_check.ehlo_name.empty()) p.health_check.ehlo_name = c->global.hostname;
+
+  if (c->listeners.empty() && errors_.empty())
+    errors_.push_back({file_, 1, 1, "no [listener.NAME] section: smtplb would accept nothing"});
+  std::map<std::string, std::string> binds;
+  for (const auto& l : c->listeners) {
+    if (!l.pool.empty() && !c->find_pool(l.pool)) {
+      auto it = listener_pool_refs_.find(l.name);
+      errors_.push_back({file_, it->second.begin.line, it->second.begin.column,
+                         "listener '" + l.name + "' names pool '" + l.pool + "', which is not defined"});
+    }
+    if (l.port != 0) {
+      auto [it, fresh] = binds.emplace(l.bind.to_string(), l.name);
+      if (!fresh) {
+        auto ref = listener_sources_[l.name];
+        errors_.push_back({file_, ref.begin.line, ref.begin.column,
+                           "listener '" + l.name + "' binds " + l.bind.to_string() + " like listener '" +
+                               it->second + "'"});
+      }
+    }
+  }
+
+  if (!errors_.empty()) {
+    std::stable_sort(errors_.begin(), errors_.end(), [](const ConfigError& a, const ConfigError& b) {
+      return a.line != b.line ? a.line < b.line : a.column < b.column;
+    });
+    out.errors = std::move(errors_);
+    return out;
+  }
+  out.config = std::move(c);
+  return out;
+}
+
+}  // namespace
+
+ConfigLoad load_config_string(std::string_view text, const std::string& path) {
+  return Loader(path).run(text);
+}
+
+ConfigLoad load_config_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    ConfigLoad out;
+    out.errors.push_back({path, 1, 1, std::string("cannot read the file: ") + std::strerror(errno)});
+    return out;
+  }
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return load_config_string(ss.str(), path);
+}
+
+}  // namespace smtplb

@@ -1,0 +1,79 @@
+#pragma once
+// Active SMTP health check of one server, on the control loop: connect, read the whole
+// greeting, EHLO, read the whole reply, QUIT, wait for 221. Never writes before the
+// server finished its line (postscreen's pregreet test), never pipelines.
+#include <uv.h>
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+
+#include "server_pool.hpp"
+#include "smtplb/health_state.hpp"
+#include "smtplb/smtp_reply.hpp"
+
+namespace smtplb {
+
+struct CheckResult {
+  bool ok = false;
+  std::string reason;  // why it failed, e.g. "greeting 421 4.3.2 All server ports are busy"
+  std::chrono::milliseconds duration{0};
+};
+
+class HealthChecker {
+ public:
+  // Called after each check whose result changed the server's health.
+  using OnTransition = std::function<void(HealthChecker&, Health from, Health to, const CheckResult&)>;
+
+  HealthChecker(uv_loop_t* loop, size_t pool_index, std::shared_ptr<ServerRuntime> server,
+                const HealthCheckConfig& cfg, OnTransition on_transition);
+  ~HealthChecker();
+  HealthChecker(const HealthChecker&) = delete;
+  HealthChecker& operator=(const HealthChecker&) = delete;
+
+  void start(uint64_t first_delay_ms);
+  // Aborts any check in progress and closes the handles; the loop must run once more
+  // before the object is destroyed.
+  void stop();
+
+  size_t pool_index() const { return pool_index_; }
+  ServerRuntime& server() { return *server_; }
+  const HealthState& state() const { return state_; }
+
+ private:
+  struct Probe {
+    uv_tcp_t tcp{};
+    uv_connect_t connect_req{};
+    uv_write_t write_req{};
+    HealthChecker* owner = nullptr;
+    std::string out;  // bytes of the write in flight
+  };
+  enum class Step : uint8_t { idle, connect, greeting, ehlo, quit };
+
+  static const char* step_name(Step s);
+  void begin();
+  void connected(int status);
+  void received(const char* data, size_t len);
+  void send(std::string text);
+  void done(bool ok, std::string reason);
+  void schedule(uint64_t ms);
+
+  uv_loop_t* loop_;
+  size_t pool_index_;
+  std::shared_ptr<ServerRuntime> server_;
+  HealthCheckConfig cfg_;
+  OnTransition on_transition_;
+  uv_timer_t timer_{};
+  bool timer_closed_ = false;
+  Probe* probe_ = nullptr;
+  Step step_ = Step::idle;
+  SmtpReplyParser parser_;
+  HealthState state_;
+  uint64_t started_ = 0;
+  std::minstd_rand rng_;
+  char buf_[4096];
+};
+
+}  // namespace smtplb

@@ -1,0 +1,502 @@
+#include "session.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdlib>
+#include <cstring>
+
+#include "smtplb/smtp_reply.hpp"
+#include "uv_util.hpp"
+#include "worker.hpp"
+
+namespace smtplb {
+
+namespace {
+
+// Client bytes held before the server has greeted (a client that talks first is
+// misbehaving; it gets paused rather than buffered without bound).
+constexpr size_t kHoldLimit = 4096;
+// Longest first greeting line accepted from a server.
+constexpr size_t kGreetingLineLimit = 2048;
+// After smtplb's own 421 and FIN, how long to wait for the client to close, so the
+// reply is not destroyed by a reset from unread client bytes.
+constexpr uint64_t kReplyLingerMs = 5000;
+
+void alloc_scratch(uv_handle_t* h, size_t, uv_buf_t* buf) { *buf = static_cast<Worker*>(h->loop->data)->scratch(); }
+
+}  // namespace
+
+Session::Session(Worker& worker, std::shared_ptr<const Snapshot> snapshot, ListenerRuntime& listener)
+    : worker_(worker),
+      snap_(std::move(snapshot)),
+      listener_(listener),
+      pool_(*snap_->pools[listener.pool].cfg),
+      pool_index_(listener.pool) {
+  uv_tcp_init(worker_.loop(), &client_);
+  uv_timer_init(worker_.loop(), &timer_);
+  client_.data = this;
+  timer_.data = this;
+  pending_closes_ = 2;  // client_ and timer_
+  worker_.link(this);
+}
+
+Session::~Session() {
+  if (counted_) {
+    listener_.current.fetch_sub(1, std::memory_order_relaxed);
+    worker_.limits().connections.fetch_sub(1, std::memory_order_relaxed);
+  }
+  worker_.unlink(this);
+}
+
+void Session::start() {
+  const uint64_t now = uv_now(worker_.loop());
+  t_accept_ = last_client_rx_ = last_upstream_rx_ = now;
+  int len = sizeof peer_.storage;
+  if (uv_tcp_getpeername(&client_, reinterpret_cast<sockaddr*>(&peer_.storage), &len) == 0) peer_.len = len;
+  uv_tcp_nodelay(&client_, 1);
+
+  counted_ = true;
+  const uint32_t process = worker_.limits().connections.fetch_add(1, std::memory_order_relaxed) + 1;
+  const uint32_t here = listener_.current.fetch_add(1, std::memory_order_relaxed) + 1;
+  uv_read_start(as_stream(&client_), alloc_scratch, on_client_read);
+  if (process > snap_->config->global.max_connections || here > listener_.cfg->max_connections) {
+    reply_unavailable({'R', 'C'});
+    return;
+  }
+  next_attempt();
+}
+
+void Session::kill() { finish({'K', state_ == State::relaying ? 'D' : state_ == State::greeting ? 'H' : 'C'}); }
+
+// ---- client side ----------------------------------------------------------------------
+
+void Session::on_client_read(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
+  auto* self = owner_of<Session>(s);
+  if (n > 0) self->client_data(buf->base, size_t(n));
+  else if (n < 0) self->client_end(n);
+}
+
+void Session::client_data(const char* data, size_t len) {
+  bytes_in_ += len;
+  last_client_rx_ = uv_now(worker_.loop());
+  switch (state_) {
+    case State::relaying:
+      forward(false, data, len);
+      break;
+    case State::connecting:
+    case State::greeting:
+      held_.append(data, len);
+      if (held_.size() >= kHoldLimit) pause_client();
+      break;
+    case State::replying:
+    case State::closing:
+      break;  // discarded: the session is over
+  }
+}
+
+void Session::client_end(ssize_t status) {
+  client_eof_ = true;
+  client_paused_ = true;  // libuv stopped reading
+  switch (state_) {
+    case State::connecting:
+      finish({'C', 'C'});
+      break;
+    case State::greeting:
+      finish({'C', 'H'});
+      break;
+    case State::relaying:
+      if (status != UV_EOF) {
+        finish({'C', 'D'});
+        return;
+      }
+      half_close(false);
+      maybe_done();
+      break;
+    case State::replying:
+      finish(term_);
+      break;
+    case State::closing:
+      break;
+  }
+}
+
+// ---- server side ----------------------------------------------------------------------
+
+void Session::next_attempt() {
+  if (tried_.size() > pool_.retries) {
+    reply_unavailable(term_);
+    return;
+  }
+  auto idx = worker_.pick(*snap_, pool_index_, tried_);
+  if (!idx) {
+    if (tried_.empty()) {
+      spdlog::debug("pool {}: no usable server for client {}", pool_.name, peer_.to_string());
+      term_ = {'S', 'C'};
+    }
+    reply_unavailable(term_);
+    return;
+  }
+  tried_.push_back(uint32_t(*idx));
+  const auto& server = snap_->pools[pool_index_].servers[*idx];
+  server_name_ = &server->cfg.name;
+  server->active.fetch_add(1, std::memory_order_relaxed);
+
+  up_ = new Upstream;
+  up_->owner = this;
+  up_->server = server;
+  up_->tcp.data = up_;
+  uv_tcp_init(worker_.loop(), &up_->tcp);
+  state_ = State::connecting;
+  t_attempt_ = uv_now(worker_.loop());
+  tc_ = tb_ = -1;
+  int rc = uv_tcp_connect(&up_->connect_req, &up_->tcp, server->cfg.addr.sa(), on_connect);
+  if (rc < 0) {
+    attempt_failed('S', 'C', std::string("connect: ") + uv_strerror(rc));
+    return;
+  }
+  arm_timer(uint64_t(pool_.connect_timeout.count()));
+}
+
+void Session::on_connect(uv_connect_t* req, int status) {
+  auto* up = static_cast<Upstream*>(req->handle->data);
+  if (up->owner) up->owner->connected(status);
+}
+
+void Session::connected(int status) {
+  if (state_ != State::connecting) return;
+  if (status < 0) {
+    attempt_failed(status == UV_ETIMEDOUT ? 's' : 'S', 'C', std::string("connect: ") + uv_strerror(status));
+    return;
+  }
+  tc_ = int64_t(uv_now(worker_.loop()) - t_attempt_);
+  uv_tcp_nodelay(&up_->tcp, 1);
+  uv_read_start(as_stream(&up_->tcp), alloc_scratch, on_upstream_read);
+  upstream_paused_ = false;
+  last_upstream_rx_ = uv_now(worker_.loop());
+  if (pool_.handoff == Handoff::connect) {
+    handoff(nullptr, 0);
+    return;
+  }
+  state_ = State::greeting;
+  arm_timer(uint64_t(pool_.banner_timeout.count()));
+}
+
+void Session::on_upstream_read(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
+  auto* up = static_cast<Upstream*>(s->data);
+  if (!up->owner) return;
+  if (n > 0) up->owner->upstream_data(buf->base, size_t(n));
+  else if (n < 0) up->owner->upstream_end(n);
+}
+
+void Session::upstream_data(const char* data, size_t len) {
+  last_upstream_rx_ = uv_now(worker_.loop());
+  if (state_ == State::relaying) {
+    bytes_out_ += len;
+    forward(true, data, len);
+    return;
+  }
+  if (state_ != State::greeting) return;
+  // The first line decides; it almost always arrives in one read, so the common path
+  // copies nothing.
+  std::string_view chunk(data, len);
+  size_t nl = chunk.find('\n');
+  if (nl == std::string_view::npos) {
+    if (greeting_.size() + len > kGreetingLineLimit) {
+      attempt_failed('S', 'H', "greeting line longer than " + std::to_string(kGreetingLineLimit) + " bytes");
+      return;
+    }
+    greeting_.append(data, len);
+    return;
+  }
+  bool ok;
+  if (greeting_.empty()) {
+    ok = is_positive_greeting(chunk.substr(0, nl));
+  } else {
+    greeting_.append(data, nl);
+    ok = is_positive_greeting(greeting_);
+    greeting_.append(data + nl, len - nl);
+  }
+  if (!ok) {
+    std::string line = greeting_.empty() ? std::string(chunk.substr(0, nl)) : greeting_.substr(0, greeting_.find('\n'));
+    attempt_failed('S', 'H', "greeting " + printable(line));
+    return;
+  }
+  if (greeting_.empty()) {
+    handoff(data, len);
+  } else {
+    std::string all = std::move(greeting_);
+    greeting_.clear();
+    handoff(all.data(), all.size());
+  }
+}
+
+void Session::upstream_end(ssize_t status) {
+  switch (state_) {
+    case State::connecting:
+    case State::greeting:
+      attempt_failed('S', 'H',
+                     status == UV_EOF ? std::string("closed before greeting")
+                                      : std::string("greeting: ") + uv_strerror(int(status)));
+      break;
+    case State::relaying:
+      upstream_eof_ = true;
+      upstream_paused_ = true;
+      if (status != UV_EOF) {
+        finish({'S', 'D'});
+        return;
+      }
+      half_close(true);
+      maybe_done();
+      break;
+    case State::replying:
+    case State::closing:
+      break;
+  }
+}
+
+void Session::attempt_failed(char cause, char phase, const std::string& why) {
+  spdlog::debug("client {}: server {} failed ({}), try {} of {}", peer_.to_string(), up_ ? up_->server->label : "?",
+                why, tried_.size(), pool_.retries + 1);
+  term_ = {cause, phase};
+  abandon_upstream();
+  greeting_.clear();
+  next_attempt();
+}
+
+void Session::abandon_upstream() {
+  if (!up_) return;
+  up_->server->active.fetch_sub(1, std::memory_order_relaxed);
+  up_->owner = nullptr;
+  uv_close(as_handle(&up_->tcp), on_upstream_closed);
+  up_ = nullptr;
+}
+
+void Session::handoff(const char* data, size_t len) {
+  const uint64_t now = uv_now(worker_.loop());
+  tb_ = int64_t(now - t_attempt_) - tc_;
+  state_ = State::relaying;
+  term_ = {'-', '-'};
+  if (len) {
+    bytes_out_ += len;
+    if (!forward(true, data, len)) return;
+  }
+  if (!held_.empty()) {
+    std::string held = std::move(held_);
+    held_ = std::string();
+    if (!forward(false, held.data(), held.size())) return;
+  }
+  if (to_upstream_queued_ == 0) resume_client();
+  arm_idle_timer();
+}
+
+// ---- replies from smtplb itself ---------------------------------------------------------
+
+void Session::reply_unavailable(TermCode term) {
+  std::string text = "421 4.3.2 " + snap_->config->global.hostname + " Service not available, try again later\r\n";
+  abandon_upstream();
+  term_ = term;
+  if (client_eof_) {
+    finish(term);
+    return;
+  }
+  state_ = State::replying;
+  held_ = std::string();
+  resume_client();  // read and discard until the client's FIN
+  if (!forward(true, text.data(), text.size())) return;
+  half_close(true);
+  arm_timer(kReplyLingerMs);
+}
+
+// ---- relay --------------------------------------------------------------------------------
+
+bool Session::forward(bool to_client, const char* data, size_t len) {
+  uv_stream_t* dst = to_client ? as_stream(&client_) : as_stream(&up_->tcp);
+  unsigned& queued = to_client ? to_client_queued_ : to_upstream_queued_;
+  size_t done = 0;
+  if (queued == 0) {
+    uv_buf_t b = uv_buf_init(const_cast<char*>(data), unsigned(len));
+    int r = uv_try_write(dst, &b, 1);
+    if (r == int(len)) return true;
+    if (r < 0 && r != UV_EAGAIN) {
+      finish(to_client ? TermCode{'C', 'D'} : TermCode{'S', 'D'});
+      return false;
+    }
+    done = r > 0 ? size_t(r) : 0;
+  }
+  // The receiver is slow: keep the rest in one buffer and stop reading the sender until it
+  // is written, so memory per session stays bounded by one read.
+  size_t rest = len - done;
+  auto* ob = static_cast<OutBuf*>(std::malloc(offsetof(OutBuf, data) + rest));
+  ob->session = this;
+  ob->to_client = to_client;
+  std::memcpy(ob->data, data + done, rest);
+  uv_buf_t b = uv_buf_init(ob->data, unsigned(rest));
+  ob->req.data = ob;
+  if (uv_write(&ob->req, dst, &b, 1, on_write_done) != 0) {
+    std::free(ob);
+    finish(to_client ? TermCode{'C', 'D'} : TermCode{'S', 'D'});
+    return false;
+  }
+  ++queued;
+  if (to_client) pause_upstream();
+  else pause_client();
+  return true;
+}
+
+void Session::on_write_done(uv_write_t* req, int status) {
+  auto* ob = static_cast<OutBuf*>(req->data);
+  Session* self = ob->session;
+  const bool to_client = ob->to_client;
+  std::free(ob);
+  unsigned& queued = to_client ? self->to_client_queued_ : self->to_upstream_queued_;
+  --queued;
+  if (status == UV_ECANCELED || self->state_ == State::closing) return;
+  if (status < 0) {
+    self->finish(to_client ? TermCode{'C', 'D'} : TermCode{'S', 'D'});
+    return;
+  }
+  if (queued == 0 && self->state_ == State::relaying) {
+    if (to_client) self->resume_upstream();
+    else self->resume_client();
+    self->maybe_done();
+  }
+}
+
+void Session::pause_client() {
+  if (client_paused_) return;
+  uv_read_stop(as_stream(&client_));
+  client_paused_ = true;
+}
+
+void Session::resume_client() {
+  if (!client_paused_ || client_eof_ || state_ == State::closing) return;
+  if (state_ != State::replying && held_.size() >= kHoldLimit) return;
+  uv_read_start(as_stream(&client_), alloc_scratch, on_client_read);
+  client_paused_ = false;
+}
+
+void Session::pause_upstream() {
+  if (upstream_paused_ || !up_) return;
+  uv_read_stop(as_stream(&up_->tcp));
+  upstream_paused_ = true;
+}
+
+void Session::resume_upstream() {
+  if (!upstream_paused_ || upstream_eof_ || !up_ || state_ != State::relaying) return;
+  uv_read_start(as_stream(&up_->tcp), alloc_scratch, on_upstream_read);
+  upstream_paused_ = false;
+}
+
+void Session::half_close(bool to_client) {
+  bool& done = to_client ? client_shut_ : upstream_shut_;
+  if (done) return;
+  if (!to_client && !up_) return;
+  done = true;
+  uv_shutdown_t* req = to_client ? &client_shutdown_ : &upstream_shutdown_;
+  req->data = this;
+  // Queued after pending writes by libuv, so nothing in flight is cut off.
+  uv_shutdown(req, to_client ? as_stream(&client_) : as_stream(&up_->tcp), [](uv_shutdown_t*, int) {});
+}
+
+void Session::maybe_done() {
+  if (state_ == State::relaying && client_eof_ && upstream_eof_ && to_client_queued_ == 0 &&
+      to_upstream_queued_ == 0)
+    finish({'-', '-'});
+}
+
+// ---- timers -----------------------------------------------------------------------------
+
+void Session::arm_timer(uint64_t ms) { uv_timer_start(&timer_, on_timer, ms, 0); }
+
+void Session::on_timer(uv_timer_t* t) { owner_of<Session>(t)->timer_fired(); }
+
+void Session::timer_fired() {
+  switch (state_) {
+    case State::connecting:
+      attempt_failed('s', 'C', "connect timeout after " + format_duration(pool_.connect_timeout));
+      break;
+    case State::greeting:
+      attempt_failed('s', 'H', "no greeting within " + format_duration(pool_.banner_timeout));
+      break;
+    case State::relaying:
+      arm_idle_timer();
+      break;
+    case State::replying:
+      finish(term_);
+      break;
+    case State::closing:
+      break;
+  }
+}
+
+// Idle means nobody has sent anything. Whose silence it is decides the limit: after the
+// server spoke it is the client's turn (client_idle_timeout), after the client spoke the
+// server's (server_idle_timeout). A slow upload keeps resetting it, so large messages are
+// never cut, and the session needs one timer and no work per read but a timestamp.
+void Session::arm_idle_timer() {
+  const uint64_t now = uv_now(worker_.loop());
+  const bool client_turn = last_upstream_rx_ >= last_client_rx_;
+  const uint64_t last = std::max(last_client_rx_, last_upstream_rx_);
+  const uint64_t limit =
+      uint64_t(client_turn ? listener_.cfg->client_idle_timeout.count() : pool_.server_idle_timeout.count());
+  const uint64_t idle = now - last;
+  if (idle >= limit) {
+    finish(client_turn ? TermCode{'c', 'D'} : TermCode{'s', 'D'});
+    return;
+  }
+  arm_timer(limit - idle);
+}
+
+// ---- the end ----------------------------------------------------------------------------
+
+void Session::finish(TermCode term) {
+  if (state_ == State::closing) return;
+  term_ = term;
+  state_ = State::closing;
+  log_access();
+  if (up_) {
+    up_->server->active.fetch_sub(1, std::memory_order_relaxed);
+    ++pending_closes_;
+    uv_close(as_handle(&up_->tcp), on_upstream_closed);
+    up_ = nullptr;
+  }
+  uv_close(as_handle(&client_), on_closed);
+  uv_close(as_handle(&timer_), on_closed);
+}
+
+void Session::on_closed(uv_handle_t* h) { static_cast<Session*>(h->data)->closed_one(); }
+
+void Session::on_upstream_closed(uv_handle_t* h) {
+  auto* up = static_cast<Upstream*>(h->data);
+  Session* owner = up->owner;
+  delete up;
+  if (owner) owner->closed_one();
+}
+
+void Session::closed_one() {
+  if (--pending_closes_ == 0) delete this;
+}
+
+void Session::log_access() {
+  if (!worker_.access_log() || !counted_) return;
+  const uint64_t now = uv_now(worker_.loop());
+  const std::string client = peer_.to_string();
+  AccessRecord r;
+  r.client = client;
+  r.listener = listener_.cfg->name;
+  r.pool = pool_.name;
+  r.server = server_name_ && tc_ >= 0 ? std::string_view(*server_name_) : std::string_view("-");
+  r.tries = unsigned(tried_.size());
+  r.tw_ms = 0;
+  r.tc_ms = tc_;
+  r.tb_ms = tb_;
+  r.tt_ms = int64_t(now - t_accept_);
+  r.bytes_in = bytes_in_;
+  r.bytes_out = bytes_out_;
+  r.term = term_;
+  spdlog::info("{}", format_access_text(r));
+}
+
+}  // namespace smtplb

@@ -1,0 +1,143 @@
+#pragma once
+// One client session: accept -> pick a server -> connect -> greeting gate -> relay ->
+// close. An explicit state machine; finish() is the one place a session ends, sets its
+// termination code, updates counters and writes the access line.
+#include <uv.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "server_pool.hpp"
+#include "smtplb/access_log.hpp"
+
+namespace smtplb {
+
+class Worker;
+class Session;
+
+// One backend connection attempt. Freed only in its own close callback; `owner` is
+// cleared when the session abandons it, so late callbacks are ignored.
+struct Upstream {
+  uv_tcp_t tcp{};
+  uv_connect_t connect_req{};
+  Session* owner = nullptr;
+  std::shared_ptr<ServerRuntime> server;
+};
+
+class Session {
+ public:
+  Session(Worker& worker, std::shared_ptr<const Snapshot> snapshot, ListenerRuntime& listener);
+  ~Session();
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  uv_tcp_t* client() { return &client_; }
+  // Called once the client socket is accepted.
+  void start();
+  // Ends the session from outside (worker shutdown).
+  void kill();
+
+  Session* next_ = nullptr;  // worker's intrusive list
+  Session* prev_ = nullptr;
+
+ private:
+  enum class State : uint8_t {
+    connecting,  // TCP connect to a server in progress
+    greeting,    // connected, waiting for the server's first line
+    relaying,    // handed off: bytes flow both ways
+    replying,    // smtplb itself answers (421) and closes
+    closing,     // handles are closing
+  };
+  // A write that could not complete at once; allocated only under backpressure.
+  struct OutBuf {
+    uv_write_t req;
+    Session* session;
+    bool to_client;
+    size_t len;
+    char data[1];
+  };
+
+  static void on_client_read(uv_stream_t* s, ssize_t n, const uv_buf_t* buf);
+  static void on_upstream_read(uv_stream_t* s, ssize_t n, const uv_buf_t* buf);
+  static void on_connect(uv_connect_t* req, int status);
+  static void on_timer(uv_timer_t* t);
+  static void on_write_done(uv_write_t* req, int status);
+  static void on_shutdown(uv_shutdown_t* req, int status);
+  static void on_closed(uv_handle_t* h);
+  static void on_upstream_closed(uv_handle_t* h);
+
+  void client_data(const char* data, size_t len);
+  void client_end(ssize_t status);
+  void upstream_data(const char* data, size_t len);
+  void upstream_end(ssize_t status);
+  void connected(int status);
+  void timer_fired();
+
+  // Starts the next attempt, or answers 421 when no server is left to try.
+  void next_attempt();
+  void attempt_failed(char cause, char phase, const std::string& why);
+  void abandon_upstream();
+  // The server greeted with 220 (or handoff = connect): forward and start relaying.
+  void handoff(const char* data, size_t len);
+  // "421 4.3.2 ... try again later", FIN, then close once the client closes.
+  void reply_unavailable(TermCode term);
+
+  // Sends to the other side; on a short write queues the rest and pauses the sender.
+  bool forward(bool to_client, const char* data, size_t len);
+  void pause_client();
+  void resume_client();
+  void pause_upstream();
+  void resume_upstream();
+  void half_close(bool to_client);
+  void maybe_done();
+  void arm_timer(uint64_t ms);
+  void arm_idle_timer();
+
+  void finish(TermCode term);
+  void closed_one();
+  void log_access();
+
+  Worker& worker_;
+  std::shared_ptr<const Snapshot> snap_;
+  ListenerRuntime& listener_;
+  const PoolConfig& pool_;
+  size_t pool_index_;
+
+  uv_tcp_t client_{};
+  uv_timer_t timer_{};
+  uv_shutdown_t client_shutdown_{};
+  uv_shutdown_t upstream_shutdown_{};
+  Upstream* up_ = nullptr;
+
+  State state_ = State::connecting;
+  TermCode term_;                 // what ends the session if nothing better happens
+  int pending_closes_ = 0;        // handles still closing; the last one deletes us
+  bool counted_ = false;          // counted in listener/process connection totals
+  bool client_eof_ = false;
+  bool upstream_eof_ = false;
+  bool client_paused_ = false;    // not reading the client (backpressure, hold limit, EOF)
+  bool upstream_paused_ = true;   // not reading the server
+  bool client_shut_ = false;      // FIN sent to the client
+  bool upstream_shut_ = false;    // FIN sent to the server
+  unsigned to_client_queued_ = 0; // writes in flight towards the client
+  unsigned to_upstream_queued_ = 0;
+
+  std::string held_;              // client bytes received before the handoff
+  std::string greeting_;          // partial first greeting line
+  std::vector<uint32_t> tried_;   // server indexes attempted, in order
+
+  SocketAddress peer_;
+  const std::string* server_name_ = nullptr;  // server of the latest attempt (owned by snap_)
+  uint64_t t_accept_ = 0;         // loop time (ms) at accept
+  uint64_t t_attempt_ = 0;        // start of the current connect
+  int64_t tc_ = -1;               // connect time of the current attempt
+  int64_t tb_ = -1;               // connect -> accepted greeting
+  uint64_t last_client_rx_ = 0;
+  uint64_t last_upstream_rx_ = 0;
+  uint64_t bytes_in_ = 0;
+  uint64_t bytes_out_ = 0;
+};
+
+}  // namespace smtplb
