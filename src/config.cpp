@@ -116,11 +116,9 @@ void Loader::table_keys(const toml::table& t, const std::string& section, const 
 
 Loader::Key Loader::not_yet(const char* name, std::function<bool(const toml::node&)> inert, const char* what) {
   std::string key = name;
-  std::string off = what;
-  return {name, [this, key, off, inert](const toml::node& n) {
-            if (!inert(n))
-              error(n, "'" + key + "' is not supported yet in this version of smtplb (only " + off +
-                           " is accepted)");
+  std::string hint = what ? std::string("only ") + what + " is accepted" : "remove the key";
+  return {name, [this, key, hint, inert](const toml::node& n) {
+            if (!inert(n)) error(n, "'" + key + "' is not supported yet in this version of smtplb (" + hint + ")");
           }};
 }
 
@@ -185,17 +183,33 @@ std::optional<E> Loader::choice(const toml::node& n, std::string_view key,
 
 bool Loader::resolve(const toml::node& where, const std::string& host, uint16_t port, bool numeric_only,
                      SocketAddress& out) {
+  // Literal addresses are parsed strictly (getaddrinfo would take "10.1" as 10.0.0.1).
+  if (inet_pton(AF_INET, host.c_str(), &reinterpret_cast<sockaddr_in*>(&out.storage)->sin_addr) == 1) {
+    out.storage.ss_family = AF_INET;
+    out.len = sizeof(sockaddr_in);
+    out.set_port(port);
+    return true;
+  }
+  if (inet_pton(AF_INET6, host.c_str(), &reinterpret_cast<sockaddr_in6*>(&out.storage)->sin6_addr) == 1) {
+    out.storage.ss_family = AF_INET6;
+    out.len = sizeof(sockaddr_in6);
+    out.set_port(port);
+    return true;
+  }
+  const bool looks_numeric = !host.empty() && host.find_first_not_of("0123456789.") == std::string::npos;
+  if (numeric_only || looks_numeric) {
+    error(where, "'" + host + "' is not a valid IP address" +
+                     std::string(numeric_only ? " (listeners bind to addresses, e.g. \"0.0.0.0\" or \"::\")" : ""));
+    return false;
+  }
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = numeric_only ? AI_NUMERICHOST : AI_ADDRCONFIG;
+  hints.ai_flags = AI_ADDRCONFIG;
   addrinfo* res = nullptr;
   int rc = getaddrinfo(host.c_str(), nullptr, &hints, &res);
   if (rc != 0 || !res) {
-    if (numeric_only)
-      error(where, "'" + host + "' is not an IP address (listeners bind to addresses, e.g. \"0.0.0.0\" or \"::\")");
-    else
-      error(where, "cannot resolve '" + host + "': " + gai_strerror(rc));
+    error(where, "cannot resolve '" + host + "': " + gai_strerror(rc));
     return false;
   }
   std::memcpy(&out.storage, res->ai_addr, res->ai_addrlen);
@@ -227,7 +241,7 @@ void Loader::parse_global(const toml::node& n, Config& c) {
                   [&](const toml::node& v) {
                     if (auto i = integer(v, "max_connections", 1, 1'000'000)) c.global.max_connections = unsigned(*i);
                   }},
-                 not_yet("shutdown_grace", [](const toml::node&) { return false; }, "the built-in immediate stop"),
+                 not_yet("shutdown_grace", [](const toml::node&) { return false; }, nullptr),
              });
 }
 
@@ -308,7 +322,8 @@ void Loader::parse_listener(const std::string& name, const toml::node& n, Config
              });
   if (!have_address) error(n, "[" + section + "] needs 'address'");
   if (!have_pool) error(n, "[" + section + "] needs 'pool'");
-  if (address_node && !resolve(*address_node, l.address, l.port, true, l.bind)) return;
+  // Kept even when the address is bad, so the pool reference is still checked.
+  if (address_node) resolve(*address_node, l.address, l.port, true, l.bind);
   c.listeners.push_back(std::move(l));
 }
 
@@ -459,7 +474,7 @@ void Loader::parse_pool(const std::string& name, const toml::node& n, Config& c)
                   }},
                  not_yet("proxy_protocol", [](const toml::node& v) { return v.value<std::string>() == "none"; },
                          "\"none\""),
-                 not_yet("queue_timeout", [](const toml::node&) { return false; }, "no queue (omit the key)"),
+                 not_yet("queue_timeout", [](const toml::node&) { return false; }, nullptr),
                  not_yet("slow_start", [](const toml::node& v) { return v.value<std::string>() == "0s"; },
                          "\"0s\""),
              });

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Configures and builds smtplb into ${BUILD_DIR:-build}. Extra arguments go to CMake.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=${BUILD_DIR:-build}
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo "$@" >/dev/null
+cmake --build "$build" -j2

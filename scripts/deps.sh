@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs the Debian packages smtplb needs, only those missing (idempotent).
+# usage: scripts/deps.sh build|demo|test
+#   build: compiler, CMake and the libraries
+#   demo:  build + smtp-sink (postfix) and swaks
+#   test:  demo + python3 and clang's libFuzzer runtime for the fuzz targets
+set -euo pipefail
+
+want=(g++ cmake ninja-build pkg-config libuv1-dev libssl-dev libtomlplusplus-dev libspdlog-dev doctest-dev)
+case "${1:-build}" in
+  build) ;;
+  demo) want+=(postfix swaks) ;;
+  test) want+=(postfix swaks python3 clang libclang-rt-14-dev procps iproute2) ;;
+  *) echo "usage: $0 build|demo|test" >&2; exit 64 ;;
+esac
+
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "deps: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
+  sudo="sudo"
+fi
+echo "deps: installing ${missing[*]}"
+# Postfix must not ask questions or claim port 25: smtplb's tests run private instances.
+echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
+$sudo apt-get update -qq
+$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
