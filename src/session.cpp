@@ -304,6 +304,7 @@ void Session::reply_unavailable(TermCode term) {
   state_ = State::replying;
   held_ = std::string();
   resume_client();  // read and discard until the client's FIN
+  bytes_out_ += text.size();
   if (!forward(true, text.data(), text.size())) return;
   half_close(true);
   arm_timer(kReplyLingerMs);
