@@ -23,6 +23,9 @@ constexpr size_t kGreetingLineLimit = 2048;
 // After smtplb's own 421 and FIN, how long to wait for the client to close, so the
 // reply is not destroyed by a reset from unread client bytes.
 constexpr uint64_t kReplyLingerMs = 5000;
+// After the server closed and its last bytes were sent on, how long the client may keep
+// its side open.
+constexpr uint64_t kFinLingerMs = 5000;
 
 void alloc_scratch(uv_handle_t* h, size_t, uv_buf_t* buf) { *buf = static_cast<Worker*>(h->loop->data)->scratch(); }
 
@@ -249,6 +252,9 @@ void Session::upstream_end(ssize_t status) {
       }
       half_close(true);
       maybe_done();
+      // The server has ended the SMTP session; give the client a short while to read the
+      // rest and close, rather than its whole idle timeout.
+      if (state_ == State::relaying) arm_timer(kFinLingerMs);
       break;
     case State::replying:
     case State::closing:
@@ -422,6 +428,11 @@ void Session::timer_fired() {
       attempt_failed('s', 'H', "no greeting within " + format_duration(pool_.banner_timeout));
       break;
     case State::relaying:
+      if (upstream_eof_) {
+        // Server gone, client still open after the linger: normal if everything reached it.
+        finish(to_client_queued_ ? TermCode{'c', 'D'} : TermCode{'-', '-'});
+        return;
+      }
       arm_idle_timer();
       break;
     case State::replying:
