@@ -128,20 +128,20 @@ void Session::client_end(ssize_t status) {
 // ---- server side ----------------------------------------------------------------------
 
 void Session::next_attempt() {
-  if (tried_.size() > pool_.retries) {
+  if (tries_ > pool_.retries) {
     reply_unavailable(term_);
     return;
   }
-  auto idx = worker_.pick(*snap_, pool_index_, tried_);
+  auto idx = worker_.pick(*snap_, pool_index_, std::span<const uint32_t>(tried_.data(), tries_));
   if (!idx) {
-    if (tried_.empty()) {
+    if (tries_ == 0) {
       spdlog::debug("pool {}: no usable server for client {}", pool_.name, peer_.to_string());
       term_ = {'S', 'C'};
     }
     reply_unavailable(term_);
     return;
   }
-  tried_.push_back(uint32_t(*idx));
+  tried_[tries_++] = uint32_t(*idx);
   const auto& server = snap_->pools[pool_index_].servers[*idx];
   server_name_ = &server->cfg.name;
   server->active.fetch_add(1, std::memory_order_relaxed);
@@ -264,7 +264,7 @@ void Session::upstream_end(ssize_t status) {
 
 void Session::attempt_failed(char cause, char phase, const std::string& why) {
   spdlog::debug("client {}: server {} failed ({}), try {} of {}", peer_.to_string(), up_ ? up_->server->label : "?",
-                why, tried_.size(), pool_.retries + 1);
+                why, tries_, pool_.retries + 1);
   term_ = {cause, phase};
   abandon_upstream();
   greeting_.clear();
@@ -500,7 +500,7 @@ void Session::log_access() {
   r.listener = listener_.cfg->name;
   r.pool = pool_.name;
   r.server = server_name_ && tc_ >= 0 ? std::string_view(*server_name_) : std::string_view("-");
-  r.tries = unsigned(tried_.size());
+  r.tries = tries_;
   r.tw_ms = 0;
   r.tc_ms = tc_;
   r.tb_ms = tb_;

@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
-#include <vector>
+#include <array>
 
 #include "server_pool.hpp"
 #include "smtplb/access_log.hpp"
@@ -126,7 +126,9 @@ class Session {
 
   std::string held_;              // client bytes received before the handoff
   std::string greeting_;          // partial first greeting line
-  std::vector<uint32_t> tried_;   // server indexes attempted, in order
+  // Server indexes attempted, in order (retries are capped at 16 by the config).
+  std::array<uint32_t, 17> tried_{};
+  uint8_t tries_ = 0;
 
   SocketAddress peer_;
   const std::string* server_name_ = nullptr;  // server of the latest attempt (owned by snap_)

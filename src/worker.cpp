@@ -102,7 +102,7 @@ void Worker::on_connection(Listener& l, int status) {
   s->start();
 }
 
-std::optional<size_t> Worker::pick(const Snapshot& snap, size_t pool, const std::vector<uint32_t>& exclude) {
+std::optional<size_t> Worker::pick(const Snapshot& snap, size_t pool, std::span<const uint32_t> exclude) {
   const auto& servers = snap.pools[pool].servers;
   candidates_.resize(servers.size());
   bool any_usable = false;

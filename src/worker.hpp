@@ -6,6 +6,7 @@
 #include <atomic>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -39,7 +40,7 @@ class Worker {
 
   // Picks a server of pool `pool` that is usable and not in `exclude` (falls back to any
   // usable one when all were tried). Returns the index into the pool's servers.
-  std::optional<size_t> pick(const Snapshot& snap, size_t pool, const std::vector<uint32_t>& exclude);
+  std::optional<size_t> pick(const Snapshot& snap, size_t pool, std::span<const uint32_t> exclude);
 
   // Read buffer shared by all sessions of this worker: data is forwarded straight from it
   // and copied out only when the receiver cannot take it at once.
