@@ -1,0 +1,69 @@
+#include <doctest/doctest.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "smtplb/access_log.hpp"
+
+using smtplb::AccessRecord;
+using smtplb::format_access_text;
+
+TEST_CASE("access log: the line of DESIGN section 6") {
+  AccessRecord r;
+  r.client = "203.0.113.9:40122";
+  r.listener = "mx";
+  r.pool = "postfix";
+  r.server = "pf1";
+  r.tries = 1;
+  r.tw_ms = 0;
+  r.tc_ms = 2;
+  r.tb_ms = 14;
+  r.tt_ms = 5012;
+  r.bytes_in = 1834;
+  r.bytes_out = 912;
+  CHECK(format_access_text(r) ==
+        "client=203.0.113.9:40122 listener=mx pool=postfix server=pf1 tries=1 Tw=0 Tc=2 Tb=14 Tt=5012 "
+        "bytes_in=1834 bytes_out=912 term=--");
+}
+
+TEST_CASE("access log: a session that never reached a server") {
+  AccessRecord r;
+  r.client = "[2001:db8::1]:5000";
+  r.listener = "submission";
+  r.pool = "";
+  r.server = "";
+  r.tries = 3;
+  r.tt_ms = 15003;
+  r.bytes_out = 62;
+  r.term = {'S', 'H'};
+  // Unset times stay -1 (HAProxy's "never happened"); empty pool and server print "-".
+  CHECK(format_access_text(r) ==
+        "client=[2001:db8::1]:5000 listener=submission pool=- server=- tries=3 Tw=-1 Tc=-1 Tb=-1 "
+        "Tt=15003 bytes_in=0 bytes_out=62 term=SH");
+}
+
+TEST_CASE("access log: termination codes and extreme counters") {
+  AccessRecord r;
+  r.client = "127.0.0.1:1";
+  r.listener = "l";
+  r.pool = "p";
+  r.server = "-";
+  r.bytes_in = std::numeric_limits<uint64_t>::max();
+  r.bytes_out = std::numeric_limits<uint64_t>::max();
+  r.tt_ms = std::numeric_limits<int64_t>::max();
+  r.term = {'K', 'D'};
+  CHECK(format_access_text(r) ==
+        "client=127.0.0.1:1 listener=l pool=p server=- tries=0 Tw=-1 Tc=-1 Tb=-1 "
+        "Tt=9223372036854775807 bytes_in=18446744073709551615 bytes_out=18446744073709551615 term=KD");
+  r.term = {'c', 'D'};
+  CHECK(format_access_text(r).ends_with(" term=cD"));
+  r.term = {'L', 'Q'};
+  CHECK(format_access_text(r).ends_with(" term=LQ"));
+}
+
+TEST_CASE("access log: default record") {
+  AccessRecord r;
+  CHECK(format_access_text(r) ==
+        "client= listener= pool=- server=- tries=0 Tw=-1 Tc=-1 Tb=-1 Tt=0 bytes_in=0 bytes_out=0 term=--");
+}
