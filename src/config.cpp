@@ -14,6 +14,8 @@
 #include <sstream>
 #include <toml++/toml.h>
 
+#include "smtplb/smtp_reply.hpp"
+
 namespace smtplb {
 
 uint16_t SocketAddress::port() const {
@@ -52,6 +54,36 @@ std::string ConfigError::to_string() const {
 
 namespace {
 
+// Names of listeners, pools and servers end up in logs and metric labels: keep them to
+// a conservative character set.
+bool valid_name(std::string_view name) {
+  if (name.empty() || name.size() > 64) return false;
+  for (char c : name)
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-' ||
+          c == '.' || c == ':'))
+      return false;
+  return true;
+}
+constexpr const char* kNameRule = "1 to 64 characters among letters, digits, '_', '-', '.' and ':'";
+
+// Values that mean "feature off" for keys not implemented yet; types must match exactly.
+using Inert = std::function<bool(const toml::node&)>;
+Inert inert_string(std::string want) {
+  return [want](const toml::node& v) { return v.is_string() && v.as_string()->get() == want; };
+}
+Inert inert_integer(int64_t want) {
+  return [want](const toml::node& v) { return v.is_integer() && v.as_integer()->get() == want; };
+}
+Inert inert_bool(bool want) {
+  return [want](const toml::node& v) { return v.is_boolean() && v.as_boolean()->get() == want; };
+}
+Inert inert_empty_array() {
+  return [](const toml::node& v) { return v.is_array() && v.as_array()->empty(); };
+}
+Inert never() {
+  return [](const toml::node&) { return false; };
+}
+
 // Parses and validates one document, collecting every error instead of stopping at the
 // first, so an operator fixes a file in one pass.
 class Loader {
@@ -76,7 +108,7 @@ class Loader {
   void table_keys(const toml::table& t, const std::string& section, const std::vector<Key>& keys);
   // A key of DESIGN.md that this version does not implement: accepted only with the value
   // that means "feature off", so a config never silently asks for something not done.
-  Key not_yet(const char* name, std::function<bool(const toml::node&)> inert, const char* what);
+  Key not_yet(const char* name, Inert inert, const char* what);
 
   std::optional<std::string> str(const toml::node& n, std::string_view key);
   std::optional<int64_t> integer(const toml::node& n, std::string_view key, int64_t lo, int64_t hi);
@@ -104,7 +136,8 @@ class Loader {
 
 void Loader::table_keys(const toml::table& t, const std::string& section, const std::vector<Key>& keys) {
   for (auto&& [k, v] : t) {
-    auto it = std::find_if(keys.begin(), keys.end(), [&](const Key& key) { return k.str() == key.name; });
+    const std::string_view name = k.str();
+    auto it = std::find_if(keys.begin(), keys.end(), [name](const Key& key) { return name == key.name; });
     if (it == keys.end()) {
       error(k.source().begin.line ? k.source() : v.source(),
             "unknown key '" + std::string(k.str()) + "' in [" + section + "]");
@@ -114,7 +147,7 @@ void Loader::table_keys(const toml::table& t, const std::string& section, const 
   }
 }
 
-Loader::Key Loader::not_yet(const char* name, std::function<bool(const toml::node&)> inert, const char* what) {
+Loader::Key Loader::not_yet(const char* name, Inert inert, const char* what) {
   std::string key = name;
   std::string hint = what ? std::string("only ") + what + " is accepted" : "remove the key";
   return {name, [this, key, hint, inert](const toml::node& n) {
@@ -183,6 +216,10 @@ std::optional<E> Loader::choice(const toml::node& n, std::string_view key,
 
 bool Loader::resolve(const toml::node& where, const std::string& host, uint16_t port, bool numeric_only,
                      SocketAddress& out) {
+  if (host.find('\0') != std::string::npos) {
+    error(where, "address must not contain a NUL character");
+    return false;
+  }
   // Literal addresses are parsed strictly (getaddrinfo would take "10.1" as 10.0.0.1).
   if (inet_pton(AF_INET, host.c_str(), &reinterpret_cast<sockaddr_in*>(&out.storage)->sin_addr) == 1) {
     out.storage.ss_family = AF_INET;
@@ -241,7 +278,7 @@ void Loader::parse_global(const toml::node& n, Config& c) {
                   [&](const toml::node& v) {
                     if (auto i = integer(v, "max_connections", 1, 1'000'000)) c.global.max_connections = unsigned(*i);
                   }},
-                 not_yet("shutdown_grace", [](const toml::node&) { return false; }, nullptr),
+                 not_yet("shutdown_grace", never(), nullptr),
              });
 }
 
@@ -264,11 +301,11 @@ void Loader::parse_log(const toml::node& n, Config& c) {
                   [&](const toml::node& v) {
                     if (auto b = boolean(v, "access_log")) c.log.access_log = *b;
                   }},
-                 not_yet("format", [](const toml::node& v) { return v.value<std::string>() == "text"; },
+                 not_yet("format", inert_string("text"),
                          "\"text\""),
-                 not_yet("target", [](const toml::node& v) { return v.value<std::string>() == "stderr"; },
+                 not_yet("target", inert_string("stderr"),
                          "\"stderr\""),
-                 not_yet("file", [](const toml::node& v) { return v.value<std::string>() == ""; }, "\"\""),
+                 not_yet("file", inert_string(""), "\"\""),
              });
 }
 
@@ -279,7 +316,6 @@ void Loader::parse_listener(const std::string& name, const toml::node& n, Config
   l.name = name;
   listener_sources_[name] = n.source();
   const std::string section = "listener." + name;
-  bool have_address = false, have_pool = false;
   const toml::node* address_node = nullptr;
   table_keys(*t, section,
              {
@@ -287,7 +323,6 @@ void Loader::parse_listener(const std::string& name, const toml::node& n, Config
                   [&](const toml::node& v) {
                     if (auto s = str(v, "address")) {
                       l.address = *s;
-                      have_address = true;
                       address_node = &v;
                     }
                   }},
@@ -299,7 +334,6 @@ void Loader::parse_listener(const std::string& name, const toml::node& n, Config
                   [&](const toml::node& v) {
                     if (auto s = str(v, "pool")) {
                       l.pool = *s;
-                      have_pool = true;
                       listener_pool_refs_[name] = v.source();
                     }
                   }},
@@ -311,17 +345,17 @@ void Loader::parse_listener(const std::string& name, const toml::node& n, Config
                   [&](const toml::node& v) {
                     if (auto d = duration(v, "client_idle_timeout", Millis(1000))) l.client_idle_timeout = *d;
                   }},
-                 not_yet("proxy_protocol", [](const toml::node& v) { return v.value<std::string>() == "none"; },
+                 not_yet("proxy_protocol", inert_string("none"),
                          "\"none\""),
                  not_yet("trusted_proxies",
-                         [](const toml::node& v) { return v.is_array() && v.as_array()->empty(); }, "[]"),
-                 not_yet("max_connections_per_ip", [](const toml::node& v) { return v.value<int64_t>() == 0; },
+                         inert_empty_array(), "[]"),
+                 not_yet("max_connections_per_ip", inert_integer(0),
                          "0"),
-                 not_yet("allow", [](const toml::node& v) { return v.is_array() && v.as_array()->empty(); }, "[]"),
-                 not_yet("deny", [](const toml::node& v) { return v.is_array() && v.as_array()->empty(); }, "[]"),
+                 not_yet("allow", inert_empty_array(), "[]"),
+                 not_yet("deny", inert_empty_array(), "[]"),
              });
-  if (!have_address) error(n, "[" + section + "] needs 'address'");
-  if (!have_pool) error(n, "[" + section + "] needs 'pool'");
+  if (!t->contains("address")) error(n, "[" + section + "] needs 'address'");
+  if (!t->contains("pool")) error(n, "[" + section + "] needs 'pool'");
   // Kept even when the address is bad, so the pool reference is still checked.
   if (address_node) resolve(*address_node, l.address, l.port, true, l.bind);
   c.listeners.push_back(std::move(l));
@@ -358,10 +392,10 @@ void Loader::parse_health_check(const toml::node& n, PoolConfig& p) {
                         h.ehlo_name = *s;
                     }
                   }},
-                 not_yet("starttls", [](const toml::node& v) { return v.value<bool>() == false; }, "false"),
-                 not_yet("tls_verify", [](const toml::node& v) { return v.value<bool>() == false; }, "false"),
-                 not_yet("tls_ca_file", [](const toml::node& v) { return v.value<std::string>() == ""; }, "\"\""),
-                 not_yet("tls_server_name", [](const toml::node& v) { return v.value<std::string>() == ""; },
+                 not_yet("starttls", inert_bool(false), "false"),
+                 not_yet("tls_verify", inert_bool(false), "false"),
+                 not_yet("tls_ca_file", inert_string(""), "\"\""),
+                 not_yet("tls_server_name", inert_string(""),
                          "\"\""),
              });
 }
@@ -403,23 +437,23 @@ void Loader::parse_server(const toml::node& n, PoolConfig& p, std::set<std::stri
                   [&](const toml::node& v) {
                     if (auto i = integer(v, "weight", 0, 256)) s.weight = unsigned(*i);
                   }},
-                 not_yet("max_connections", [](const toml::node& v) { return v.value<int64_t>() == 0; }, "0"),
-                 not_yet("backup", [](const toml::node& v) { return v.value<bool>() == false; }, "false"),
-                 not_yet("state", [](const toml::node& v) { return v.value<std::string>() == "ready"; },
+                 not_yet("max_connections", inert_integer(0), "0"),
+                 not_yet("backup", inert_bool(false), "false"),
+                 not_yet("state", inert_string("ready"),
                          "\"ready\""),
              });
   if (!name_node) {
-    error(n, "a server in pool '" + p.name + "' needs 'name'");
+    if (!t->contains("name")) error(n, "a server in pool '" + p.name + "' needs 'name'");
     ok = false;
-  } else if (s.name.empty() || s.name.find_first_of(" \t\r\n/\"") != std::string::npos) {
-    error(*name_node, "server name \"" + s.name + "\" must be non-empty, without spaces, quotes or '/'");
+  } else if (!valid_name(s.name)) {
+    error(*name_node, "server name \"" + printable(s.name, 64) + "\" must be " + kNameRule);
     ok = false;
   } else if (!names.insert(s.name).second) {
     error(*name_node, "duplicate server name '" + s.name + "' in pool '" + p.name + "'");
     ok = false;
   }
   if (!address_node) {
-    error(n, "server '" + s.name + "' in pool '" + p.name + "' needs 'address'");
+    if (!t->contains("address")) error(n, "server '" + s.name + "' in pool '" + p.name + "' needs 'address'");
     ok = false;
   }
   if (ok && !resolve(*address_node, s.address, s.port, false, s.addr)) ok = false;
@@ -470,12 +504,13 @@ void Loader::parse_pool(const std::string& name, const toml::node& n, Config& c)
                     servers_node = &v;
                     auto arr = v.as_array();
                     if (!arr) return error(v, "servers are written as [[pool." + name + ".server]] tables");
+                    if (arr->empty()) return error(v, "pool '" + name + "' has no servers");
                     for (const toml::node& s : *arr) parse_server(s, p, names);
                   }},
-                 not_yet("proxy_protocol", [](const toml::node& v) { return v.value<std::string>() == "none"; },
+                 not_yet("proxy_protocol", inert_string("none"),
                          "\"none\""),
-                 not_yet("queue_timeout", [](const toml::node&) { return false; }, nullptr),
-                 not_yet("slow_start", [](const toml::node& v) { return v.value<std::string>() == "0s"; },
+                 not_yet("queue_timeout", never(), nullptr),
+                 not_yet("slow_start", inert_string("0s"),
                          "\"0s\""),
              });
   if (!servers_node) error(n, "pool '" + name + "' has no [[pool." + name + ".server]]");
@@ -510,8 +545,9 @@ ConfigLoad Loader::run(std::string_view text) {
       }
       for (auto&& [name, section] : *t) {
         std::string nm(name.str());
-        if (nm.empty() || nm.find_first_of(" \t/\"") != std::string::npos) {
-          error(section, key + " name \"" + nm + "\" must be non-empty, without spaces, quotes or '/'");
+        if (!valid_name(nm)) {
+          error(name.source().begin.line ? name.source() : section.source(),
+                key + " name \"" + printable(nm, 64) + "\" must be " + kNameRule);
           continue;
         }
         if (key == "listener") parse_listener(nm, section, *c);
@@ -539,7 +575,7 @@ ConfigLoad Loader::run(std::string_view text) {
       errors_.push_back({file_, it->second.begin.line, it->second.begin.column,
                          "listener '" + l.name + "' names pool '" + l.pool + "', which is not defined"});
     }
-    if (l.port != 0) {
+    if (l.port != 0 && l.bind.len != 0) {
       auto [it, fresh] = binds.emplace(l.bind.to_string(), l.name);
       if (!fresh) {
         auto ref = listener_sources_[l.name];

@@ -41,6 +41,7 @@ std::optional<Millis> parse_duration(std::string_view text) {
 
 std::string format_duration(Millis d) {
   int64_t ms = d.count();
+  if (ms != 0 && ms % 86'400'000 == 0) return std::to_string(ms / 86'400'000) + "d";
   if (ms != 0 && ms % 3'600'000 == 0) return std::to_string(ms / 3'600'000) + "h";
   if (ms != 0 && ms % 60'000 == 0) return std::to_string(ms / 60'000) + "m";
   if (ms % 1000 == 0) return std::to_string(ms / 1000) + "s";

@@ -1,5 +1,7 @@
 #include "smtplb/smtp_reply.hpp"
 
+#include <algorithm>
+
 namespace smtplb {
 
 void SmtpReplyParser::reset() {
@@ -71,15 +73,16 @@ bool is_positive_greeting(std::string_view line) {
 
 std::string printable(std::string_view text, size_t max) {
   std::string out;
-  out.reserve(text.size() < max ? text.size() : max);
   for (char c : text) {
-    if (out.size() >= max) {
-      out += "...";
-      break;
-    }
-    unsigned char u = static_cast<unsigned char>(c);
     if (c == '\r' || c == '\n') continue;
+    unsigned char u = static_cast<unsigned char>(c);
     out += (u >= 0x20 && u < 0x7f) ? c : '?';
+  }
+  if (out.size() > max) {
+    // Shortened: the result, marker included, still fits in max bytes.
+    out.resize(max > 3 ? max - 3 : 0);
+    out += "...";
+    out.resize(std::min(out.size(), max));
   }
   return out;
 }

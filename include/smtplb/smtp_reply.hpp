@@ -49,7 +49,8 @@ class SmtpReplyParser {
 // is accepted; anything else is not. `line` excludes the line ending.
 bool is_positive_greeting(std::string_view line);
 
-// Shortens and sanitises peer text for a log line (printable ASCII, at most `max` bytes).
+// Sanitises peer text for a log line: printable ASCII, line ends dropped, at most `max`
+// bytes (a shortened result ends in "...").
 std::string printable(std::string_view text, size_t max = 120);
 
 }  // namespace smtplb
