@@ -5,11 +5,10 @@ Every process started here is stopped by PID in tearDown; every wait is bounded;
 127.0.0.1 is used.
 """
 import collections
+import contextlib
 import glob
 import os
-import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,9 +17,15 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
-from harness import Smtplb, wait_for_port  # noqa: E402
+from harness import Smtplb, parse_access, wait_until  # noqa: E402
 
-ACCESS = re.compile(r"client=\S+ listener=(\S+) pool=(\S+) server=(\S+) tries=(\d+) .* term=(\S\S)")
+
+def port_open(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.5).close()
+        return True
+    except OSError:
+        return False
 
 
 def free_port():
@@ -46,7 +51,9 @@ class SmtpSink:
                 args += ["-u", "nobody"]
             args += ["-d", os.path.join(self.dir, "msg."), f"127.0.0.1:{self.port}", "256"]
             self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            if wait_for_port(self.port, 5):
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 5, "smtp-sink")
+            if self.proc.poll() is None and port_open(self.port):
                 return
             self.stop()
         raise RuntimeError("smtp-sink did not start")
@@ -69,7 +76,12 @@ class SmtpSink:
 class RealPeers(unittest.TestCase):
     def setUp(self):
         self.work = tempfile.mkdtemp(prefix="smtplb-e2e.")
-        self.sinks = [SmtpSink(self.work, "sink1"), SmtpSink(self.work, "sink2")]
+        os.chmod(self.work, 0o755)  # smtp-sink runs as 'nobody' and writes below it
+        self.addCleanup(shutil.rmtree, self.work, ignore_errors=True)
+        self.sinks = []
+        for name in ("sink1", "sink2"):
+            self.sinks.append(SmtpSink(self.work, name))
+            self.addCleanup(self.sinks[-1].stop)
         servers = "".join(
             f'[[pool.sinks.server]]\nname = "s{i + 1}"\naddress = "127.0.0.1"\nport = {s.port}\n\n'
             for i, s in enumerate(self.sinks))
@@ -89,24 +101,17 @@ algorithm = "roundrobin"
 [pool.sinks.health_check]
 interval = "500ms"
 
-{servers}""")
-        self.lb.start()
-        self.lb.wait_log(r"server sinks/s1 is UP", 10)
-        self.lb.wait_log(r"server sinks/s2 is UP", 10)
-
-    def tearDown(self):
-        self.lb.stop()
-        for s in self.sinks:
-            s.stop()
-        shutil.rmtree(self.work, ignore_errors=True)
+{servers}""", up=["sinks/s1", "sinks/s2"])
+        self.enterContext(self.lb)
+        self.port = self.lb.port("e2e")
 
     def sessions(self):
-        return [m.groups() for m in ACCESS.finditer(self.lb.log())]
+        return [a for a in map(parse_access, self.lb.log().splitlines()) if a]
 
     def test_swaks_delivers_through_smtplb(self):
         token = f"e2e-token-{os.getpid()}-{time.time_ns()}"
         r = subprocess.run(
-            ["swaks", "--server", f"127.0.0.1:{self.lb.port}", "--from", "a@example.org", "--to",
+            ["swaks", "--server", f"127.0.0.1:{self.port}", "--from", "a@example.org", "--to",
              "b@example.net", "--header", f"Subject: {token}", "--body", f"body {token}"],
             capture_output=True, text=True, timeout=30)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
@@ -123,31 +128,30 @@ interval = "500ms"
                             found.append(f)
             time.sleep(0.05)
         self.assertEqual(len(found), 1, "the message reached exactly one backend")
-        self.lb.wait_log(r"term=--", 5)
+        self.lb.wait_log(r"term=--", timeout=5)
         sessions = self.sessions()
         self.assertEqual(len(sessions), 1)
-        self.assertEqual(sessions[0][3], "1")  # tries
+        self.assertEqual(sessions[0]["tries"], 1)
+        self.assertEqual(sessions[0]["term"], "--")
 
     def test_smtp_source_2000_messages_even_split(self):
         r = subprocess.run(
             ["smtp-source", "-s", "20", "-m", "2000", "-l", "512", "-f", "src@example.org", "-t",
-             "dst@example.net", f"127.0.0.1:{self.lb.port}"],
+             "dst@example.net", f"127.0.0.1:{self.port}"],
             capture_output=True, text=True, timeout=120)
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(r.stderr.strip(), "", "smtp-source reported errors")
-        deadline = time.time() + 10
-        while time.time() < deadline and len(self.sessions()) < 2000:
-            time.sleep(0.1)
+        wait_until(lambda: len(self.sessions()) >= 2000, 10, "2000 access lines", interval=0.1)
         sessions = self.sessions()
         self.assertEqual(len(sessions), 2000)
-        per_server = collections.Counter(s[2] for s in sessions)
+        per_server = collections.Counter(s["server"] for s in sessions)
         self.assertEqual(set(per_server), {"s1", "s2"})
         # Smooth round-robin per worker: each worker alternates, so the two totals differ
         # by at most one per worker.
         self.assertLessEqual(abs(per_server["s1"] - per_server["s2"]), 2, per_server)
-        self.assertTrue(all(s[3] == "1" for s in sessions), "every session took one try")
+        self.assertTrue(all(s["tries"] == 1 for s in sessions), "every session took one try")
         # smtp-source closes with SO_LINGER 0 (a reset) after QUIT/221, logged as CD.
-        terms = collections.Counter(s[4] for s in sessions)
+        terms = collections.Counter(s["term"] for s in sessions)
         self.assertLessEqual(set(terms), {"--", "CD"}, terms)
         delivered = [len(s.messages()) for s in self.sinks]
         self.assertEqual(sum(delivered), 2000, delivered)
