@@ -42,6 +42,15 @@ std::string SocketAddress::to_string() const {
   return "?";
 }
 
+const char* to_string(AdminState s) {
+  switch (s) {
+    case AdminState::ready: return "ready";
+    case AdminState::drain: return "drain";
+    case AdminState::maint: return "maint";
+  }
+  return "?";
+}
+
 const PoolConfig* Config::find_pool(std::string_view name) const {
   for (const auto& p : pools)
     if (p.name == name) return &p;
@@ -73,9 +82,6 @@ Inert inert_string(std::string want) {
 }
 Inert inert_integer(int64_t want) {
   return [want](const toml::node& v) { return v.is_integer() && v.as_integer()->get() == want; };
-}
-Inert inert_bool(bool want) {
-  return [want](const toml::node& v) { return v.is_boolean() && v.as_boolean()->get() == want; };
 }
 Inert inert_empty_array() {
   return [](const toml::node& v) { return v.is_array() && v.as_array()->empty(); };
@@ -392,12 +398,38 @@ void Loader::parse_health_check(const toml::node& n, PoolConfig& p) {
                         h.ehlo_name = *s;
                     }
                   }},
-                 not_yet("starttls", inert_bool(false), "false"),
-                 not_yet("tls_verify", inert_bool(false), "false"),
-                 not_yet("tls_ca_file", inert_string(""), "\"\""),
-                 not_yet("tls_server_name", inert_string(""),
-                         "\"\""),
+                 {"starttls",
+                  [&](const toml::node& v) {
+                    if (auto b = boolean(v, "starttls")) h.starttls = *b;
+                  }},
+                 {"tls_verify",
+                  [&](const toml::node& v) {
+                    if (auto b = boolean(v, "tls_verify")) h.tls_verify = *b;
+                  }},
+                 {"tls_ca_file",
+                  [&](const toml::node& v) {
+                    if (auto x = str(v, "tls_ca_file")) {
+                      if (!x->empty() && ::access(x->c_str(), R_OK) != 0)
+                        error(v, "'tls_ca_file' \"" + *x + "\" cannot be read: " + std::strerror(errno));
+                      else
+                        h.tls_ca_file = *x;
+                    }
+                  }},
+                 {"tls_server_name",
+                  [&](const toml::node& v) {
+                    if (auto x = str(v, "tls_server_name")) {
+                      if (x->find_first_of(" \t\r\n") != std::string::npos || x->find('\0') != std::string::npos)
+                        error(v, "'tls_server_name' must be a host name or address");
+                      else
+                        h.tls_server_name = *x;
+                    }
+                  }},
              });
+  if (!h.starttls)
+    for (const char* key : {"tls_verify", "tls_ca_file", "tls_server_name"})
+      if (const toml::node* v = t->get(key); v && !(v->is_boolean() && !v->as_boolean()->get()) &&
+                                              !(v->is_string() && v->as_string()->get().empty()))
+        error(*v, std::string("'") + key + "' has no effect without starttls = true");
 }
 
 void Loader::parse_server(const toml::node& n, PoolConfig& p, std::set<std::string>& names) {
@@ -437,10 +469,22 @@ void Loader::parse_server(const toml::node& n, PoolConfig& p, std::set<std::stri
                   [&](const toml::node& v) {
                     if (auto i = integer(v, "weight", 0, 256)) s.weight = unsigned(*i);
                   }},
-                 not_yet("max_connections", inert_integer(0), "0"),
-                 not_yet("backup", inert_bool(false), "false"),
-                 not_yet("state", inert_string("ready"),
-                         "\"ready\""),
+                 {"max_connections",
+                  [&](const toml::node& v) {
+                    if (auto i = integer(v, "max_connections", 0, 1'000'000)) s.max_connections = unsigned(*i);
+                  }},
+                 {"backup",
+                  [&](const toml::node& v) {
+                    if (auto b = boolean(v, "backup")) s.backup = *b;
+                  }},
+                 {"state",
+                  [&](const toml::node& v) {
+                    if (auto st = choice<AdminState>(v, "state",
+                                                     {{"ready", AdminState::ready},
+                                                      {"drain", AdminState::drain},
+                                                      {"maint", AdminState::maint}}))
+                      s.state = *st;
+                  }},
              });
   if (!name_node) {
     if (!t->contains("name")) error(n, "a server in pool '" + p.name + "' needs 'name'");
@@ -509,9 +553,14 @@ void Loader::parse_pool(const std::string& name, const toml::node& n, Config& c)
                   }},
                  not_yet("proxy_protocol", inert_string("none"),
                          "\"none\""),
-                 not_yet("queue_timeout", never(), nullptr),
-                 not_yet("slow_start", inert_string("0s"),
-                         "\"0s\""),
+                 {"queue_timeout",
+                  [&](const toml::node& v) {
+                    if (auto d = duration(v, "queue_timeout", Millis(0))) p.queue_timeout = *d;
+                  }},
+                 {"slow_start",
+                  [&](const toml::node& v) {
+                    if (auto d = duration(v, "slow_start", Millis(0))) p.slow_start = *d;
+                  }},
              });
   if (!servers_node) error(n, "pool '" + name + "' has no [[pool." + name + ".server]]");
   c.pools.push_back(std::move(p));

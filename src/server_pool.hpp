@@ -20,6 +20,8 @@ struct ServerRuntime {
   const std::string label;  // "pool/server", for logs
   std::atomic<Health> health{Health::unknown};
   std::atomic<uint32_t> active{0};  // sessions connected or connecting (leastconn input)
+  // notAfter of the certificate seen by the last STARTTLS check (Unix seconds; 0 = none).
+  std::atomic<int64_t> tls_not_after{0};
 
   bool usable() const { return cfg.weight > 0 && health.load(std::memory_order_relaxed) == Health::up; }
 };

@@ -17,6 +17,11 @@ namespace smtplb {
 enum class LogLevel : uint8_t { trace, debug, info, warn, error };
 enum class Algorithm : uint8_t { roundrobin, leastconn };
 enum class Handoff : uint8_t { banner, connect };
+// Operator's intent for a server, separate from its health: drain takes no new sessions
+// but keeps being checked; maint takes none and is not checked.
+enum class AdminState : uint8_t { ready, drain, maint };
+
+const char* to_string(AdminState s);
 
 struct GlobalConfig {
   std::string hostname;             // default: the machine's host name
@@ -55,6 +60,10 @@ struct HealthCheckConfig {
   unsigned rise = 2;
   unsigned fall = 3;
   std::string ehlo_name;            // resolved: global.hostname when empty
+  bool starttls = false;            // STARTTLS + TLS handshake + EHLO again
+  bool tls_verify = false;          // verify the certificate chain and name
+  std::string tls_ca_file;          // empty: the system store
+  std::string tls_server_name;      // SNI and name to verify; empty: the server's address
 };
 
 struct ServerConfig {
@@ -63,6 +72,9 @@ struct ServerConfig {
   uint16_t port = 25;
   SocketAddress addr;               // resolved at load
   unsigned weight = 1;              // 0..256; 0 = no new sessions
+  unsigned max_connections = 0;     // 0 = unlimited
+  bool backup = false;              // used only while no non-backup server is usable
+  AdminState state = AdminState::ready;
 };
 
 struct PoolConfig {
@@ -73,6 +85,8 @@ struct PoolConfig {
   Millis connect_timeout{5000};
   Millis banner_timeout{15000};
   Millis server_idle_timeout{300000};
+  Millis queue_timeout{5000};       // wait for a slot when every usable server is full
+  Millis slow_start{0};             // ramp a recovered server's weight over this time
   HealthCheckConfig health_check;
   std::vector<ServerConfig> servers;
 };

@@ -11,14 +11,17 @@
 
 #include "smtplb/config.hpp"
 
+using smtplb::AdminState;
 using smtplb::Algorithm;
 using smtplb::ConfigError;
 using smtplb::ConfigLoad;
 using smtplb::Handoff;
+using smtplb::HealthCheckConfig;
 using smtplb::load_config_file;
 using smtplb::load_config_string;
 using smtplb::LogLevel;
 using smtplb::Millis;
+using smtplb::PoolConfig;
 
 namespace {
 
@@ -424,20 +427,6 @@ TEST_CASE("config: features of DESIGN.md not built yet") {
   expect_one_error(kListener + "deny = [\"10.0.0.0/8\"]\n" + kPool, 4, 8, "'deny' is not supported yet");
   expect_one_error(kListener + "[pool.pf]\nproxy_protocol = \"v2\"\n" + kPool.substr(10), 5, 18,
                    "'proxy_protocol' is not supported yet");
-  expect_one_error(kListener + "[pool.pf]\nqueue_timeout = \"5s\"\n" + kPool.substr(10), 5, 17,
-                   "'queue_timeout' is not supported yet");
-  expect_one_error(kListener + "[pool.pf]\nslow_start = \"30s\"\n" + kPool.substr(10), 5, 14,
-                   "'slow_start' is not supported yet");
-  expect_one_error(kListener + kPool + "[pool.pf.health_check]\nstarttls = true\n", 9, 12, "'starttls' is not supported yet");
-  expect_one_error(kListener + kPool + "[pool.pf.health_check]\ntls_verify = true\n", 9, 14,
-                   "'tls_verify' is not supported yet");
-  expect_one_error(kListener + kPool + "[pool.pf.health_check]\ntls_ca_file = \"/etc/ssl/ca.pem\"\n", 9, 15,
-                   "'tls_ca_file' is not supported yet");
-  expect_one_error(kListener + kPool + "[pool.pf.health_check]\ntls_server_name = \"mx\"\n", 9, 19,
-                   "'tls_server_name' is not supported yet");
-  expect_one_error(kListener + kPool + "max_connections = 100\n", 8, 19, "'max_connections' is not supported yet");
-  expect_one_error(kListener + kPool + "backup = true\n", 8, 10, "'backup' is not supported yet");
-  expect_one_error(kListener + kPool + "state = \"drain\"\n", 8, 9, "'state' is not supported yet");
 }
 
 TEST_CASE("config: all errors are reported in one run, sorted by position") {
@@ -453,7 +442,7 @@ proxy_protocol = "v2"
 
 [pool.pf]
 connect_timeout = "5"
-queue_timeout = "5s"
+queue_timeout = "5"
 
 [[pool.pf.server]]
 name = "a"
@@ -481,7 +470,7 @@ socket = "/run/smtplb/admin.sock"
       {8, 8, "listener 'mx' names pool 'nope', which is not defined"},
       {9, 18, "'proxy_protocol' is not supported yet"},
       {12, 19, "'connect_timeout': bad duration \"5\""},
-      {13, 17, "'queue_timeout' is not supported yet"},
+      {13, 17, "'queue_timeout': bad duration \"5\""},
       {18, 10, "'weight' must be between 0 and 256, not 300"},
       {21, 8, "duplicate server name 'a' in pool 'pf'"},
       {24, 2, "[admin] is not supported yet"},
@@ -633,4 +622,47 @@ TEST_CASE("config: an address with an embedded NUL is refused") {
   expect_one_error("[listener.mx]\naddress = \"127.0.0.1\\u0000x\"\npool = \"pf\"\n" + kPool, 2, 11, "");
   expect_one_error(kListener + "[pool.pf]\n[[pool.pf.server]]\nname = \"a\"\naddress = \"10.0.0.1\\u0000.evil\"\n", 7, 11,
                    "");
+}
+
+TEST_CASE("config: failover keys (backup, limits, queue, slow start, admin state)") {
+  auto r = load(kListener + "[pool.pf]\nqueue_timeout = \"250ms\"\nslow_start = \"30s\"\n"
+                "[[pool.pf.server]]\nname = \"a\"\naddress = \"127.0.0.1\"\nmax_connections = 50\n"
+                "backup = true\nstate = \"drain\"\n"
+                "[[pool.pf.server]]\nname = \"b\"\naddress = \"127.0.0.1\"\nstate = \"maint\"\n");
+  INFO(dump(r));
+  REQUIRE(r.ok());
+  const PoolConfig& p = r.config->pools.at(0);
+  CHECK(p.queue_timeout == Millis(250));
+  CHECK(p.slow_start == Millis(30000));
+  CHECK(p.servers.at(0).max_connections == 50);
+  CHECK(p.servers.at(0).backup);
+  CHECK(p.servers.at(0).state == AdminState::drain);
+  CHECK(p.servers.at(1).state == AdminState::maint);
+  CHECK_FALSE(p.servers.at(1).backup);
+  CHECK(p.servers.at(1).max_connections == 0);
+
+  auto d = load(kListener + kPool);
+  REQUIRE(d.ok());
+  CHECK(d.config->pools.at(0).queue_timeout == Millis(5000));
+  CHECK(d.config->pools.at(0).slow_start == Millis(0));
+  CHECK(d.config->pools.at(0).servers.at(0).state == AdminState::ready);
+
+  expect_one_error(kListener + kPool + "state = \"down\"\n", 8, 9, "'state' must be one of: ready, drain, maint");
+  expect_one_error(kListener + kPool + "max_connections = -1\n", 8, 19, "'max_connections' must be between 0 and");
+}
+
+TEST_CASE("config: STARTTLS check keys") {
+  auto r = load(kListener + kPool + "[pool.pf.health_check]\nstarttls = true\ntls_verify = true\n"
+                "tls_server_name = \"mx.example.net\"\n");
+  INFO(dump(r));
+  REQUIRE(r.ok());
+  const HealthCheckConfig& h = r.config->pools.at(0).health_check;
+  CHECK(h.starttls);
+  CHECK(h.tls_verify);
+  CHECK(h.tls_server_name == "mx.example.net");
+  CHECK(h.tls_ca_file.empty());
+  expect_one_error(kListener + kPool + "[pool.pf.health_check]\ntls_verify = true\n", 9, 14,
+                   "'tls_verify' has no effect without starttls = true");
+  expect_one_error(kListener + kPool + "[pool.pf.health_check]\nstarttls = true\ntls_ca_file = \"/nonexistent/ca.pem\"\n",
+                   10, 15, "'tls_ca_file' \"/nonexistent/ca.pem\" cannot be read");
 }
