@@ -39,4 +39,11 @@ std::optional<size_t> LeastConnections::pick(std::span<const Candidate> servers)
   return best;
 }
 
+uint32_t effective_weight(uint32_t weight, int64_t elapsed_ms, int64_t ramp_ms) {
+  const uint64_t full = uint64_t{weight} * kWeightScale;
+  if (weight == 0 || ramp_ms <= 0 || elapsed_ms < 0 || elapsed_ms >= ramp_ms) return uint32_t(full);
+  const uint64_t w = full * uint64_t(elapsed_ms) / uint64_t(ramp_ms);
+  return uint32_t(w < 1 ? 1 : w);
+}
+
 }  // namespace smtplb

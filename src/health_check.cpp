@@ -58,6 +58,13 @@ void HealthChecker::stop() {
   }
 }
 
+void HealthChecker::force_down(const std::string& reason) {
+  const Health before = state_.health();
+  if (!state_.force_down(std::chrono::steady_clock::now())) return;
+  server_->health.store(Health::down, std::memory_order_relaxed);
+  on_transition_(*this, before, Health::down, CheckResult{false, reason, {}, true});
+}
+
 void HealthChecker::begin() {
   started_ = uv_now(loop_);
   parser_.reset();

@@ -20,6 +20,7 @@ struct CheckResult {
   bool ok = false;
   std::string reason;  // why it failed, e.g. "greeting 421 4.3.2 All server ports are busy"
   std::chrono::milliseconds duration{0};
+  bool passive = false;  // from the data path (failed sessions), not from a check
 };
 
 class HealthChecker {
@@ -37,6 +38,9 @@ class HealthChecker {
   // Aborts any check in progress and closes the handles; the loop must run once more
   // before the object is destroyed.
   void stop();
+
+  // Passive ejection reported by the workers: DOWN at once; checks bring it back.
+  void force_down(const std::string& reason);
 
   size_t pool_index() const { return pool_index_; }
   ServerRuntime& server() { return *server_; }

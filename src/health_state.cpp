@@ -34,4 +34,10 @@ bool HealthState::on_failure(TimePoint now) {
   return false;
 }
 
+bool HealthState::force_down(TimePoint now) {
+  successes_ = 0;
+  failures_ = fall_;
+  return set(Health::down, now);
+}
+
 }  // namespace smtplb

@@ -26,12 +26,14 @@ class Server {
   void on_signal(int signum);
   void stop();
   void on_transition(HealthChecker& c, Health from, Health to, const CheckResult& r);
+  void on_passive_reports();
 
   std::shared_ptr<const Config> config_;
   std::shared_ptr<Snapshot> snapshot_;
   uv_loop_t loop_{};
   std::vector<uv_signal_t> signals_;
-  ProcessLimits limits_;
+  ControlLink link_;
+  uv_async_t passive_async_{};  // workers report passive ejections through it
   std::vector<std::unique_ptr<Worker>> workers_;
   std::vector<std::unique_ptr<HealthChecker>> checkers_;
   bool stopping_ = false;

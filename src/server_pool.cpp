@@ -2,8 +2,25 @@
 
 namespace smtplb {
 
-ServerRuntime::ServerRuntime(const PoolConfig& pool, const ServerConfig& server)
-    : cfg(server), label(pool.name + "/" + server.name) {}
+ServerRuntime::ServerRuntime(const PoolConfig& pool, const ServerConfig& server, std::shared_ptr<PoolState> ps)
+    : cfg(server), label(pool.name + "/" + server.name), pool_state(std::move(ps)), admin(server.state) {}
+
+bool ServerRuntime::try_acquire() {
+  if (!cfg.max_connections) {
+    active.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+  uint32_t cur = active.load(std::memory_order_relaxed);
+  do {
+    if (cur >= cfg.max_connections) return false;
+  } while (!active.compare_exchange_weak(cur, cur + 1, std::memory_order_relaxed));
+  return true;
+}
+
+bool ServerRuntime::release() {
+  active.fetch_sub(1, std::memory_order_relaxed);
+  return cfg.max_connections && pool_state->queued.load(std::memory_order_relaxed) > 0;
+}
 
 std::shared_ptr<Snapshot> build_snapshot(std::shared_ptr<const Config> config, uint64_t generation) {
   auto snap = std::make_shared<Snapshot>();
@@ -12,7 +29,8 @@ std::shared_ptr<Snapshot> build_snapshot(std::shared_ptr<const Config> config, u
   for (const auto& p : config->pools) {
     PoolRuntime pr;
     pr.cfg = &p;
-    for (const auto& s : p.servers) pr.servers.push_back(std::make_shared<ServerRuntime>(p, s));
+    pr.state = std::make_shared<PoolState>();
+    for (const auto& s : p.servers) pr.servers.push_back(std::make_shared<ServerRuntime>(p, s, pr.state));
     snap->pools.push_back(std::move(pr));
   }
   for (const auto& l : config->listeners) {

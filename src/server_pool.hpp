@@ -12,22 +12,45 @@
 
 namespace smtplb {
 
-// One backend. Health is written only by the control loop; connection counts by workers.
+// Counters and the queue length of one pool, shared by all workers.
+struct PoolState {
+  std::atomic<uint32_t> queued{0};          // sessions waiting for a free server slot
+  std::atomic<uint64_t> no_server{0};       // clients answered 421: no usable server
+  std::atomic<uint64_t> queue_timeouts{0};  // clients answered 421: queue_timeout passed
+};
+
+// One backend. Health, admin state and the slow-start ramp are written only by the
+// control loop; connection counts and passive failures by the workers.
 struct ServerRuntime {
-  ServerRuntime(const PoolConfig& pool, const ServerConfig& server);
+  ServerRuntime(const PoolConfig& pool, const ServerConfig& server, std::shared_ptr<PoolState> pool_state);
 
   const ServerConfig cfg;
   const std::string label;  // "pool/server", for logs
+  const std::shared_ptr<PoolState> pool_state;
   std::atomic<Health> health{Health::unknown};
-  std::atomic<uint32_t> active{0};  // sessions connected or connecting (leastconn input)
+  std::atomic<AdminState> admin;
+  std::atomic<uint32_t> active{0};            // sessions connected or connecting
+  std::atomic<uint32_t> passive_failures{0};  // failed session attempts in a row
+  // Loop time (ms) when the server came back UP and its slow-start ramp began; -1: none.
+  std::atomic<int64_t> ramp_start_ms{-1};
   // notAfter of the certificate seen by the last STARTTLS check (Unix seconds; 0 = none).
   std::atomic<int64_t> tls_not_after{0};
 
-  bool usable() const { return cfg.weight > 0 && health.load(std::memory_order_relaxed) == Health::up; }
+  // May take new sessions (health, admin state and weight; not the connection limit).
+  bool usable() const {
+    return cfg.weight > 0 && health.load(std::memory_order_relaxed) == Health::up &&
+           admin.load(std::memory_order_relaxed) == AdminState::ready;
+  }
+  bool full() const { return cfg.max_connections && active.load(std::memory_order_relaxed) >= cfg.max_connections; }
+  // Takes a connection slot unless max_connections is reached (exact across workers).
+  bool try_acquire();
+  // Gives the slot back; true when a queued session may now take it.
+  bool release();
 };
 
 struct PoolRuntime {
   const PoolConfig* cfg = nullptr;  // owned by Snapshot::config
+  std::shared_ptr<PoolState> state;
   std::vector<std::shared_ptr<ServerRuntime>> servers;
 };
 
@@ -37,6 +60,9 @@ struct ListenerRuntime {
   SocketAddress bound;                  // the address actually bound (port 0 resolved)
   std::vector<int> fds;                 // one SO_REUSEPORT socket per worker
   std::atomic<uint32_t> current{0};     // open client sessions, all workers
+  std::atomic<uint64_t> rejected_limit{0};      // refused: listener or process max_connections
+  std::atomic<uint64_t> rejected_no_server{0};  // refused: no usable server / queue timeout
+  std::atomic<int64_t> last_refusal_log_ms{-1'000'000};  // rate limit for the refusal warning
 };
 
 // What a worker needs to serve sessions. Never modified once published.

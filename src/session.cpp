@@ -48,20 +48,20 @@ Session::Session(Worker& worker, std::shared_ptr<const Snapshot> snapshot, Liste
 Session::~Session() {
   if (counted_) {
     listener_.current.fetch_sub(1, std::memory_order_relaxed);
-    worker_.limits().connections.fetch_sub(1, std::memory_order_relaxed);
+    worker_.link().connections.fetch_sub(1, std::memory_order_relaxed);
   }
   worker_.unlink(this);
 }
 
 void Session::start() {
   const uint64_t now = uv_now(worker_.loop());
-  t_accept_ = last_client_rx_ = last_upstream_rx_ = now;
+  t_accept_ = last_activity_ = now;
   int len = sizeof peer_.storage;
   if (uv_tcp_getpeername(&client_, reinterpret_cast<sockaddr*>(&peer_.storage), &len) == 0) peer_.len = len;
   uv_tcp_nodelay(&client_, 1);
 
   counted_ = true;
-  const uint32_t process = worker_.limits().connections.fetch_add(1, std::memory_order_relaxed) + 1;
+  const uint32_t process = worker_.link().connections.fetch_add(1, std::memory_order_relaxed) + 1;
   const uint32_t here = listener_.current.fetch_add(1, std::memory_order_relaxed) + 1;
   uv_read_start(as_stream(&client_), alloc_scratch, on_client_read);
   if (process > snap_->config->global.max_connections || here > listener_.cfg->max_connections) {
@@ -71,7 +71,10 @@ void Session::start() {
   next_attempt();
 }
 
-void Session::kill() { finish({'K', state_ == State::relaying ? 'D' : state_ == State::greeting ? 'H' : 'C'}); }
+void Session::kill() {
+  const char phase = state_ == State::relaying ? 'D' : state_ == State::greeting ? 'H' : state_ == State::queued ? 'Q' : 'C';
+  finish({'K', phase});
+}
 
 // ---- client side ----------------------------------------------------------------------
 
@@ -83,11 +86,12 @@ void Session::on_client_read(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
 
 void Session::client_data(const char* data, size_t len) {
   bytes_in_ += len;
-  last_client_rx_ = uv_now(worker_.loop());
+  last_activity_ = uv_now(worker_.loop());
   switch (state_) {
     case State::relaying:
       forward(false, data, len);
       break;
+    case State::queued:
     case State::connecting:
     case State::greeting:
       held_.append(data, len);
@@ -102,7 +106,15 @@ void Session::client_data(const char* data, size_t len) {
 void Session::client_end(ssize_t status) {
   client_eof_ = true;
   client_paused_ = true;  // libuv stopped reading
+  // A client that half-closes after talking first (`printf ... | nc -N`) still wants its
+  // answers: deliver what it sent after the greeting, then forward the FIN.
+  if (status == UV_EOF && !held_.empty() &&
+      (state_ == State::queued || state_ == State::connecting || state_ == State::greeting))
+    return;
   switch (state_) {
+    case State::queued:
+      finish({'C', 'Q'});
+      break;
     case State::connecting:
       finish({'C', 'C'});
       break;
@@ -129,22 +141,56 @@ void Session::client_end(ssize_t status) {
 
 void Session::next_attempt() {
   if (tries_ > pool_.retries) {
+    leave_queue();
     reply_unavailable(term_);
     return;
   }
-  auto idx = worker_.pick(*snap_, pool_index_, std::span<const uint32_t>(tried_.data(), tries_));
-  if (!idx) {
-    if (tries_ == 0) {
-      spdlog::debug("pool {}: no usable server for client {}", pool_.name, peer_.to_string());
-      term_ = {'S', 'C'};
+  Worker::Pick p = worker_.pick(*snap_, pool_index_, std::span<const uint32_t>(tried_.data(), tries_));
+  if (p.index) {
+    leave_queue();
+    connect_to(*p.index);
+    return;
+  }
+  if (p.all_full && pool_.queue_timeout.count() > 0) {
+    if (!in_queue_) {
+      in_queue_ = true;
+      state_ = State::queued;
+      t_queued_ = uv_now(worker_.loop());
+      worker_.enqueue(this, pool_index_);
+      arm_timer(uint64_t(pool_.queue_timeout.count()));
     }
-    reply_unavailable(term_);
     return;
   }
-  tried_[tries_++] = uint32_t(*idx);
-  const auto& server = snap_->pools[pool_index_].servers[*idx];
+  leave_queue();
+  if (p.all_full) {
+    term_ = {'s', 'Q'};
+    snap_->pools[pool_index_].state->queue_timeouts.fetch_add(1, std::memory_order_relaxed);
+  } else if (tries_ == 0) {
+    term_ = {'S', 'C'};
+  }
+  reply_unavailable(term_);
+}
+
+bool Session::retry_from_queue() {
+  next_attempt();
+  return !in_queue_;
+}
+
+void Session::leave_queue() {
+  if (!in_queue_) return;
+  in_queue_ = false;
+  worker_.dequeue(this, pool_index_);
+  tw_ = std::max<int64_t>(tw_, 0) + int64_t(uv_now(worker_.loop()) - t_queued_);
+}
+
+void Session::release_server(const std::shared_ptr<ServerRuntime>& server) {
+  if (server->release()) worker_.slot_freed(pool_index_);
+}
+
+void Session::connect_to(size_t index) {
+  tried_[tries_++] = uint32_t(index);
+  const auto& server = snap_->pools[pool_index_].servers[index];
   server_name_ = &server->cfg.name;
-  server->active.fetch_add(1, std::memory_order_relaxed);
 
   up_ = new Upstream;
   up_->owner = this;
@@ -177,7 +223,7 @@ void Session::connected(int status) {
   uv_tcp_nodelay(&up_->tcp, 1);
   uv_read_start(as_stream(&up_->tcp), alloc_scratch, on_upstream_read);
   upstream_paused_ = false;
-  last_upstream_rx_ = uv_now(worker_.loop());
+  last_activity_ = uv_now(worker_.loop());
   if (pool_.handoff == Handoff::connect) {
     handoff(nullptr, 0);
     return;
@@ -194,7 +240,7 @@ void Session::on_upstream_read(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
 }
 
 void Session::upstream_data(const char* data, size_t len) {
-  last_upstream_rx_ = uv_now(worker_.loop());
+  last_activity_ = uv_now(worker_.loop());
   if (state_ == State::relaying) {
     bytes_out_ += len;
     forward(true, data, len);
@@ -256,6 +302,7 @@ void Session::upstream_end(ssize_t status) {
       // rest and close, rather than its whole idle timeout.
       if (state_ == State::relaying) arm_timer(kFinLingerMs);
       break;
+    case State::queued:  // no backend connection while queued
     case State::replying:
     case State::closing:
       break;
@@ -266,6 +313,8 @@ void Session::attempt_failed(char cause, char phase, const std::string& why) {
   spdlog::debug("client {}: server {} failed ({}), try {} of {}", peer_.to_string(), up_ ? up_->server->label : "?",
                 why, tries_, pool_.retries + 1);
   term_ = {cause, phase};
+  last_failure_ = why;
+  if (up_) worker_.report_failure(up_->server, pool_.health_check.fall, why);
   abandon_upstream();
   greeting_.clear();
   next_attempt();
@@ -273,10 +322,11 @@ void Session::attempt_failed(char cause, char phase, const std::string& why) {
 
 void Session::abandon_upstream() {
   if (!up_) return;
-  up_->server->active.fetch_sub(1, std::memory_order_relaxed);
-  up_->owner = nullptr;
-  uv_close(as_handle(&up_->tcp), on_upstream_closed);
+  Upstream* up = up_;
   up_ = nullptr;
+  up->owner = nullptr;
+  uv_close(as_handle(&up->tcp), on_upstream_closed);
+  release_server(up->server);
 }
 
 void Session::handoff(const char* data, size_t len) {
@@ -284,6 +334,8 @@ void Session::handoff(const char* data, size_t len) {
   tb_ = int64_t(now - t_attempt_) - tc_;
   state_ = State::relaying;
   term_ = {'-', '-'};
+  if (up_->server->passive_failures.load(std::memory_order_relaxed))
+    up_->server->passive_failures.store(0, std::memory_order_relaxed);
   if (len) {
     bytes_out_ += len;
     if (!forward(true, data, len)) return;
@@ -293,7 +345,8 @@ void Session::handoff(const char* data, size_t len) {
     held_ = std::string();
     if (!forward(false, held.data(), held.size())) return;
   }
-  if (to_upstream_queued_ == 0) resume_client();
+  if (client_eof_) half_close(false);
+  else if (to_upstream_queued_ == 0) resume_client();
   arm_idle_timer();
 }
 
@@ -301,10 +354,12 @@ void Session::handoff(const char* data, size_t len) {
 
 void Session::reply_unavailable(TermCode term) {
   std::string text = "421 4.3.2 " + snap_->config->global.hostname + " Service not available, try again later\r\n";
+  leave_queue();
   abandon_upstream();
   term_ = term;
-  if (client_eof_) {
-    finish(term);
+  note_refusal(term);
+  if (client_eof_ && held_.empty()) {
+    finish(term);  // the client is gone
     return;
   }
   state_ = State::replying;
@@ -313,12 +368,41 @@ void Session::reply_unavailable(TermCode term) {
   bytes_out_ += text.size();
   if (!forward(true, text.data(), text.size())) return;
   half_close(true);
-  arm_timer(kReplyLingerMs);
+  // A half-closed client will send no FIN: end once ours is out.
+  arm_timer(client_eof_ ? 0 : kReplyLingerMs);
+}
+
+void Session::note_refusal(TermCode term) {
+  PoolState& ps = *snap_->pools[pool_index_].state;
+  std::string why;
+  if (term.cause == 'R') {
+    listener_.rejected_limit.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    listener_.rejected_no_server.fetch_add(1, std::memory_order_relaxed);
+    if (term.phase != 'Q') ps.no_server.fetch_add(1, std::memory_order_relaxed);
+  }
+  const int64_t now = int64_t(uv_now(worker_.loop()));
+  int64_t last = listener_.last_refusal_log_ms.load(std::memory_order_relaxed);
+  if (now - last < 1000 || !listener_.last_refusal_log_ms.compare_exchange_strong(last, now)) return;
+  if (term.cause == 'R')
+    why = "connection limit reached (listener max_connections " + std::to_string(listener_.cfg->max_connections) +
+          ", global max_connections " + std::to_string(snap_->config->global.max_connections) + ")";
+  else if (term.phase == 'Q')
+    why = "every server of pool " + pool_.name + " stayed full for queue_timeout " +
+          format_duration(pool_.queue_timeout);
+  else if (tries_ == 0)
+    why = "no usable server in pool " + pool_.name;
+  else
+    why = "no server of pool " + pool_.name + " could take it after " + std::to_string(tries_) + " tries (last: " +
+          last_failure_ + ")";
+  spdlog::warn("listener {}: client {} answered 421 4.3.2: {} (further refusals within a second are only counted)",
+               listener_.cfg->name, peer_.to_string(), why);
 }
 
 // ---- relay --------------------------------------------------------------------------------
 
 bool Session::forward(bool to_client, const char* data, size_t len) {
+  client_turn_ = to_client;
   uv_stream_t* dst = to_client ? as_stream(&client_) : as_stream(&up_->tcp);
   unsigned& queued = to_client ? to_client_queued_ : to_upstream_queued_;
   size_t done = 0;
@@ -421,6 +505,12 @@ void Session::on_timer(uv_timer_t* t) { owner_of<Session>(t)->timer_fired(); }
 
 void Session::timer_fired() {
   switch (state_) {
+    case State::queued:
+      leave_queue();
+      term_ = {'s', 'Q'};
+      snap_->pools[pool_index_].state->queue_timeouts.fetch_add(1, std::memory_order_relaxed);
+      reply_unavailable(term_);
+      break;
     case State::connecting:
       attempt_failed('s', 'C', "connect timeout after " + format_duration(pool_.connect_timeout));
       break;
@@ -449,8 +539,8 @@ void Session::timer_fired() {
 // never cut, and the session needs one timer and no work per read but a timestamp.
 void Session::arm_idle_timer() {
   const uint64_t now = uv_now(worker_.loop());
-  const bool client_turn = last_upstream_rx_ >= last_client_rx_;
-  const uint64_t last = std::max(last_client_rx_, last_upstream_rx_);
+  const bool client_turn = client_turn_;
+  const uint64_t last = last_activity_;
   const uint64_t limit =
       uint64_t(client_turn ? listener_.cfg->client_idle_timeout.count() : pool_.server_idle_timeout.count());
   const uint64_t idle = now - last;
@@ -466,13 +556,15 @@ void Session::arm_idle_timer() {
 void Session::finish(TermCode term) {
   if (state_ == State::closing) return;
   term_ = term;
+  leave_queue();
   state_ = State::closing;
   log_access();
   if (up_) {
-    up_->server->active.fetch_sub(1, std::memory_order_relaxed);
-    ++pending_closes_;
-    uv_close(as_handle(&up_->tcp), on_upstream_closed);
+    Upstream* up = up_;
     up_ = nullptr;
+    ++pending_closes_;  // the upstream's close callback reports to us: owner stays set
+    uv_close(as_handle(&up->tcp), on_upstream_closed);
+    release_server(up->server);
   }
   uv_close(as_handle(&client_), on_closed);
   uv_close(as_handle(&timer_), on_closed);
@@ -501,7 +593,7 @@ void Session::log_access() {
   r.pool = pool_.name;
   r.server = server_name_ && tc_ >= 0 ? std::string_view(*server_name_) : std::string_view("-");
   r.tries = tries_;
-  r.tw_ms = 0;
+  r.tw_ms = tw_;
   r.tc_ms = tc_;
   r.tb_ms = tb_;
   r.tt_ms = int64_t(now - t_accept_);

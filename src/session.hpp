@@ -38,12 +38,17 @@ class Session {
   void start();
   // Ends the session from outside (worker shutdown).
   void kill();
+  // Called by the worker for the head of its queue; false while all servers are still full.
+  bool retry_from_queue();
 
-  Session* next_ = nullptr;  // worker's intrusive list
+  Session* next_ = nullptr;  // worker's intrusive list of sessions
   Session* prev_ = nullptr;
+  Session* q_next_ = nullptr;  // worker's queue for the pool, while queued
+  Session* q_prev_ = nullptr;
 
  private:
   enum class State : uint8_t {
+    queued,      // every usable server is at max_connections: waiting for a slot
     connecting,  // TCP connect to a server in progress
     greeting,    // connected, waiting for the server's first line
     relaying,    // handed off: bytes flow both ways
@@ -64,7 +69,6 @@ class Session {
   static void on_connect(uv_connect_t* req, int status);
   static void on_timer(uv_timer_t* t);
   static void on_write_done(uv_write_t* req, int status);
-  static void on_shutdown(uv_shutdown_t* req, int status);
   static void on_closed(uv_handle_t* h);
   static void on_upstream_closed(uv_handle_t* h);
 
@@ -75,14 +79,19 @@ class Session {
   void connected(int status);
   void timer_fired();
 
-  // Starts the next attempt, or answers 421 when no server is left to try.
+  // Starts the next attempt, queues, or answers 421 when no server is left to try.
   void next_attempt();
+  void connect_to(size_t index);
+  void leave_queue();
+  void release_server(const std::shared_ptr<ServerRuntime>& server);
   void attempt_failed(char cause, char phase, const std::string& why);
   void abandon_upstream();
   // The server greeted with 220 (or handoff = connect): forward and start relaying.
   void handoff(const char* data, size_t len);
   // "421 4.3.2 ... try again later", FIN, then close once the client closes.
   void reply_unavailable(TermCode term);
+  // Counts a 421 by reason and logs it, at most once a second per listener.
+  void note_refusal(TermCode term);
 
   // Sends to the other side; on a short write queues the rest and pauses the sender.
   bool forward(bool to_client, const char* data, size_t len);
@@ -115,6 +124,7 @@ class Session {
   TermCode term_;                 // what ends the session if nothing better happens
   int pending_closes_ = 0;        // handles still closing; the last one deletes us
   bool counted_ = false;          // counted in listener/process connection totals
+  bool in_queue_ = false;
   bool client_eof_ = false;
   bool upstream_eof_ = false;
   bool client_paused_ = false;    // not reading the client (backpressure, hold limit, EOF)
@@ -126,6 +136,7 @@ class Session {
 
   std::string held_;              // client bytes received before the handoff
   std::string greeting_;          // partial first greeting line
+  std::string last_failure_;      // why the latest backend attempt failed
   // Server indexes attempted, in order (retries are capped at 16 by the config).
   std::array<uint32_t, 17> tried_{};
   uint8_t tries_ = 0;
@@ -134,10 +145,12 @@ class Session {
   const std::string* server_name_ = nullptr;  // server of the latest attempt (owned by snap_)
   uint64_t t_accept_ = 0;         // loop time (ms) at accept
   uint64_t t_attempt_ = 0;        // start of the current connect
+  uint64_t t_queued_ = 0;         // when the session entered the queue
+  int64_t tw_ = -1;               // total time queued; -1 = never queued
   int64_t tc_ = -1;               // connect time of the current attempt
   int64_t tb_ = -1;               // connect -> accepted greeting
-  uint64_t last_client_rx_ = 0;
-  uint64_t last_upstream_rx_ = 0;
+  uint64_t last_activity_ = 0;    // loop time of the latest bytes in either direction
+  bool client_turn_ = false;      // the latest bytes forwarded went to the client
   uint64_t bytes_in_ = 0;
   uint64_t bytes_out_ = 0;
 };

@@ -35,4 +35,13 @@ class LeastConnections {
   size_t next_ = 0;
 };
 
+// Weights are scaled so slow start can ramp even a weight-1 server smoothly; both
+// algorithms only compare ratios, so scaling changes no choice.
+inline constexpr uint32_t kWeightScale = 64;
+
+// Effective (scaled) weight of a server `elapsed_ms` after it came back UP, ramping
+// linearly from 1 to weight * kWeightScale over `ramp_ms`. No ramp when ramp_ms <= 0 or
+// elapsed_ms < 0 (no ramp in progress); weight 0 stays 0.
+uint32_t effective_weight(uint32_t weight, int64_t elapsed_ms, int64_t ramp_ms);
+
 }  // namespace smtplb

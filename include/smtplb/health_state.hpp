@@ -24,6 +24,9 @@ class HealthState {
   // taking traffic, and a dead server never gets any.
   bool on_success(TimePoint now);
   bool on_failure(TimePoint now);
+  // Passive ejection: the data path saw `fall` failures in a row. Goes DOWN at once
+  // whatever the check history; active checks then need `rise` successes as usual.
+  bool force_down(TimePoint now);
 
   Health health() const { return health_; }
   TimePoint last_change() const { return last_change_; }

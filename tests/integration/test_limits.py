@@ -105,15 +105,6 @@ class IdleTimeoutTest(TestCase):
         closed after server_idle_timeout, term=sD."""
         self.server_idle(0.1)
 
-    # BUG: Session::arm_idle_timer decides whose turn it is from the time bytes were
-    # *received* (last_upstream_rx_ >= last_client_rx_). Client bytes held before the
-    # greeting are delivered to the server after it, so the server owes the next reply,
-    # yet they carry the earlier timestamp: smtplb applies client_idle_timeout and ends the
-    # session with term=cD instead of waiting server_idle_timeout (term=sD). The same
-    # comparison also ties (and picks "client's turn") when a fast client answers within
-    # the millisecond of the server's last bytes: with the immediate-NOOP variant of
-    # test_server_idle_timeout, 9 runs out of 10 end with cD after 1 s.
-    @unittest.expectedFailure
     def test_server_idle_timeout_after_early_client_bytes(self):
         """The client sends NOOP before the greeting; smtplb delivers it after the greeting,
         so it is the server's turn; the server stays silent: sD after server_idle_timeout."""

@@ -104,13 +104,6 @@ class TermCodeTest(TestCase):
         self.assertTrue(conn.done.wait(5))
         self.assertEqual(conn.early, b"")
 
-    # BUG: a client FIN while smtplb waits for the greeting is taken as "client gave up"
-    # (Session::client_end -> finish(CH)), so the bytes it sent before the FIN (held for
-    # the server) are dropped and the client gets no greeting and no replies. A FIN is a
-    # half-close: the client still reads. After the handoff smtplb honours half-close; a
-    # plain L4 proxy (HAProxy in TCP mode) also delivers both. Seen with scripted clients
-    # such as `printf 'EHLO x\r\nQUIT\r\n' | nc -N lb 25`.
-    @unittest.expectedFailure
     def test_half_close_before_greeting_delivers_held_bytes(self):
         srv = self.fake("slow", Behaviour(greeting_delay=0.3))
         lb = self.smtplb(make_config([srv]), up=["p/slow"])

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -332,4 +333,41 @@ TEST_CASE("leastconn: a released connection is taken again by its server") {
   c[2].active = 10;
   c[0].active = 9;
   CHECK(lc.pick(c) == 0u);
+}
+
+TEST_CASE("balancer: slow start ramps the effective weight") {
+  using smtplb::effective_weight;
+  using smtplb::kWeightScale;
+  // No ramp configured or none in progress: full weight.
+  CHECK(effective_weight(10, 0, 0) == 10 * kWeightScale);
+  CHECK(effective_weight(10, -1, 30'000) == 10 * kWeightScale);
+  CHECK(effective_weight(0, 5'000, 30'000) == 0);
+  // Linear from near 0 to full.
+  CHECK(effective_weight(10, 0, 30'000) == 1);
+  CHECK(effective_weight(10, 15'000, 30'000) == 5 * kWeightScale);
+  CHECK(effective_weight(10, 29'999, 30'000) == 10 * kWeightScale * 29'999 / 30'000);
+  CHECK(effective_weight(10, 30'000, 30'000) == 10 * kWeightScale);
+  CHECK(effective_weight(10, 90'000, 30'000) == 10 * kWeightScale);
+  // Monotonic, and a weight-1 server still ramps in many steps.
+  uint32_t prev = 0;
+  std::set<uint32_t> steps;
+  for (int64_t t = 0; t <= 10'000; t += 100) {
+    uint32_t w = effective_weight(1, t, 10'000);
+    CHECK(w >= prev);
+    CHECK(w >= 1);
+    prev = w;
+    steps.insert(w);
+  }
+  CHECK(steps.size() >= 50);
+}
+
+TEST_CASE("balancer: a ramping server gets a share in proportion to its effective weight") {
+  smtplb::SmoothRoundRobin rr;
+  // Server 1 halfway through its ramp: half the weight of server 0.
+  std::vector<smtplb::Candidate> c = {{smtplb::effective_weight(2, 0, 0), 0, true},
+                                      {smtplb::effective_weight(2, 5'000, 10'000), 0, true}};
+  int count[2] = {0, 0};
+  for (int i = 0; i < 300; ++i) ++count[*rr.pick(c)];
+  CHECK(count[0] == 200);
+  CHECK(count[1] == 100);
 }

@@ -182,3 +182,23 @@ TEST_CASE("health: to_string") {
   CHECK(std::string(smtplb::to_string(Health::down)) == "DOWN");
   CHECK(std::string(smtplb::to_string(Health::unknown)) == "UNKNOWN");
 }
+
+TEST_CASE("health: passive ejection forces DOWN at once, checks bring it back after rise") {
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point t0{};
+  smtplb::HealthState h(2, 3);
+  REQUIRE(h.on_success(t0));
+  REQUIRE(h.health() == smtplb::Health::up);
+  CHECK(h.force_down(t0 + std::chrono::seconds(1)));
+  CHECK(h.health() == smtplb::Health::down);
+  CHECK(h.last_change() == t0 + std::chrono::seconds(1));
+  CHECK_FALSE(h.force_down(t0 + std::chrono::seconds(2)));  // already down: no transition
+  CHECK(h.last_change() == t0 + std::chrono::seconds(1));
+  CHECK_FALSE(h.on_success(t0 + std::chrono::seconds(3)));
+  CHECK(h.on_success(t0 + std::chrono::seconds(4)));
+  CHECK(h.health() == smtplb::Health::up);
+  // An unknown server can be forced down too.
+  smtplb::HealthState u(2, 3);
+  CHECK(u.force_down(t0));
+  CHECK(u.health() == smtplb::Health::down);
+}
