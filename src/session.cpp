@@ -180,7 +180,7 @@ void Session::leave_queue() {
   if (!in_queue_) return;
   in_queue_ = false;
   worker_.dequeue(this, pool_index_);
-  tw_ = std::max<int64_t>(tw_, 0) + int64_t(uv_now(worker_.loop()) - t_queued_);
+  tw_ += int64_t(uv_now(worker_.loop()) - t_queued_);
 }
 
 void Session::release_server(const std::shared_ptr<ServerRuntime>& server) {

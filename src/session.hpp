@@ -146,7 +146,7 @@ class Session {
   uint64_t t_accept_ = 0;         // loop time (ms) at accept
   uint64_t t_attempt_ = 0;        // start of the current connect
   uint64_t t_queued_ = 0;         // when the session entered the queue
-  int64_t tw_ = -1;               // total time queued; -1 = never queued
+  int64_t tw_ = 0;                // total time queued
   int64_t tc_ = -1;               // connect time of the current attempt
   int64_t tb_ = -1;               // connect -> accepted greeting
   uint64_t last_activity_ = 0;    // loop time of the latest bytes in either direction
