@@ -42,6 +42,66 @@ std::string SocketAddress::to_string() const {
   return "?";
 }
 
+bool Cidr::contains(const SocketAddress& a) const {
+  const unsigned char* bytes;
+  unsigned char mapped[4];
+  if (a.family() == AF_INET) {
+    bytes = reinterpret_cast<const unsigned char*>(&reinterpret_cast<const sockaddr_in*>(&a.storage)->sin_addr);
+    if (family != AF_INET) return false;
+  } else if (a.family() == AF_INET6) {
+    bytes = reinterpret_cast<const unsigned char*>(&reinterpret_cast<const sockaddr_in6*>(&a.storage)->sin6_addr);
+    static const unsigned char kMappedPrefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    if (family == AF_INET) {
+      if (std::memcmp(bytes, kMappedPrefix, 12) != 0) return false;
+      std::memcpy(mapped, bytes + 12, 4);
+      bytes = mapped;
+    }
+  } else {
+    return false;
+  }
+  unsigned bits = prefix;
+  for (size_t i = 0; bits > 0; ++i) {
+    const unsigned take = bits >= 8 ? 8 : bits;
+    const unsigned char mask = static_cast<unsigned char>(0xff << (8 - take));
+    if ((bytes[i] & mask) != (addr[i] & mask)) return false;
+    bits -= take;
+  }
+  return true;
+}
+
+std::string Cidr::to_string() const {
+  char buf[INET6_ADDRSTRLEN] = "?";
+  inet_ntop(family, addr, buf, sizeof buf);
+  return std::string(buf) + "/" + std::to_string(prefix);
+}
+
+bool parse_cidr(std::string_view text, Cidr& out) {
+  const size_t slash = text.find('/');
+  const std::string ip(text.substr(0, slash));
+  if (ip.empty() || ip.find('\0') != std::string::npos) return false;
+  out = Cidr{};
+  if (inet_pton(AF_INET, ip.c_str(), out.addr) == 1) out.family = AF_INET;
+  else if (inet_pton(AF_INET6, ip.c_str(), out.addr) == 1) out.family = AF_INET6;
+  else return false;
+  const unsigned max = out.family == AF_INET ? 32 : 128;
+  out.prefix = max;
+  if (slash != std::string_view::npos) {
+    std::string_view p = text.substr(slash + 1);
+    if (p.empty() || p.size() > 3 || (p.size() > 1 && p[0] == '0')) return false;
+    unsigned v = 0;
+    for (char c : p) {
+      if (c < '0' || c > '9') return false;
+      v = v * 10 + unsigned(c - '0');
+    }
+    if (v > max) return false;
+    out.prefix = v;
+  }
+  // Host bits must be zero.
+  for (unsigned bit = out.prefix; bit < max; ++bit)
+    if (out.addr[bit / 8] & (0x80 >> (bit % 8))) return false;
+  return true;
+}
+
 const char* to_string(AdminState s) {
   switch (s) {
     case AdminState::ready: return "ready";
@@ -351,15 +411,42 @@ void Loader::parse_listener(const std::string& name, const toml::node& n, Config
                   [&](const toml::node& v) {
                     if (auto d = duration(v, "client_idle_timeout", Millis(1000))) l.client_idle_timeout = *d;
                   }},
-                 not_yet("proxy_protocol", inert_string("none"),
-                         "\"none\""),
-                 not_yet("trusted_proxies",
-                         inert_empty_array(), "[]"),
+                 {"proxy_protocol",
+                  [&](const toml::node& v) {
+                    if (auto x = choice<ProxyIn>(v, "proxy_protocol",
+                                                 {{"none", ProxyIn::none},
+                                                  {"v1", ProxyIn::v1},
+                                                  {"v2", ProxyIn::v2},
+                                                  {"any", ProxyIn::any}}))
+                      l.proxy_protocol = *x;
+                  }},
+                 {"trusted_proxies",
+                  [&](const toml::node& v) {
+                    auto arr = v.as_array();
+                    if (!arr) return error(v, "'trusted_proxies' must be a list of address blocks, e.g. [\"10.0.0.0/8\"]");
+                    for (const toml::node& item : *arr) {
+                      Cidr block;
+                      auto text = item.as_string();
+                      if (!text || !parse_cidr(text->get(), block))
+                        error(item, "'trusted_proxies': not an address block such as \"10.0.0.0/8\" or \"2001:db8::/32\"" +
+                                        std::string(text && text->get().find('/') != std::string::npos
+                                                        ? " (host bits must be zero)" : ""));
+                      else
+                        l.trusted_proxies.push_back(block);
+                    }
+                  }},
                  not_yet("max_connections_per_ip", inert_integer(0),
                          "0"),
                  not_yet("allow", inert_empty_array(), "[]"),
                  not_yet("deny", inert_empty_array(), "[]"),
              });
+  if (l.proxy_protocol != ProxyIn::none && l.trusted_proxies.empty() && !t->contains("trusted_proxies"))
+    error(n, "[" + section + "] has proxy_protocol but no trusted_proxies: say which balancers may send the header");
+  if (l.proxy_protocol != ProxyIn::none && t->contains("trusted_proxies") && l.trusted_proxies.empty())
+    if (auto* tp = t->get("trusted_proxies"); tp && tp->is_array() && tp->as_array()->empty())
+      error(*tp, "'trusted_proxies' is empty: no client could send the PROXY header");
+  if (l.proxy_protocol == ProxyIn::none && !l.trusted_proxies.empty())
+    error(*t->get("trusted_proxies"), "'trusted_proxies' has no effect without proxy_protocol");
   if (!t->contains("address")) error(n, "[" + section + "] needs 'address'");
   if (!t->contains("pool")) error(n, "[" + section + "] needs 'pool'");
   // Kept even when the address is bad, so the pool reference is still checked.
@@ -551,8 +638,12 @@ void Loader::parse_pool(const std::string& name, const toml::node& n, Config& c)
                     if (arr->empty()) return error(v, "pool '" + name + "' has no servers");
                     for (const toml::node& s : *arr) parse_server(s, p, names);
                   }},
-                 not_yet("proxy_protocol", inert_string("none"),
-                         "\"none\""),
+                 {"proxy_protocol",
+                  [&](const toml::node& v) {
+                    if (auto x = choice<ProxyOut>(v, "proxy_protocol",
+                                                  {{"none", ProxyOut::none}, {"v1", ProxyOut::v1}, {"v2", ProxyOut::v2}}))
+                      p.proxy_protocol = *x;
+                  }},
                  {"queue_timeout",
                   [&](const toml::node& v) {
                     if (auto d = duration(v, "queue_timeout", Millis(0))) p.queue_timeout = *d;

@@ -62,7 +62,9 @@ struct ListenerRuntime {
   std::atomic<uint32_t> current{0};     // open client sessions, all workers
   std::atomic<uint64_t> rejected_limit{0};      // refused: listener or process max_connections
   std::atomic<uint64_t> rejected_no_server{0};  // refused: no usable server / queue timeout
+  std::atomic<uint64_t> rejected_proxy{0};      // closed: bad/missing PROXY header, untrusted sender
   std::atomic<int64_t> last_refusal_log_ms{-1'000'000};  // rate limit for the refusal warning
+  std::atomic<int64_t> last_proxy_log_ms{-1'000'000};    // rate limit for PROXY warnings
 };
 
 // What a worker needs to serve sessions. Never modified once published.

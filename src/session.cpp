@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "smtplb/proxy_protocol.hpp"
 #include "smtplb/smtp_reply.hpp"
 #include "uv_util.hpp"
 #include "worker.hpp"
@@ -26,6 +27,9 @@ constexpr uint64_t kReplyLingerMs = 5000;
 // After the server closed and its last bytes were sent on, how long the client may keep
 // its side open.
 constexpr uint64_t kFinLingerMs = 5000;
+// An upstream balancer sends its PROXY header at once; one that does not within this
+// time is misconfigured or hostile.
+constexpr uint64_t kProxyHeaderTimeoutMs = 5000;
 
 void alloc_scratch(uv_handle_t* h, size_t, uv_buf_t* buf) { *buf = static_cast<Worker*>(h->loop->data)->scratch(); }
 
@@ -58,6 +62,8 @@ void Session::start() {
   t_accept_ = last_activity_ = now;
   int len = sizeof peer_.storage;
   if (uv_tcp_getpeername(&client_, reinterpret_cast<sockaddr*>(&peer_.storage), &len) == 0) peer_.len = len;
+  len = sizeof local_.storage;
+  if (uv_tcp_getsockname(&client_, reinterpret_cast<sockaddr*>(&local_.storage), &len) == 0) local_.len = len;
   uv_tcp_nodelay(&client_, 1);
 
   counted_ = true;
@@ -68,11 +74,62 @@ void Session::start() {
     reply_unavailable({'R', 'C'});
     return;
   }
+  if (listener_.cfg->proxy_protocol != ProxyIn::none) {
+    const auto& trusted = listener_.cfg->trusted_proxies;
+    if (std::none_of(trusted.begin(), trusted.end(), [&](const Cidr& c) { return c.contains(peer_); })) {
+      refuse_proxy("sender is not in trusted_proxies", {'P', 'R'});
+      return;
+    }
+    state_ = State::proxy_header;
+    arm_timer(kProxyHeaderTimeoutMs);
+    return;
+  }
   next_attempt();
 }
 
+void Session::proxy_header_data() {
+  const ProxyIn want = listener_.cfg->proxy_protocol;
+  const auto accept = want == ProxyIn::v1 ? proxy::Accept::v1 : want == ProxyIn::v2 ? proxy::Accept::v2 : proxy::Accept::any;
+  proxy::ParseResult r = proxy::parse(held_, accept);
+  if (r.status == proxy::ParseResult::Status::need_more) return;
+  if (r.status == proxy::ParseResult::Status::error) {
+    refuse_proxy("malformed PROXY header: " + r.error, {'P', 'R'});
+    return;
+  }
+  held_.erase(0, r.consumed);
+  if (r.header.local) {
+    // The upstream balancer's own connection (its health check, typically). Fine unless
+    // the backends must learn a real client address from us.
+    if (pool_.proxy_protocol != ProxyOut::none) {
+      refuse_proxy("PROXY header without a client address (LOCAL/UNKNOWN), but pool " + pool_.name +
+                       " passes client addresses on",
+                   {'P', 'R'});
+      return;
+    }
+  } else {
+    peer_ = r.header.source;
+    local_ = r.header.destination;
+  }
+  if (held_.size() >= kHoldLimit) pause_client();
+  next_attempt();
+}
+
+void Session::refuse_proxy(const std::string& why, TermCode term) {
+  listener_.rejected_proxy.fetch_add(1, std::memory_order_relaxed);
+  const int64_t now = int64_t(uv_now(worker_.loop()));
+  int64_t last = listener_.last_proxy_log_ms.load(std::memory_order_relaxed);
+  if (now - last >= 1000 && listener_.last_proxy_log_ms.compare_exchange_strong(last, now))
+    spdlog::warn("listener {}: closing connection from {}: {} (further ones within a second are only counted)",
+                 listener_.cfg->name, peer_.to_string(), why);
+  finish(term);
+}
+
 void Session::kill() {
-  const char phase = state_ == State::relaying ? 'D' : state_ == State::greeting ? 'H' : state_ == State::queued ? 'Q' : 'C';
+  const char phase = state_ == State::relaying       ? 'D'
+                     : state_ == State::greeting     ? 'H'
+                     : state_ == State::queued       ? 'Q'
+                     : state_ == State::proxy_header ? 'R'
+                                                     : 'C';
   finish({'K', phase});
 }
 
@@ -91,6 +148,10 @@ void Session::client_data(const char* data, size_t len) {
     case State::relaying:
       forward(false, data, len);
       break;
+    case State::proxy_header:
+      held_.append(data, len);
+      proxy_header_data();
+      break;
     case State::queued:
     case State::connecting:
     case State::greeting:
@@ -108,10 +169,13 @@ void Session::client_end(ssize_t status) {
   client_paused_ = true;  // libuv stopped reading
   // A client that half-closes after talking first (`printf ... | nc -N`) still wants its
   // answers: deliver what it sent after the greeting, then forward the FIN.
-  if (status == UV_EOF && !held_.empty() &&
+  if (status == UV_EOF && !held_.empty() && state_ != State::proxy_header &&
       (state_ == State::queued || state_ == State::connecting || state_ == State::greeting))
     return;
   switch (state_) {
+    case State::proxy_header:
+      finish({'C', 'R'});
+      break;
     case State::queued:
       finish({'C', 'Q'});
       break;
@@ -221,6 +285,15 @@ void Session::connected(int status) {
   }
   tc_ = int64_t(uv_now(worker_.loop()) - t_attempt_);
   uv_tcp_nodelay(&up_->tcp, 1);
+  if (pool_.proxy_protocol != ProxyOut::none) {
+    // Written before anything else; a PROXY-aware server reads it before it greets.
+    proxy::Header h;
+    h.source = peer_;
+    h.destination = local_;
+    const std::string header =
+        proxy::encode(pool_.proxy_protocol == ProxyOut::v1 ? proxy::Version::v1 : proxy::Version::v2, h);
+    if (!forward(false, header.data(), header.size())) return;
+  }
   uv_read_start(as_stream(&up_->tcp), alloc_scratch, on_upstream_read);
   upstream_paused_ = false;
   last_activity_ = uv_now(worker_.loop());
@@ -302,6 +375,7 @@ void Session::upstream_end(ssize_t status) {
       // rest and close, rather than its whole idle timeout.
       if (state_ == State::relaying) arm_timer(kFinLingerMs);
       break;
+    case State::proxy_header:
     case State::queued:  // no backend connection while queued
     case State::replying:
     case State::closing:
@@ -505,6 +579,9 @@ void Session::on_timer(uv_timer_t* t) { owner_of<Session>(t)->timer_fired(); }
 
 void Session::timer_fired() {
   switch (state_) {
+    case State::proxy_header:
+      refuse_proxy("no complete PROXY header within " + format_duration(Millis(kProxyHeaderTimeoutMs)), {'c', 'R'});
+      break;
     case State::queued:
       leave_queue();
       term_ = {'s', 'Q'};

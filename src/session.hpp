@@ -48,6 +48,7 @@ class Session {
 
  private:
   enum class State : uint8_t {
+    proxy_header,  // waiting for the PROXY header of an upstream balancer
     queued,      // every usable server is at max_connections: waiting for a slot
     connecting,  // TCP connect to a server in progress
     greeting,    // connected, waiting for the server's first line
@@ -92,6 +93,10 @@ class Session {
   void reply_unavailable(TermCode term);
   // Counts a 421 by reason and logs it, at most once a second per listener.
   void note_refusal(TermCode term);
+  // PROXY header received from an upstream balancer.
+  void proxy_header_data();
+  // Closes a session whose PROXY header (or its sender) is not acceptable.
+  void refuse_proxy(const std::string& why, TermCode term);
 
   // Sends to the other side; on a short write queues the rest and pauses the sender.
   bool forward(bool to_client, const char* data, size_t len);
@@ -141,7 +146,8 @@ class Session {
   std::array<uint32_t, 17> tried_{};
   uint8_t tries_ = 0;
 
-  SocketAddress peer_;
+  SocketAddress peer_;            // the client (from the PROXY header when there is one)
+  SocketAddress local_;           // the address the client connected to
   const std::string* server_name_ = nullptr;  // server of the latest attempt (owned by snap_)
   uint64_t t_accept_ = 0;         // loop time (ms) at accept
   uint64_t t_attempt_ = 0;        // start of the current connect

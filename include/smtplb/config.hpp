@@ -23,6 +23,10 @@ enum class AdminState : uint8_t { ready, drain, maint };
 
 const char* to_string(AdminState s);
 
+// PROXY protocol expected from clients (an upstream balancer) and sent to backends.
+enum class ProxyIn : uint8_t { none, v1, v2, any };
+enum class ProxyOut : uint8_t { none, v1, v2 };
+
 struct GlobalConfig {
   std::string hostname;             // default: the machine's host name
   unsigned workers = 0;             // 0 = one per core
@@ -44,6 +48,19 @@ struct SocketAddress {
   std::string to_string() const;  // "1.2.3.4:25" or "[::1]:25"
 };
 
+// An address block such as 10.0.0.0/8 or 2001:db8::/32.
+struct Cidr {
+  int family = 0;           // AF_INET or AF_INET6
+  unsigned char addr[16]{};  // network bytes (4 used for IPv4)
+  unsigned prefix = 0;
+  // IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) match IPv4 blocks.
+  bool contains(const SocketAddress& a) const;
+  std::string to_string() const;
+};
+// Parses "a.b.c.d/n", "x::y/n" or a bare address (a /32 or /128); false if malformed or
+// if host bits are set (10.0.0.1/8 is almost always a typo).
+bool parse_cidr(std::string_view text, Cidr& out);
+
 struct ListenerConfig {
   std::string name;
   std::string address;              // as written
@@ -52,6 +69,8 @@ struct ListenerConfig {
   std::string pool;
   unsigned max_connections = 10000;
   Millis client_idle_timeout{300000};
+  ProxyIn proxy_protocol = ProxyIn::none;
+  std::vector<Cidr> trusted_proxies;  // who may send a PROXY header
 };
 
 struct HealthCheckConfig {
@@ -87,6 +106,7 @@ struct PoolConfig {
   Millis server_idle_timeout{300000};
   Millis queue_timeout{5000};       // wait for a slot when every usable server is full
   Millis slow_start{0};             // ramp a recovered server's weight over this time
+  ProxyOut proxy_protocol = ProxyOut::none;  // header sent first on backend connections
   HealthCheckConfig health_check;
   std::vector<ServerConfig> servers;
 };

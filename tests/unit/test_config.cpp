@@ -1,5 +1,6 @@
 #include <doctest/doctest.h>
 
+#include <arpa/inet.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -418,15 +419,10 @@ TEST_CASE("config: features of DESIGN.md not built yet") {
   expect_one_error("[log]\nformat = \"json\"\n" + kListener + kPool, 2, 10, "'format' is not supported yet");
   expect_one_error("[log]\ntarget = \"syslog\"\n" + kListener + kPool, 2, 10, "'target' is not supported yet");
   expect_one_error("[log]\nfile = \"/var/log/smtplb.log\"\n" + kListener + kPool, 2, 8, "'file' is not supported yet");
-  expect_one_error(kListener + "proxy_protocol = \"v2\"\n" + kPool, 4, 18,
-                   "'proxy_protocol' is not supported yet in this version of smtplb (only \"none\" is accepted)");
-  expect_one_error(kListener + "trusted_proxies = [\"10.0.0.0/8\"]\n" + kPool, 4, 19, "'trusted_proxies' is not supported yet");
   expect_one_error(kListener + "max_connections_per_ip = 10\n" + kPool, 4, 26,
                    "'max_connections_per_ip' is not supported yet");
   expect_one_error(kListener + "allow = [\"10.0.0.0/8\"]\n" + kPool, 4, 9, "'allow' is not supported yet");
   expect_one_error(kListener + "deny = [\"10.0.0.0/8\"]\n" + kPool, 4, 8, "'deny' is not supported yet");
-  expect_one_error(kListener + "[pool.pf]\nproxy_protocol = \"v2\"\n" + kPool.substr(10), 5, 18,
-                   "'proxy_protocol' is not supported yet");
 }
 
 TEST_CASE("config: all errors are reported in one run, sorted by position") {
@@ -438,7 +434,7 @@ colour = "blue"
 address = "127.0.0.1"
 port = 2525
 pool = "nope"
-proxy_protocol = "v2"
+proxy_protocol = "v3"
 
 [pool.pf]
 connect_timeout = "5"
@@ -468,7 +464,7 @@ socket = "/run/smtplb/admin.sock"
       {2, 11, "'workers' must be between 0 and 64, not 100"},
       {3, 1, "unknown key 'colour' in [global]"},
       {8, 8, "listener 'mx' names pool 'nope', which is not defined"},
-      {9, 18, "'proxy_protocol' is not supported yet"},
+      {9, 18, "'proxy_protocol' must be one of: none, v1, v2, any"},
       {12, 19, "'connect_timeout': bad duration \"5\""},
       {13, 17, "'queue_timeout': bad duration \"5\""},
       {18, 10, "'weight' must be between 0 and 256, not 300"},
@@ -665,4 +661,70 @@ TEST_CASE("config: STARTTLS check keys") {
                    "'tls_verify' has no effect without starttls = true");
   expect_one_error(kListener + kPool + "[pool.pf.health_check]\nstarttls = true\ntls_ca_file = \"/nonexistent/ca.pem\"\n",
                    10, 15, "'tls_ca_file' \"/nonexistent/ca.pem\" cannot be read");
+}
+
+TEST_CASE("config: PROXY protocol in and out") {
+  auto r = load("[listener.mx]\naddress = \"127.0.0.1\"\npool = \"pf\"\nproxy_protocol = \"any\"\n"
+                "trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]\n"
+                "[pool.pf]\nproxy_protocol = \"v2\"\n[[pool.pf.server]]\nname = \"a\"\naddress = \"127.0.0.1\"\n");
+  INFO(dump(r));
+  REQUIRE(r.ok());
+  const auto& l = r.config->listeners.at(0);
+  CHECK(l.proxy_protocol == smtplb::ProxyIn::any);
+  REQUIRE(l.trusted_proxies.size() == 3);
+  CHECK(l.trusted_proxies[0].to_string() == "10.0.0.0/8");
+  CHECK(l.trusted_proxies[1].to_string() == "192.0.2.7/32");
+  CHECK(l.trusted_proxies[2].to_string() == "2001:db8::/32");
+  CHECK(r.config->pools.at(0).proxy_protocol == smtplb::ProxyOut::v2);
+
+  expect_one_error(kListener + "proxy_protocol = \"v2\"\n" + kPool, 1, 1,
+                   "[listener.mx] has proxy_protocol but no trusted_proxies");
+  expect_one_error(kListener + "proxy_protocol = \"v2\"\ntrusted_proxies = []\n" + kPool, 5, 19,
+                   "'trusted_proxies' is empty");
+  expect_one_error(kListener + "trusted_proxies = [\"10.0.0.0/8\"]\n" + kPool, 4, 19,
+                   "'trusted_proxies' has no effect without proxy_protocol");
+  expect_one_error(kListener + "proxy_protocol = \"v1\"\ntrusted_proxies = [\"10.0.0.1/8\"]\n" + kPool, 5, 20,
+                   "host bits must be zero");
+  expect_one_error(kListener + "proxy_protocol = \"v1\"\ntrusted_proxies = [\"10.0.0.0/33\"]\n" + kPool, 5, 20,
+                   "not an address block");
+  expect_one_error(kListener + "proxy_protocol = \"v1\"\ntrusted_proxies = [7]\n" + kPool, 5, 20,
+                   "not an address block");
+  expect_one_error(kListener + "[pool.pf]\nproxy_protocol = \"any\"\n" + kPool.substr(10), 5, 18,
+                   "'proxy_protocol' must be one of: none, v1, v2");
+}
+
+TEST_CASE("config: address blocks") {
+  using smtplb::Cidr;
+  using smtplb::parse_cidr;
+  auto addr = [](const char* ip) {
+    smtplb::SocketAddress a;
+    if (inet_pton(AF_INET, ip, &reinterpret_cast<sockaddr_in*>(&a.storage)->sin_addr) == 1) {
+      a.storage.ss_family = AF_INET;
+    } else {
+      REQUIRE(inet_pton(AF_INET6, ip, &reinterpret_cast<sockaddr_in6*>(&a.storage)->sin6_addr) == 1);
+      a.storage.ss_family = AF_INET6;
+    }
+    return a;
+  };
+  Cidr c;
+  REQUIRE(parse_cidr("10.0.0.0/8", c));
+  CHECK(c.contains(addr("10.255.1.2")));
+  CHECK_FALSE(c.contains(addr("11.0.0.1")));
+  CHECK(c.contains(addr("::ffff:10.1.2.3")));  // IPv4-mapped
+  CHECK_FALSE(c.contains(addr("2001:db8::1")));
+  REQUIRE(parse_cidr("192.0.2.128/25", c));
+  CHECK(c.contains(addr("192.0.2.200")));
+  CHECK_FALSE(c.contains(addr("192.0.2.127")));
+  REQUIRE(parse_cidr("0.0.0.0/0", c));
+  CHECK(c.contains(addr("203.0.113.9")));
+  REQUIRE(parse_cidr("2001:db8::/32", c));
+  CHECK(c.contains(addr("2001:db8:ffff::1")));
+  CHECK_FALSE(c.contains(addr("2001:db9::1")));
+  CHECK_FALSE(c.contains(addr("10.0.0.1")));
+  REQUIRE(parse_cidr("::1", c));
+  CHECK(c.prefix == 128);
+  CHECK(c.contains(addr("::1")));
+  for (const char* bad : {"", "/8", "10.0.0.0/", "10.0.0.0/33", "10.0.0.0/08", "10.0.0.0/-1", "10.0.0.1/8",
+                          "10.0.0/8", "2001:db8::/129", "2001:db8::1/32", "host.example/8", "10.0.0.0/8 "})
+    CHECK_MESSAGE(!parse_cidr(bad, c), bad);
 }
