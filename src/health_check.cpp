@@ -1,10 +1,52 @@
 #include "health_check.hpp"
 
 #include <spdlog/spdlog.h>
+#include <sys/stat.h>
+
+#include <ctime>
+#include <map>
+#include <tuple>
 
 #include "uv_util.hpp"
 
 namespace smtplb {
+
+namespace {
+
+constexpr int64_t kDay = 86400;
+constexpr int64_t kExpiryWarningDays = 14;
+constexpr uint64_t kExpiryWarningEveryMs = 3600 * 1000;
+
+// Checkers with the same TLS settings share one SSL_CTX: with verification it holds the
+// parsed CA store (the whole system bundle by default), which is too big to keep per
+// server. The CA file's identity is part of the key, so a changed file is read again by
+// checkers built after the change. Only the control loop builds checkers.
+std::shared_ptr<TlsContext> shared_tls_context(const HealthCheckConfig& cfg, std::string& error) {
+  using Key = std::tuple<bool, std::string, int64_t, int64_t, int64_t>;
+  static std::map<Key, std::weak_ptr<TlsContext>> cache;
+  Key key{cfg.tls_verify, cfg.tls_verify ? cfg.tls_ca_file : std::string(), 0, 0, 0};
+  struct stat st {};
+  if (cfg.tls_verify && !cfg.tls_ca_file.empty() && ::stat(cfg.tls_ca_file.c_str(), &st) == 0)
+    key = Key{true, cfg.tls_ca_file, int64_t(st.st_ino), int64_t(st.st_size),
+              int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec};
+  std::erase_if(cache, [](const auto& e) { return e.second.expired(); });
+  if (auto it = cache.find(key); it != cache.end())
+    if (auto ctx = it->second.lock()) return ctx;
+  auto ctx = TlsContext::create(TlsContextOptions{cfg.tls_verify, cfg.tls_ca_file}, error);
+  if (ctx) cache[key] = ctx;
+  return ctx;
+}
+
+std::string utc_time(int64_t unix_seconds) {
+  const std::time_t t = std::time_t(unix_seconds);
+  std::tm tm{};
+  char buf[32];
+  if (gmtime_r(&t, &tm) == nullptr || std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+    return std::to_string(unix_seconds);
+  return buf;
+}
+
+}  // namespace
 
 HealthChecker::HealthChecker(uv_loop_t* loop, size_t pool_index, std::shared_ptr<ServerRuntime> server,
                              const HealthCheckConfig& cfg, OnTransition on_transition)
@@ -17,6 +59,7 @@ HealthChecker::HealthChecker(uv_loop_t* loop, size_t pool_index, std::shared_ptr
       rng_(std::random_device{}()) {
   uv_timer_init(loop_, &timer_);
   timer_.data = this;
+  apply_config(cfg);
 }
 
 HealthChecker::~HealthChecker() {
@@ -28,6 +71,9 @@ const char* HealthChecker::step_name(Step s) {
     case Step::connect: return "connect";
     case Step::greeting: return "greeting";
     case Step::ehlo: return "ehlo";
+    case Step::starttls: return "starttls";
+    case Step::tls_handshake: return "tls handshake";
+    case Step::ehlo_tls: return "ehlo-tls";
     case Step::quit: return "quit";
     case Step::idle: break;
   }
@@ -51,10 +97,22 @@ void HealthChecker::stop() {
     uv_close(as_handle(&probe_->tcp), [](uv_handle_t* h) { delete static_cast<Probe*>(h->data); });
     probe_ = nullptr;
   }
+  tls_.reset();
   step_ = Step::idle;
   if (!timer_closed_) {
     timer_closed_ = true;
     uv_close(as_handle(&timer_), nullptr);
+  }
+}
+
+void HealthChecker::apply_config(const HealthCheckConfig& cfg) {
+  cfg_ = cfg;
+  tls_ctx_.reset();  // the next check takes the context of the (possibly new) TLS settings
+  tls_name_.clear();
+  if (cfg_.starttls) {
+    tls_name_ = cfg_.tls_server_name.empty() ? server_->cfg.address : cfg_.tls_server_name;
+    if (tls_name_.size() > 2 && tls_name_.front() == '[' && tls_name_.back() == ']')
+      tls_name_ = tls_name_.substr(1, tls_name_.size() - 2);
   }
 }
 
@@ -68,10 +126,21 @@ void HealthChecker::force_down(const std::string& reason) {
 void HealthChecker::begin() {
   started_ = uv_now(loop_);
   parser_.reset();
+  if (cfg_.starttls && !tls_ctx_) {
+    // Built here rather than in the constructor so a CA file fixed later is picked up.
+    std::string error;
+    tls_ctx_ = shared_tls_context(cfg_, error);
+    if (!tls_ctx_) {
+      step_ = Step::connect;
+      return done(false, error);
+    }
+  }
   probe_ = new Probe;
   probe_->owner = this;
   probe_->tcp.data = probe_;
   uv_tcp_init(loop_, &probe_->tcp);
+  // Each step sends one short command and waits for the answer: Nagle only adds delay.
+  uv_tcp_nodelay(&probe_->tcp, 1);
   step_ = Step::connect;
   schedule(uint64_t(cfg_.timeout.count()));  // one deadline for the whole dialogue
   int rc = uv_tcp_connect(&probe_->connect_req, &probe_->tcp, server_->cfg.addr.sa(), [](uv_connect_t* req, int st) {
@@ -99,16 +168,47 @@ void HealthChecker::connected(int status) {
         HealthChecker* self = p->owner;
         if (n > 0) {
           self->received(b->base, size_t(n));
+        } else if (n == UV_EOF) {
+          self->closed_by_peer();
         } else if (n < 0) {
-          self->done(false, n == UV_EOF ? std::string("connection closed during ") + step_name(self->step_)
-                                        : std::string(step_name(self->step_)) + ": " + uv_strerror(int(n)));
+          self->done(false, std::string(step_name(self->step_)) + ": " + uv_strerror(int(n)));
         }
       });
 }
 
 void HealthChecker::received(const char* data, size_t len) {
+  if (!tls_) return reply_bytes(std::string_view(data, len));
+  tls_->feed(std::string_view(data, len));
+  if (step_ == Step::tls_handshake) {
+    const TlsClient::Status st = tls_->handshake();
+    // Once established, the last flight (Finished) goes out together with the EHLO: two
+    // small writes in a row would wait for a delayed ACK (Nagle).
+    if (st == TlsClient::Status::ok) return tls_established();
+    flush_tls();  // the next flight, or an alert
+    if (st != TlsClient::Status::want_read) done(false, tls_->error());
+    return;
+  }
+  std::string plain;
+  const TlsClient::Status st = tls_->read(plain);
+  flush_tls();
+  if (st == TlsClient::Status::error) return done(false, tls_->error());
+  if (st == TlsClient::Status::closed)
+    return done(false, std::string("tls: close_notify from the server during ") + step_name(step_));
+  if (!plain.empty()) reply_bytes(plain);
+}
+
+void HealthChecker::closed_by_peer() {
+  if (tls_ && step_ == Step::tls_handshake) {
+    // Let OpenSSL name it ("unexpected eof while reading"), like any other handshake failure.
+    tls_->feed_eof();
+    if (tls_->handshake() == TlsClient::Status::error) return done(false, tls_->error());
+  }
+  done(false, std::string("connection closed during ") + step_name(step_));
+}
+
+void HealthChecker::reply_bytes(std::string_view data) {
   size_t consumed = 0;
-  auto status = parser_.feed(std::string_view(data, len), consumed);
+  auto status = parser_.feed(data, consumed);
   if (status == SmtpReplyParser::Status::need_more) return;
   if (status == SmtpReplyParser::Status::error) {
     done(false, std::string(step_name(step_)) + ": " + parser_.error());
@@ -118,7 +218,8 @@ void HealthChecker::received(const char* data, size_t len) {
   const std::string what = std::string(step_name(step_)) + " " + std::to_string(code) +
                            (parser_.text().empty() ? "" : " " + printable(parser_.text()));
   // Bytes after a complete reply were sent before we spoke; a well-behaved server sends
-  // none, and acting on them would mean pipelining.
+  // none, and acting on them would mean pipelining. After the 220 to STARTTLS they must
+  // not reach the TLS engine either: plaintext injected ahead of the handshake.
   parser_.reset();
   switch (step_) {
     case Step::greeting:
@@ -128,11 +229,28 @@ void HealthChecker::received(const char* data, size_t len) {
       break;
     case Step::ehlo:
       if (code != 250) return done(false, what);
+      step_ = cfg_.starttls ? Step::starttls : Step::quit;
+      send(cfg_.starttls ? "STARTTLS\r\n" : "QUIT\r\n");
+      break;
+    case Step::starttls:
+      if (code != 220) return done(false, what);
+      start_tls();
+      break;
+    case Step::ehlo_tls:
+      if (code != 250) return done(false, what);
       step_ = Step::quit;
       send("QUIT\r\n");
       break;
     case Step::quit:
       if (code != 221) return done(false, what);
+      if (tls_) {
+        // close_notify, best effort: the socket is closed right after, which would
+        // cancel a queued write.
+        tls_->shutdown();
+        std::string bye = tls_->take_output();
+        uv_buf_t b = uv_buf_init(bye.data(), unsigned(bye.size()));
+        if (!bye.empty()) uv_try_write(as_stream(&probe_->tcp), &b, 1);
+      }
       done(true, "");
       break;
     default:
@@ -140,15 +258,74 @@ void HealthChecker::received(const char* data, size_t len) {
   }
 }
 
-void HealthChecker::send(std::string text) {
-  probe_->out = std::move(text);
-  uv_buf_t b = uv_buf_init(probe_->out.data(), unsigned(probe_->out.size()));
-  int rc = uv_write(&probe_->write_req, as_stream(&probe_->tcp), &b, 1, [](uv_write_t* req, int st) {
+void HealthChecker::start_tls() {
+  std::string error;
+  if (!tls_ctx_ && !(tls_ctx_ = shared_tls_context(cfg_, error))) return done(false, error);
+  tls_ = TlsClient::create(tls_ctx_, tls_name_, cfg_.tls_server_name, error);
+  if (!tls_) return done(false, error);
+  step_ = Step::tls_handshake;
+  const TlsClient::Status st = tls_->handshake();  // the ClientHello
+  flush_tls();
+  if (st == TlsClient::Status::error) done(false, tls_->error());
+}
+
+void HealthChecker::tls_established() {
+  const int64_t not_after = tls_->peer_not_after();
+  server_->tls_not_after.store(not_after, std::memory_order_relaxed);
+  spdlog::debug("server {} TLS: {}, certificate notAfter {}", server_->label, tls_->description(),
+                not_after ? utc_time(not_after) : std::string("unknown"));
+  warn_expiry(not_after);
+  // Plaintext that came with the server's last flight was sent before our EHLO: dropped,
+  // as after any reply.
+  std::string early;
+  if (tls_->read(early) == TlsClient::Status::error) return done(false, tls_->error());
+  step_ = Step::ehlo_tls;
+  send("EHLO " + cfg_.ehlo_name + "\r\n");
+}
+
+void HealthChecker::warn_expiry(int64_t not_after) {
+  if (not_after == 0) return;
+  // notAfter is calendar time, so the wall clock, not the loop's monotonic one.
+  const int64_t left = not_after - int64_t(std::time(nullptr));
+  if (left >= kExpiryWarningDays * kDay) return;
+  const uint64_t now = uv_now(loop_);
+  if (expiry_warned_ && now - expiry_warned_at_ < kExpiryWarningEveryMs) return;
+  expiry_warned_ = true;
+  expiry_warned_at_ = now;
+  if (left >= 0)
+    spdlog::warn("server {} certificate expires in {} days (notAfter {})", server_->label, left / kDay,
+                 utc_time(not_after));
+  else
+    spdlog::warn("server {} certificate expired {} days ago (notAfter {})", server_->label, -left / kDay,
+                 utc_time(not_after));
+}
+
+void HealthChecker::send(std::string_view text) {
+  if (!tls_) return write_raw(std::string(text));
+  if (tls_->write(text) != TlsClient::Status::ok) return done(false, tls_->error());
+  flush_tls();
+}
+
+void HealthChecker::flush_tls() {
+  if (tls_ && tls_->has_output()) write_raw(tls_->take_output());
+}
+
+void HealthChecker::write_raw(std::string data) {
+  if (!probe_) return;
+  auto* w = new Write;
+  w->data = std::move(data);
+  w->req.data = w;
+  uv_buf_t b = uv_buf_init(w->data.data(), unsigned(w->data.size()));
+  int rc = uv_write(&w->req, as_stream(&probe_->tcp), &b, 1, [](uv_write_t* req, int st) {
+    // Runs before the handle's close callback, so the probe is still there.
     auto* p = static_cast<Probe*>(req->handle->data);
-    if (st < 0 && st != UV_ECANCELED && p->owner)
-      p->owner->done(false, std::string("write: ") + uv_strerror(st));
+    delete static_cast<Write*>(req->data);
+    if (st < 0 && st != UV_ECANCELED && p->owner) p->owner->done(false, std::string("write: ") + uv_strerror(st));
   });
-  if (rc < 0) done(false, std::string("write: ") + uv_strerror(rc));
+  if (rc < 0) {
+    delete w;
+    done(false, std::string("write: ") + uv_strerror(rc));
+  }
 }
 
 void HealthChecker::done(bool ok, std::string reason) {
@@ -159,7 +336,12 @@ void HealthChecker::done(bool ok, std::string reason) {
     uv_close(as_handle(&probe_->tcp), [](uv_handle_t* h) { delete static_cast<Probe*>(h->data); });
     probe_ = nullptr;
   }
+  tls_.reset();
   step_ = Step::idle;
+  if (pending_cfg_) {
+    apply_config(*pending_cfg_);
+    pending_cfg_.reset();
+  }
 
   const auto now = std::chrono::steady_clock::now();
   const Health before = state_.health();

@@ -1,18 +1,21 @@
 #pragma once
 // Active SMTP health check of one server, on the control loop: connect, read the whole
-// greeting, EHLO, read the whole reply, QUIT, wait for 221. Never writes before the
-// server finished its line (postscreen's pregreet test), never pipelines.
+// greeting, EHLO, read the whole reply, [STARTTLS, 220, TLS handshake, EHLO again, whole
+// reply,] QUIT, wait for 221. Never writes before the server finished its reply
+// (postscreen's pregreet test), never pipelines.
 #include <uv.h>
 
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 
 #include "server_pool.hpp"
 #include "smtplb/health_state.hpp"
 #include "smtplb/smtp_reply.hpp"
+#include "tls.hpp"
 
 namespace smtplb {
 
@@ -50,17 +53,28 @@ class HealthChecker {
   struct Probe {
     uv_tcp_t tcp{};
     uv_connect_t connect_req{};
-    uv_write_t write_req{};
     HealthChecker* owner = nullptr;
-    std::string out;  // bytes of the write in flight
   };
-  enum class Step : uint8_t { idle, connect, greeting, ehlo, quit };
+  // One write in flight; several can be, e.g. a TLS alert after a handshake flight.
+  struct Write {
+    uv_write_t req{};
+    std::string data;
+  };
+  enum class Step : uint8_t { idle, connect, greeting, ehlo, starttls, tls_handshake, ehlo_tls, quit };
 
   static const char* step_name(Step s);
+  void apply_config(const HealthCheckConfig& cfg);
   void begin();
   void connected(int status);
   void received(const char* data, size_t len);
-  void send(std::string text);
+  void closed_by_peer();
+  void reply_bytes(std::string_view data);
+  void start_tls();
+  void tls_established();
+  void warn_expiry(int64_t not_after);
+  void send(std::string_view text);
+  void write_raw(std::string data);
+  void flush_tls();
   void done(bool ok, std::string reason);
   void schedule(uint64_t ms);
 
@@ -68,12 +82,20 @@ class HealthChecker {
   size_t pool_index_;
   std::shared_ptr<ServerRuntime> server_;
   HealthCheckConfig cfg_;
+  std::optional<HealthCheckConfig> pending_cfg_;  // from a reload during a check
   OnTransition on_transition_;
   uv_timer_t timer_{};
   bool timer_closed_ = false;
   Probe* probe_ = nullptr;
   Step step_ = Step::idle;
   SmtpReplyParser parser_;
+  // STARTTLS checks: the shared context (null until it could be built), the engine of
+  // the check in progress (null before STARTTLS was accepted) and the names to present.
+  std::shared_ptr<TlsContext> tls_ctx_;
+  std::unique_ptr<TlsClient> tls_;
+  std::string tls_name_;               // certificate name to verify: tls_server_name or the address
+  bool expiry_warned_ = false;
+  uint64_t expiry_warned_at_ = 0;      // uv_now() of the last expiry warning (one per hour)
   HealthState state_;
   uint64_t started_ = 0;
   std::minstd_rand rng_;
