@@ -95,9 +95,13 @@ int run_cli(const std::vector<std::string>& args) {
     return kExitOk;
   }
 
-  setup_logging(level.value_or(load.config->log.level));
+  std::string error;
+  if (!setup_logging(load.config->log, level.value_or(load.config->log.level), error)) {
+    std::fprintf(stderr, "smtplb: %s\n", error.c_str());
+    return kExitFailure;
+  }
   try {
-    Server server(load.config);
+    Server server(load.config, level);
     return server.run();
   } catch (const std::exception& e) {
     spdlog::error("fatal: {}", e.what());

@@ -146,9 +146,6 @@ Inert inert_integer(int64_t want) {
 Inert inert_empty_array() {
   return [](const toml::node& v) { return v.is_array() && v.as_array()->empty(); };
 }
-Inert never() {
-  return [](const toml::node&) { return false; };
-}
 
 // Parses and validates one document, collecting every error instead of stopping at the
 // first, so an operator fixes a file in one pass.
@@ -186,6 +183,7 @@ class Loader {
 
   void parse_global(const toml::node& n, Config& c);
   void parse_log(const toml::node& n, Config& c);
+  void check_log(const toml::node& n, const Config& c);
   void parse_listener(const std::string& name, const toml::node& n, Config& c);
   void parse_pool(const std::string& name, const toml::node& n, Config& c);
   void parse_health_check(const toml::node& n, PoolConfig& p);
@@ -344,7 +342,10 @@ void Loader::parse_global(const toml::node& n, Config& c) {
                   [&](const toml::node& v) {
                     if (auto i = integer(v, "max_connections", 1, 1'000'000)) c.global.max_connections = unsigned(*i);
                   }},
-                 not_yet("shutdown_grace", never(), nullptr),
+                 {"shutdown_grace",
+                  [&](const toml::node& v) {
+                    if (auto d = duration(v, "shutdown_grace", Millis(0))) c.global.shutdown_grace = *d;
+                  }},
              });
 }
 
@@ -369,10 +370,30 @@ void Loader::parse_log(const toml::node& n, Config& c) {
                   }},
                  not_yet("format", inert_string("text"),
                          "\"text\""),
-                 not_yet("target", inert_string("stderr"),
-                         "\"stderr\""),
-                 not_yet("file", inert_string(""), "\"\""),
+                 {"target",
+                  [&](const toml::node& v) {
+                    if (auto x = choice<LogTarget>(v, "target",
+                                                   {{"stderr", LogTarget::stderr_stream},
+                                                    {"syslog", LogTarget::syslog},
+                                                    {"file", LogTarget::file}}))
+                      c.log.target = *x;
+                  }},
+                 {"file",
+                  [&](const toml::node& v) {
+                    if (auto x = str(v, "file")) c.log.file = *x;
+                  }},
              });
+}
+
+void Loader::check_log(const toml::node& n, const Config& c) {
+  const toml::table* t = n.as_table();
+  if (!t) return;
+  if (c.log.target == LogTarget::file && c.log.file.empty())
+    error(t->contains("file") ? *t->get("file") : n, "log.target = \"file\" needs log.file");
+  if (c.log.target != LogTarget::file && !c.log.file.empty())
+    error(*t->get("file"), "log.file has no effect unless log.target = \"file\"");
+  if (!c.log.file.empty() && c.log.file[0] != '/')
+    error(*t->get("file"), "log.file must be an absolute path");
 }
 
 void Loader::parse_listener(const std::string& name, const toml::node& n, Config& c) {
@@ -675,6 +696,7 @@ ConfigLoad Loader::run(std::string_view text) {
       parse_global(v, *c);
     } else if (key == "log") {
       parse_log(v, *c);
+      check_log(v, *c);
     } else if (key == "admin") {
       error(k.source(), "[admin] is not supported yet in this version of smtplb");
     } else if (key == "listener" || key == "pool") {

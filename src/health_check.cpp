@@ -105,6 +105,17 @@ void HealthChecker::stop() {
   }
 }
 
+void HealthChecker::reconfigure(const HealthCheckConfig& cfg) {
+  state_.set_thresholds(cfg.rise, cfg.fall);
+  // A check in flight ends with the settings it started with (a STARTTLS dialogue must
+  // not change course half-way); done() applies the new ones.
+  if (step_ != Step::idle) {
+    pending_cfg_ = cfg;
+    return;
+  }
+  apply_config(cfg);
+}
+
 void HealthChecker::apply_config(const HealthCheckConfig& cfg) {
   cfg_ = cfg;
   tls_ctx_.reset();  // the next check takes the context of the (possibly new) TLS settings

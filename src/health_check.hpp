@@ -44,6 +44,9 @@ class HealthChecker {
 
   // Passive ejection reported by the workers: DOWN at once; checks bring it back.
   void force_down(const std::string& reason);
+  // A reload changed the pool's check settings: used from the next check on; health
+  // state and history are kept.
+  void reconfigure(const HealthCheckConfig& cfg);
 
   size_t pool_index() const { return pool_index_; }
   ServerRuntime& server() { return *server_; }

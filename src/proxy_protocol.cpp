@@ -41,6 +41,8 @@ ParseResult fail(std::string why) {
 
 bool parse_ip(std::string_view text, int family, SocketAddress& out) {
   if (text.empty() || text.size() >= INET6_ADDRSTRLEN) return false;
+  // inet_pton stops at a NUL; only address characters may be there at all.
+  if (text.find_first_not_of("0123456789abcdefABCDEF.:") != std::string_view::npos) return false;
   char buf[INET6_ADDRSTRLEN];
   std::memcpy(buf, text.data(), text.size());
   buf[text.size()] = '\0';

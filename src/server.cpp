@@ -2,17 +2,21 @@
 
 #include <signal.h>
 #include <spdlog/spdlog.h>
+#include <sys/resource.h>
 
 #include <algorithm>
+#include <set>
 #include <thread>
 
 #include "listener.hpp"
+#include "log.hpp"
 #include "smtplb/version.hpp"
 #include "uv_util.hpp"
 
 namespace smtplb {
 
-Server::Server(std::shared_ptr<const Config> config) : config_(std::move(config)), signals_(4) {
+Server::Server(std::shared_ptr<const Config> config, std::optional<LogLevel> level_override)
+    : config_(std::move(config)), level_override_(level_override), signals_(4) {
   uv_loop_init(&loop_);
 }
 
@@ -20,24 +24,39 @@ Server::~Server() {
   // Handles are all closed by the time run() returns; workers join in their destructors.
   workers_.clear();
   checkers_.clear();
+  retired_.clear();
   if (snapshot_)
     for (auto& l : snapshot_->listeners) close_listener_fds(*l);
   uv_loop_close(&loop_);
 }
 
+void Server::raise_fd_limit() {
+  rlimit rl{};
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+  if (rl.rlim_cur < rl.rlim_max) {
+    const rlim_t before = rl.rlim_cur;
+    rl.rlim_cur = rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0) rl.rlim_cur = before;
+  }
+  // Each relayed session needs two descriptors.
+  spdlog::info("open files limit {} (about {} sessions)", (unsigned long long)rl.rlim_cur,
+               (unsigned long long)rl.rlim_cur / 2);
+}
+
 int Server::run() {
-  snapshot_ = build_snapshot(config_, 1);
-  unsigned n = config_->global.workers;
-  if (n == 0) n = std::max(1u, std::thread::hardware_concurrency());
+  raise_fd_limit();
+  snapshot_ = build_snapshot(config_, generation_);
+  worker_count_ = config_->global.workers;
+  if (worker_count_ == 0) worker_count_ = std::max(1u, std::thread::hardware_concurrency());
 
   std::string error;
   for (auto& l : snapshot_->listeners) {
-    if (!bind_listener(*l, n, error)) {
+    if (!bind_listener(*l, worker_count_, error)) {
       spdlog::error("{}", error);
       return 1;
     }
   }
-  for (unsigned i = 0; i < n; ++i) {
+  for (unsigned i = 0; i < worker_count_; ++i) {
     workers_.push_back(std::make_unique<Worker>(i, snapshot_, link_));
     if (!workers_.back()->open_listeners(error)) {
       spdlog::error("{}", error);
@@ -47,9 +66,11 @@ int Server::run() {
   std::vector<Worker*> peers;
   for (auto& w : workers_) peers.push_back(w.get());
   for (auto& w : workers_) w->set_peers(peers);
-  uv_async_init(&loop_, &passive_async_, [](uv_async_t* a) { static_cast<Server*>(a->data)->on_passive_reports(); });
-  passive_async_.data = this;
-  link_.wake = &passive_async_;
+  uv_async_init(&loop_, &control_wake_, [](uv_async_t* a) { static_cast<Server*>(a->data)->on_control_wake(); });
+  control_wake_.data = this;
+  link_.wake = &control_wake_;
+  uv_timer_init(&loop_, &grace_timer_);
+  grace_timer_.data = this;
 
   // The first checks start at once, about 2 ms apart (200 servers: within 0.4 s), so a
   // restarted balancer takes traffic within one check dialogue, sends none to an
@@ -57,22 +78,8 @@ int Server::run() {
   size_t total = 0;
   for (const auto& p : snapshot_->pools) total += p.servers.size();
   const uint64_t window = std::max<uint64_t>(1, 2 * total);
-  std::minstd_rand rng(std::random_device{}());
-  for (size_t p = 0; p < snapshot_->pools.size(); ++p) {
-    const PoolConfig& pc = *snapshot_->pools[p].cfg;
-    for (auto& s : snapshot_->pools[p].servers) {
-      auto c = std::make_unique<HealthChecker>(
-          &loop_, p, s, pc.health_check,
-          [this](HealthChecker& hc, Health from, Health to, const CheckResult& r) { on_transition(hc, from, to, r); });
-      if (s->cfg.state == AdminState::maint)
-        spdlog::info("server {} is in maintenance (state = \"maint\"): not checked, no sessions", s->label);
-      else
-        c->start(std::min<uint64_t>(rng() % window, uint64_t(pc.health_check.interval.count())));
-      if (s->cfg.state == AdminState::drain)
-        spdlog::info("server {} is draining (state = \"drain\"): checked, no new sessions", s->label);
-      checkers_.push_back(std::move(c));
-    }
-  }
+  for (const auto& p : snapshot_->pools)
+    for (const auto& s : p.servers) start_checker(s, *p.cfg, rng_() % window);
 
   const int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGUSR1};
   for (size_t i = 0; i < 4; ++i) {
@@ -86,9 +93,11 @@ int Server::run() {
   for (auto& w : workers_) w->start();
   for (auto& l : snapshot_->listeners)
     spdlog::info("listener {} listening on {} for pool {} ({} workers)", l->cfg->name, l->bound.to_string(),
-                 l->cfg->pool, n);
-  spdlog::info("smtplb {} started: {} listeners, {} pools, {} servers", kVersion, snapshot_->listeners.size(),
-               snapshot_->pools.size(), checkers_.size());
+                 l->cfg->pool, worker_count_);
+  spdlog::info("smtplb {} started: generation {}, {} listeners, {} pools, {} servers", kVersion, generation_,
+               snapshot_->listeners.size(), snapshot_->pools.size(), total);
+  notifier_.ready("generation " + std::to_string(generation_) + " running, " +
+                  std::to_string(snapshot_->listeners.size()) + " listeners");
 
   uv_run(&loop_, UV_RUN_DEFAULT);
   for (auto& w : workers_) w->join();
@@ -96,76 +105,237 @@ int Server::run() {
   return 0;
 }
 
+void Server::start_checker(const std::shared_ptr<ServerRuntime>& s, const PoolConfig& pool, uint64_t delay_ms) {
+  if (s->admin.load() == AdminState::maint) {
+    spdlog::info("server {} is in maintenance (state = \"maint\"): not checked, no sessions", s->label);
+    return;
+  }
+  if (s->admin.load() == AdminState::drain)
+    spdlog::info("server {} is draining (state = \"drain\"): checked, no new sessions", s->label);
+  auto c = std::make_unique<HealthChecker>(
+      &loop_, 0, s, pool.health_check,
+      [this](HealthChecker& hc, Health from, Health to, const CheckResult& r) { on_transition(hc, from, to, r); });
+  c->start(std::min<uint64_t>(delay_ms, uint64_t(pool.health_check.interval.count())));
+  checkers_[s.get()] = std::move(c);
+}
+
+void Server::retire_checker(ServerRuntime* s) {
+  auto it = checkers_.find(s);
+  if (it == checkers_.end()) return;
+  it->second->stop();
+  retired_.push_back(std::move(it->second));
+  checkers_.erase(it);
+}
+
+Server::ReloadResult Server::reload() {
+  ReloadResult result;
+  result.generation = generation_;
+  retired_.clear();  // their handles finished closing long ago
+  notifier_.reloading();
+  spdlog::info("reloading configuration from {}", config_->path);
+  auto fail = [&](std::vector<std::string> errors) {
+    for (const auto& e : errors) spdlog::error("reload: {}", e);
+    spdlog::error("reload failed ({} errors); still running generation {}", errors.size(), generation_);
+    notifier_.ready("reload failed (" + std::to_string(errors.size()) + " errors); generation " +
+                    std::to_string(generation_) + " running");
+    result.errors = std::move(errors);
+    return result;
+  };
+  ConfigLoad load = load_config_file(config_->path);
+  if (!load.ok()) {
+    std::vector<std::string> errors;
+    for (const auto& e : load.errors) errors.push_back(e.to_string());
+    return fail(std::move(errors));
+  }
+  auto cfg = load.config;
+  if (cfg->global.workers != config_->global.workers)
+    spdlog::warn("reload: global.workers changed to {}; it takes effect at the next restart ({} workers run)",
+                 cfg->global.workers, worker_count_);
+  if (cfg->log.target != config_->log.target || cfg->log.file != config_->log.file)
+    spdlog::warn("reload: log.target and log.file take effect at the next restart");
+
+  auto next = build_snapshot(cfg, generation_ + 1, snapshot_.get());
+  // New listeners get their sockets now; a failure leaves everything as it was.
+  std::vector<ListenerRuntime*> bound;
+  for (auto& lr : next->listeners) {
+    const bool kept = std::any_of(snapshot_->listeners.begin(), snapshot_->listeners.end(),
+                                  [&](const auto& ol) { return ol->state == lr->state; });
+    if (kept) continue;
+    std::string error;
+    if (!bind_listener(*lr, worker_count_, error)) {
+      for (ListenerRuntime* b : bound) close_listener_fds(*b);
+      return fail({error});
+    }
+    bound.push_back(lr.get());
+  }
+
+  // From here on the reload cannot fail.
+  apply_settings(*next);
+  set_log_level(level_override_.value_or(cfg->log.level));
+  std::set<ServerRuntime*> present;
+  size_t added = 0, removed = 0;
+  for (const auto& p : next->pools)
+    for (const auto& s : p.servers) {
+      present.insert(s.get());
+      auto it = checkers_.find(s.get());
+      const bool maint = s->admin.load() == AdminState::maint;
+      if (it != checkers_.end() && maint) {
+        retire_checker(s.get());
+        s->health.store(Health::unknown);
+        spdlog::info("server {} is in maintenance (state = \"maint\"): checks stopped", s->label);
+      } else if (it != checkers_.end()) {
+        it->second->reconfigure(p.cfg->health_check);
+      } else {
+        const bool fresh = std::none_of(snapshot_->pools.begin(), snapshot_->pools.end(), [&](const PoolRuntime& op) {
+          return std::find(op.servers.begin(), op.servers.end(), s) != op.servers.end();
+        });
+        added += fresh;
+        start_checker(s, *p.cfg, rng_() % 100);
+      }
+    }
+  for (const auto& p : snapshot_->pools)
+    for (const auto& s : p.servers)
+      if (!present.count(s.get())) {
+        ++removed;
+        retire_checker(s.get());
+        spdlog::info("server {} removed: no new sessions; {} open ones run to their end", s->label,
+                     s->active.load());
+      }
+  size_t listeners_added = bound.size(), listeners_removed = 0;
+  for (const auto& ol : snapshot_->listeners)
+    if (std::none_of(next->listeners.begin(), next->listeners.end(),
+                     [&](const auto& lr) { return lr->state == ol->state; })) {
+      ++listeners_removed;
+      spdlog::info("listener {} on {} removed: it stops accepting; its sessions run to their end", ol->cfg->name,
+                   ol->bound.to_string());
+    }
+  for (ListenerRuntime* lr : bound)
+    spdlog::info("listener {} listening on {} for pool {} ({} workers)", lr->cfg->name, lr->bound.to_string(),
+                 lr->cfg->pool, worker_count_);
+
+  snapshot_ = next;
+  config_ = cfg;
+  ++generation_;
+  for (auto& w : workers_) w->publish(next);
+  spdlog::info("configuration reloaded: generation {} ({} servers added, {} removed; {} listeners added, {} removed)",
+               generation_, added, removed, listeners_added, listeners_removed);
+  notifier_.ready("generation " + std::to_string(generation_) + " loaded");
+  result.ok = true;
+  result.generation = generation_;
+  return result;
+}
+
 void Server::on_signal(int signum) {
   switch (signum) {
     case SIGINT:
     case SIGTERM:
-      spdlog::info("received {}, stopping", signum == SIGINT ? "SIGINT" : "SIGTERM");
-      stop();
+      spdlog::info("received {}", signum == SIGINT ? "SIGINT" : "SIGTERM");
+      begin_stop();
       break;
     case SIGHUP:
-      spdlog::warn("received SIGHUP: reloading is not available in this version; restart smtplb to apply changes");
+      if (phase_ == Phase::running) reload();
       break;
-    case SIGUSR1:
-      spdlog::info("received SIGUSR1: logs go to stderr, nothing to reopen");
+    case SIGUSR1: {
+      std::string error;
+      if (reopen_log(error)) spdlog::info("received SIGUSR1: log file reopened");
+      else spdlog::error("received SIGUSR1: {}", error);
       break;
-  }
-}
-
-void Server::stop() {
-  if (stopping_) return;
-  stopping_ = true;
-  for (auto& w : workers_) w->request_stop();
-  for (auto& c : checkers_) c->stop();
-  uv_close(as_handle(&passive_async_), nullptr);
-  for (auto& s : signals_) uv_close(as_handle(&s), nullptr);
-}
-
-void Server::on_transition(HealthChecker& c, Health from, Health to, const CheckResult& r) {
-  const PoolRuntime& pool = snapshot_->pools[c.pool_index()];
-  size_t up = 0, unchecked = 0;
-  for (const auto& s : pool.servers) {
-    const Health h = s->health.load(std::memory_order_relaxed);
-    up += h == Health::up;
-    unchecked += h == Health::unknown;
-  }
-  const size_t total = pool.servers.size();
-  ServerRuntime& server = c.server();
-  if (to == Health::up) {
-    server.passive_failures.store(0, std::memory_order_relaxed);
-    const auto ramp = pool.cfg->slow_start;
-    if (from == Health::down && ramp.count() > 0) {
-      server.ramp_start_ms.store(int64_t(uv_now(&loop_)), std::memory_order_relaxed);
-      spdlog::info("server {} slow start: weight ramps to {} over {}", server.label, server.cfg.weight,
-                   format_duration(ramp));
     }
-    // New capacity: sessions queued for a full pool may go now.
-    for (auto& w : workers_) w->kick();
-  } else {
-    server.ramp_start_ms.store(-1, std::memory_order_relaxed);
-  }
-  if (to == Health::up) {
-    spdlog::info("server {} is UP: check passed{}, {} of {} servers up", c.server().label,
-                 from == Health::unknown ? " (first check)" : "", up, total);
-  } else {
-    if (r.passive)
-      spdlog::warn("server {} is DOWN: {} failed sessions in a row ({}), {} of {} servers up", server.label,
-                   pool.cfg->health_check.fall, r.reason, up, total);
-    else
-      spdlog::warn("server {} is DOWN: check failed ({}), {} of {} servers up", server.label, r.reason, up, total);
-    if (up == 0 && unchecked == 0) spdlog::error("pool {} has no usable server: clients get 421 4.3.2", pool.cfg->name);
   }
 }
 
-void Server::on_passive_reports() {
+void Server::begin_stop() {
+  if (phase_ != Phase::running) {
+    spdlog::warn("second stop signal: closing every session now");
+    stop_now();
+    return;
+  }
+  phase_ = Phase::draining;
+  notifier_.stopping();
+  const auto grace = config_->global.shutdown_grace;
+  spdlog::info("stopping: listeners closed, {} open sessions may finish within shutdown_grace {}",
+               link_.connections.load(), format_duration(grace));
+  for (auto& w : workers_) w->request_drain();
+  for (auto& [s, c] : checkers_) c->stop();
+  for (auto& [s, c] : checkers_) retired_.push_back(std::move(c));
+  checkers_.clear();
+  uv_timer_start(
+      &grace_timer_,
+      [](uv_timer_t* t) {
+        auto* self = static_cast<Server*>(t->data);
+        spdlog::warn("shutdown_grace passed: closing the {} remaining sessions", self->link_.connections.load());
+        self->stop_now();
+      },
+      uint64_t(grace.count()), 0);
+  finish_if_done();
+}
+
+void Server::stop_now() {
+  phase_ = Phase::stopped;
+  for (auto& w : workers_) w->request_stop();
+  finish_if_done();
+}
+
+void Server::on_control_wake() {
   std::vector<PassiveDown> events;
   {
     std::lock_guard<std::mutex> lock(link_.mu);
     events.swap(link_.passive);
   }
-  for (auto& e : events)
-    for (auto& c : checkers_)
-      if (&c->server() == e.server.get()) c->force_down(e.reason);
+  for (auto& e : events) {
+    auto it = checkers_.find(e.server.get());
+    if (it != checkers_.end()) it->second->force_down(e.reason);
+  }
+  finish_if_done();
+}
+
+void Server::finish_if_done() {
+  if (phase_ == Phase::running || link_.running.load() != 0) return;
+  if (uv_is_closing(as_handle(&control_wake_))) return;
+  // Every worker has ended: close the control loop's own handles so run() returns.
+  uv_close(as_handle(&control_wake_), nullptr);
+  uv_close(as_handle(&grace_timer_), nullptr);
+  for (auto& s : signals_) uv_close(as_handle(&s), nullptr);
+}
+
+const PoolRuntime* Server::pool_of(const ServerRuntime& s) const {
+  for (const auto& p : snapshot_->pools)
+    if (p.state == s.pool_state) return &p;
+  return nullptr;
+}
+
+void Server::on_transition(HealthChecker& c, Health from, Health to, const CheckResult& r) {
+  ServerRuntime& server = c.server();
+  const PoolRuntime* pool = pool_of(server);
+  if (!pool) return;  // removed by a reload while the check ran
+  size_t up = 0, unchecked = 0;
+  for (const auto& s : pool->servers) {
+    const Health h = s->health.load(std::memory_order_relaxed);
+    up += h == Health::up;
+    unchecked += h == Health::unknown;
+  }
+  const size_t total = pool->servers.size();
+  if (to == Health::up) {
+    server.passive_failures.store(0, std::memory_order_relaxed);
+    const auto ramp = pool->cfg->slow_start;
+    if (from == Health::down && ramp.count() > 0) {
+      server.ramp_start_ms.store(int64_t(uv_now(&loop_)), std::memory_order_relaxed);
+      spdlog::info("server {} slow start: weight ramps to {} over {}", server.label, server.weight.load(),
+                   format_duration(ramp));
+    }
+    spdlog::info("server {} is UP: check passed{}, {} of {} servers up", server.label,
+                 from == Health::unknown ? " (first check)" : "", up, total);
+    // New capacity: sessions queued for a full pool may go now.
+    for (auto& w : workers_) w->kick();
+    return;
+  }
+  server.ramp_start_ms.store(-1, std::memory_order_relaxed);
+  if (r.passive)
+    spdlog::warn("server {} is DOWN: {} failed sessions in a row ({}), {} of {} servers up", server.label,
+                 pool->cfg->health_check.fall, r.reason, up, total);
+  else
+    spdlog::warn("server {} is DOWN: check failed ({}), {} of {} servers up", server.label, r.reason, up, total);
+  if (up == 0 && unchecked == 0) spdlog::error("pool {} has no usable server: clients get 421 4.3.2", pool->cfg->name);
 }
 
 }  // namespace smtplb

@@ -1,42 +1,72 @@
 #pragma once
-// The process: control loop on the main thread (signals, health checks, snapshot
-// publishing) and the worker threads of the data path.
+// The process: control loop on the main thread (signals, configuration reloads, health
+// checks, snapshot publishing, systemd notifications) and the worker threads of the
+// data path.
 #include <uv.h>
 
 #include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "health_check.hpp"
 #include "server_pool.hpp"
+#include "systemd.hpp"
 #include "worker.hpp"
 
 namespace smtplb {
 
 class Server {
  public:
-  explicit Server(std::shared_ptr<const Config> config);
+  Server(std::shared_ptr<const Config> config, std::optional<LogLevel> level_override);
   ~Server();
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
 
-  // Binds, starts workers and checks, runs until SIGTERM/SIGINT. Returns the exit code.
+  // Binds, starts workers and checks, runs until stopped. Returns the exit code.
   int run();
 
+  struct ReloadResult {
+    bool ok = false;
+    std::vector<std::string> errors;  // "FILE:LINE:COL: message" or a runtime error
+    uint64_t generation = 0;          // the generation running afterwards
+  };
+  // Reads, validates and applies the configuration file; on any error the running
+  // configuration stays as it is.
+  ReloadResult reload();
+
  private:
+  enum class Phase { running, draining, stopped };
+
   void on_signal(int signum);
-  void stop();
+  void begin_stop();
+  void stop_now();
+  void on_control_wake();
+  void finish_if_done();
+  void raise_fd_limit();
+  void start_checker(const std::shared_ptr<ServerRuntime>& s, const PoolConfig& pool, uint64_t delay_ms);
+  void retire_checker(ServerRuntime* s);
+  const PoolRuntime* pool_of(const ServerRuntime& s) const;
   void on_transition(HealthChecker& c, Health from, Health to, const CheckResult& r);
-  void on_passive_reports();
 
   std::shared_ptr<const Config> config_;
+  std::optional<LogLevel> level_override_;  // --log-level wins over the file
   std::shared_ptr<Snapshot> snapshot_;
+  uint64_t generation_ = 1;
+  unsigned worker_count_ = 1;  // fixed at start: changing it needs a restart
+  Phase phase_ = Phase::running;
   uv_loop_t loop_{};
   std::vector<uv_signal_t> signals_;
+  uv_async_t control_wake_{};  // workers: passive ejections, a worker finished
+  uv_timer_t grace_timer_{};   // shutdown_grace after SIGTERM
   ControlLink link_;
-  uv_async_t passive_async_{};  // workers report passive ejections through it
+  SystemdNotifier notifier_;
   std::vector<std::unique_ptr<Worker>> workers_;
-  std::vector<std::unique_ptr<HealthChecker>> checkers_;
-  bool stopping_ = false;
+  std::unordered_map<ServerRuntime*, std::unique_ptr<HealthChecker>> checkers_;
+  // Stopped checkers whose handles may still be closing; freed with the loop.
+  std::vector<std::unique_ptr<HealthChecker>> retired_;
+  std::minstd_rand rng_{std::random_device{}()};
 };
 
 }  // namespace smtplb

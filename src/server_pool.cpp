@@ -1,36 +1,81 @@
 #include "server_pool.hpp"
 
+#include <cstring>
+
 namespace smtplb {
 
 ServerRuntime::ServerRuntime(const PoolConfig& pool, const ServerConfig& server, std::shared_ptr<PoolState> ps)
-    : cfg(server), label(pool.name + "/" + server.name), pool_state(std::move(ps)), admin(server.state) {}
+    : cfg(server),
+      label(pool.name + "/" + server.name),
+      pool_state(std::move(ps)),
+      admin(server.state),
+      configured_admin(server.state),
+      weight(server.weight),
+      max_connections(server.max_connections),
+      backup(server.backup) {}
+
+void ServerRuntime::apply(const ServerConfig& server) {
+  weight.store(server.weight, std::memory_order_relaxed);
+  max_connections.store(server.max_connections, std::memory_order_relaxed);
+  backup.store(server.backup, std::memory_order_relaxed);
+  if (configured_admin.exchange(server.state, std::memory_order_relaxed) != server.state)
+    admin.store(server.state, std::memory_order_relaxed);
+}
+
+bool ServerRuntime::same_identity(const ServerConfig& server) const {
+  return server.name == cfg.name && server.address == cfg.address && server.port == cfg.port &&
+         server.addr.len == cfg.addr.len && std::memcmp(&server.addr.storage, &cfg.addr.storage, cfg.addr.len) == 0;
+}
 
 bool ServerRuntime::try_acquire() {
-  if (!cfg.max_connections) {
+  const uint32_t max = max_connections.load(std::memory_order_relaxed);
+  if (!max) {
     active.fetch_add(1, std::memory_order_relaxed);
     return true;
   }
   uint32_t cur = active.load(std::memory_order_relaxed);
   do {
-    if (cur >= cfg.max_connections) return false;
+    if (cur >= max) return false;
   } while (!active.compare_exchange_weak(cur, cur + 1, std::memory_order_relaxed));
   return true;
 }
 
 bool ServerRuntime::release() {
   active.fetch_sub(1, std::memory_order_relaxed);
-  return cfg.max_connections && pool_state->queued.load(std::memory_order_relaxed) > 0;
+  return max_connections.load(std::memory_order_relaxed) && pool_state->queued.load(std::memory_order_relaxed) > 0;
 }
 
-std::shared_ptr<Snapshot> build_snapshot(std::shared_ptr<const Config> config, uint64_t generation) {
+void apply_settings(const Snapshot& snap) {
+  for (const auto& p : snap.pools)
+    for (size_t i = 0; i < p.servers.size(); ++i) p.servers[i]->apply(p.cfg->servers[i]);
+}
+
+bool same_listener(const ListenerConfig& a, const ListenerConfig& b) {
+  return a.name == b.name && a.address == b.address && a.port == b.port;
+}
+
+std::shared_ptr<Snapshot> build_snapshot(std::shared_ptr<const Config> config, uint64_t generation,
+                                         const Snapshot* previous) {
   auto snap = std::make_shared<Snapshot>();
   snap->config = config;
   snap->generation = generation;
   for (const auto& p : config->pools) {
+    const PoolRuntime* old = nullptr;
+    if (previous)
+      for (const auto& op : previous->pools)
+        if (op.cfg->name == p.name) old = &op;
     PoolRuntime pr;
     pr.cfg = &p;
-    pr.state = std::make_shared<PoolState>();
-    for (const auto& s : p.servers) pr.servers.push_back(std::make_shared<ServerRuntime>(p, s, pr.state));
+    pr.state = old ? old->state : std::make_shared<PoolState>();
+    for (const auto& s : p.servers) {
+      std::shared_ptr<ServerRuntime> kept;
+      if (old)
+        for (const auto& os : old->servers)
+          if (os->same_identity(s)) kept = os;
+      // A kept server takes its new settings in apply_settings(), once the reload is sure.
+      if (!kept) kept = std::make_shared<ServerRuntime>(p, s, pr.state);
+      pr.servers.push_back(std::move(kept));
+    }
     snap->pools.push_back(std::move(pr));
   }
   for (const auto& l : config->listeners) {
@@ -39,6 +84,12 @@ std::shared_ptr<Snapshot> build_snapshot(std::shared_ptr<const Config> config, u
     for (size_t i = 0; i < config->pools.size(); ++i)
       if (config->pools[i].name == l.pool) lr->pool = i;
     lr->bound = l.bind;
+    if (previous)
+      for (const auto& ol : previous->listeners)
+        if (same_listener(*ol->cfg, l)) {
+          lr->state = ol->state;
+          lr->bound = ol->bound;
+        }
     snap->listeners.push_back(std::move(lr));
   }
   return snap;

@@ -19,16 +19,29 @@ struct PoolState {
   std::atomic<uint64_t> queue_timeouts{0};  // clients answered 421: queue_timeout passed
 };
 
-// One backend. Health, admin state and the slow-start ramp are written only by the
-// control loop; connection counts and passive failures by the workers.
+// One backend, identified by (pool, name, address, port); a reload that keeps those keeps
+// this object, with its health, counters and sessions. Health, admin state, the settings
+// a reload may change and the slow-start ramp are written only by the control loop;
+// connection counts and passive failures by the workers.
 struct ServerRuntime {
   ServerRuntime(const PoolConfig& pool, const ServerConfig& server, std::shared_ptr<PoolState> pool_state);
 
-  const ServerConfig cfg;
+  // Takes the reloadable settings of `server` (same identity). The admin state changes
+  // only when the configured value changed, so a runtime drain survives an unrelated
+  // reload.
+  void apply(const ServerConfig& server);
+  // Same server for a reload: same name, address and port.
+  bool same_identity(const ServerConfig& server) const;
+
+  const ServerConfig cfg;   // as configured when created; identity fields only are used
   const std::string label;  // "pool/server", for logs
   const std::shared_ptr<PoolState> pool_state;
   std::atomic<Health> health{Health::unknown};
   std::atomic<AdminState> admin;
+  std::atomic<AdminState> configured_admin;  // the config's value, to detect changes
+  std::atomic<uint32_t> weight;
+  std::atomic<uint32_t> max_connections;
+  std::atomic<bool> backup;
   std::atomic<uint32_t> active{0};            // sessions connected or connecting
   std::atomic<uint32_t> passive_failures{0};  // failed session attempts in a row
   // Loop time (ms) when the server came back UP and its slow-start ramp began; -1: none.
@@ -38,10 +51,13 @@ struct ServerRuntime {
 
   // May take new sessions (health, admin state and weight; not the connection limit).
   bool usable() const {
-    return cfg.weight > 0 && health.load(std::memory_order_relaxed) == Health::up &&
+    return weight.load(std::memory_order_relaxed) > 0 && health.load(std::memory_order_relaxed) == Health::up &&
            admin.load(std::memory_order_relaxed) == AdminState::ready;
   }
-  bool full() const { return cfg.max_connections && active.load(std::memory_order_relaxed) >= cfg.max_connections; }
+  bool full() const {
+    const uint32_t max = max_connections.load(std::memory_order_relaxed);
+    return max && active.load(std::memory_order_relaxed) >= max;
+  }
   // Takes a connection slot unless max_connections is reached (exact across workers).
   bool try_acquire();
   // Gives the slot back; true when a queued session may now take it.
@@ -54,17 +70,24 @@ struct PoolRuntime {
   std::vector<std::shared_ptr<ServerRuntime>> servers;
 };
 
-struct ListenerRuntime {
-  const ListenerConfig* cfg = nullptr;  // owned by Snapshot::config
-  size_t pool = 0;                      // index into Snapshot::pools
-  SocketAddress bound;                  // the address actually bound (port 0 resolved)
-  std::vector<int> fds;                 // one SO_REUSEPORT socket per worker
-  std::atomic<uint32_t> current{0};     // open client sessions, all workers
+// Counters of one listener, kept across reloads while the listener stays.
+struct ListenerState {
+  std::atomic<uint32_t> current{0};             // open client sessions, all workers
   std::atomic<uint64_t> rejected_limit{0};      // refused: listener or process max_connections
   std::atomic<uint64_t> rejected_no_server{0};  // refused: no usable server / queue timeout
   std::atomic<uint64_t> rejected_proxy{0};      // closed: bad/missing PROXY header, untrusted sender
   std::atomic<int64_t> last_refusal_log_ms{-1'000'000};  // rate limit for the refusal warning
   std::atomic<int64_t> last_proxy_log_ms{-1'000'000};    // rate limit for PROXY warnings
+};
+
+struct ListenerRuntime {
+  const ListenerConfig* cfg = nullptr;  // owned by Snapshot::config
+  size_t pool = 0;                      // index into Snapshot::pools
+  SocketAddress bound;                  // the address actually bound (port 0 resolved)
+  // One SO_REUSEPORT socket per worker, freshly bound; a worker sets its entry to -1 when
+  // it adopts it. A listener kept by a reload has none: the workers keep their handles.
+  std::vector<int> fds;
+  std::shared_ptr<ListenerState> state = std::make_shared<ListenerState>();
 };
 
 // What a worker needs to serve sessions. Never modified once published.
@@ -75,7 +98,17 @@ struct Snapshot {
   std::vector<std::shared_ptr<ListenerRuntime>> listeners;
 };
 
-// Builds pools and servers for a config (listener sockets are added by the caller).
-std::shared_ptr<Snapshot> build_snapshot(std::shared_ptr<const Config> config, uint64_t generation);
+// Builds pools, servers and listeners for a config. With `previous`, pools, servers and
+// listeners of the same identity are carried over (state, counters, bound address);
+// listener sockets of new listeners are bound by the caller (fds empty).
+std::shared_ptr<Snapshot> build_snapshot(std::shared_ptr<const Config> config, uint64_t generation,
+                                         const Snapshot* previous = nullptr);
+
+// Gives every server of the snapshot its configured weight, limits, backup flag and
+// admin state (for servers carried over from an earlier snapshot).
+void apply_settings(const Snapshot& snap);
+
+// A listener is kept across a reload when its name, address and port are unchanged.
+bool same_listener(const ListenerConfig& a, const ListenerConfig& b);
 
 }  // namespace smtplb

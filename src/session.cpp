@@ -51,7 +51,7 @@ Session::Session(Worker& worker, std::shared_ptr<const Snapshot> snapshot, Liste
 
 Session::~Session() {
   if (counted_) {
-    listener_.current.fetch_sub(1, std::memory_order_relaxed);
+    listener_.state->current.fetch_sub(1, std::memory_order_relaxed);
     worker_.link().connections.fetch_sub(1, std::memory_order_relaxed);
   }
   worker_.unlink(this);
@@ -68,7 +68,7 @@ void Session::start() {
 
   counted_ = true;
   const uint32_t process = worker_.link().connections.fetch_add(1, std::memory_order_relaxed) + 1;
-  const uint32_t here = listener_.current.fetch_add(1, std::memory_order_relaxed) + 1;
+  const uint32_t here = listener_.state->current.fetch_add(1, std::memory_order_relaxed) + 1;
   uv_read_start(as_stream(&client_), alloc_scratch, on_client_read);
   if (process > snap_->config->global.max_connections || here > listener_.cfg->max_connections) {
     reply_unavailable({'R', 'C'});
@@ -115,10 +115,10 @@ void Session::proxy_header_data() {
 }
 
 void Session::refuse_proxy(const std::string& why, TermCode term) {
-  listener_.rejected_proxy.fetch_add(1, std::memory_order_relaxed);
+  listener_.state->rejected_proxy.fetch_add(1, std::memory_order_relaxed);
   const int64_t now = int64_t(uv_now(worker_.loop()));
-  int64_t last = listener_.last_proxy_log_ms.load(std::memory_order_relaxed);
-  if (now - last >= 1000 && listener_.last_proxy_log_ms.compare_exchange_strong(last, now))
+  int64_t last = listener_.state->last_proxy_log_ms.load(std::memory_order_relaxed);
+  if (now - last >= 1000 && listener_.state->last_proxy_log_ms.compare_exchange_strong(last, now))
     spdlog::warn("listener {}: closing connection from {}: {} (further ones within a second are only counted)",
                  listener_.cfg->name, peer_.to_string(), why);
   finish(term);
@@ -131,6 +131,23 @@ void Session::kill() {
                      : state_ == State::proxy_header ? 'R'
                                                      : 'C';
   finish({'K', phase});
+}
+
+void Session::drain() {
+  switch (state_) {
+    case State::proxy_header:
+      finish({'K', 'R'});
+      break;
+    case State::queued:
+    case State::connecting:
+    case State::greeting:
+      reply_unavailable({'K', state_ == State::queued ? 'Q' : state_ == State::greeting ? 'H' : 'C'});
+      break;
+    case State::relaying:
+    case State::replying:
+    case State::closing:
+      break;
+  }
 }
 
 // ---- client side ----------------------------------------------------------------------
@@ -209,7 +226,7 @@ void Session::next_attempt() {
     reply_unavailable(term_);
     return;
   }
-  Worker::Pick p = worker_.pick(*snap_, pool_index_, std::span<const uint32_t>(tried_.data(), tries_));
+  Worker::Pick p = worker_.pick(snap_->pools[pool_index_], std::span<const uint32_t>(tried_.data(), tries_));
   if (p.index) {
     leave_queue();
     connect_to(*p.index);
@@ -220,7 +237,7 @@ void Session::next_attempt() {
       in_queue_ = true;
       state_ = State::queued;
       t_queued_ = uv_now(worker_.loop());
-      worker_.enqueue(this, pool_index_);
+      worker_.enqueue(this, snap_->pools[pool_index_].state.get());
       arm_timer(uint64_t(pool_.queue_timeout.count()));
     }
     return;
@@ -243,12 +260,12 @@ bool Session::retry_from_queue() {
 void Session::leave_queue() {
   if (!in_queue_) return;
   in_queue_ = false;
-  worker_.dequeue(this, pool_index_);
+  worker_.dequeue(this, snap_->pools[pool_index_].state.get());
   tw_ += int64_t(uv_now(worker_.loop()) - t_queued_);
 }
 
 void Session::release_server(const std::shared_ptr<ServerRuntime>& server) {
-  if (server->release()) worker_.slot_freed(pool_index_);
+  if (server->release()) worker_.slot_freed(server->pool_state.get());
 }
 
 void Session::connect_to(size_t index) {
@@ -447,17 +464,18 @@ void Session::reply_unavailable(TermCode term) {
 }
 
 void Session::note_refusal(TermCode term) {
+  if (term.cause == 'K') return;  // stopping: not a refusal of this client
   PoolState& ps = *snap_->pools[pool_index_].state;
   std::string why;
   if (term.cause == 'R') {
-    listener_.rejected_limit.fetch_add(1, std::memory_order_relaxed);
+    listener_.state->rejected_limit.fetch_add(1, std::memory_order_relaxed);
   } else {
-    listener_.rejected_no_server.fetch_add(1, std::memory_order_relaxed);
+    listener_.state->rejected_no_server.fetch_add(1, std::memory_order_relaxed);
     if (term.phase != 'Q') ps.no_server.fetch_add(1, std::memory_order_relaxed);
   }
   const int64_t now = int64_t(uv_now(worker_.loop()));
-  int64_t last = listener_.last_refusal_log_ms.load(std::memory_order_relaxed);
-  if (now - last < 1000 || !listener_.last_refusal_log_ms.compare_exchange_strong(last, now)) return;
+  int64_t last = listener_.state->last_refusal_log_ms.load(std::memory_order_relaxed);
+  if (now - last < 1000 || !listener_.state->last_refusal_log_ms.compare_exchange_strong(last, now)) return;
   if (term.cause == 'R')
     why = "connection limit reached (listener max_connections " + std::to_string(listener_.cfg->max_connections) +
           ", global max_connections " + std::to_string(snap_->config->global.max_connections) + ")";

@@ -36,8 +36,10 @@ class Session {
   uv_tcp_t* client() { return &client_; }
   // Called once the client socket is accepted.
   void start();
-  // Ends the session from outside (worker shutdown).
+  // Ends the session from outside (immediate stop).
   void kill();
+  // Graceful stop: a session not handed off yet gets 421 4.3.2; a relaying one goes on.
+  void drain();
   // Called by the worker for the head of its queue; false while all servers are still full.
   bool retry_from_queue();
 

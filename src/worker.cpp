@@ -21,6 +21,11 @@ void ControlLink::report(PassiveDown event) {
   uv_async_send(wake);
 }
 
+void ControlLink::worker_done() {
+  running.fetch_sub(1);
+  uv_async_send(wake);
+}
+
 Worker::Worker(unsigned index, std::shared_ptr<const Snapshot> snapshot, ControlLink& link)
     : index_(index), link_(link), snapshot_(std::move(snapshot)), scratch_(new char[kScratchSize]) {
   uv_loop_init(&loop_);
@@ -28,51 +33,56 @@ Worker::Worker(unsigned index, std::shared_ptr<const Snapshot> snapshot, Control
   uv_async_init(&loop_, &wake_, [](uv_async_t* a) { static_cast<Worker*>(a->data)->on_wake(); });
   wake_.data = this;
   access_log_ = snapshot_->config->log.access_log;
-  balancers_.resize(snapshot_->pools.size());
-  queues_.resize(snapshot_->pools.size());
-}
-
-bool Worker::open_listeners(std::string& error) {
-  for (const auto& lr : snapshot_->listeners) {
-    auto l = std::make_unique<Listener>();
-    l->worker = this;
-    l->runtime = lr;
-    uv_tcp_init(&loop_, &l->tcp);
-    l->tcp.data = l.get();
-    int rc = uv_tcp_open(&l->tcp, lr->fds.at(index_));
-    if (rc == 0) lr->fds[index_] = -1;  // the handle owns it now
-    if (rc == 0)
-      rc = uv_listen(as_stream(&l->tcp), kBacklog, [](uv_stream_t* s, int status) {
-        auto* self = static_cast<Listener*>(s->data);
-        self->worker->on_connection(*self, status);
-      });
-    listeners_.push_back(std::move(l));
-    if (rc != 0) {
-      error = "listener " + lr->cfg->name + ": cannot listen on " + lr->bound.to_string() + ": " + uv_strerror(rc);
-      return false;
-    }
-  }
-  return true;
 }
 
 Worker::~Worker() {
   join();
   if (!thread_started_) {
-    // Never ran: close what the constructor opened so the loop can be closed cleanly.
+    // Never ran: close what was opened so the loop can be closed cleanly.
     stop_now();
     uv_run(&loop_, UV_RUN_DEFAULT);
   }
   uv_loop_close(&loop_);
 }
 
-void Worker::start() {
-  thread_started_ = true;
-  thread_ = std::thread([this] { run(); });
+bool Worker::open_listeners(std::string& error) {
+  for (const auto& lr : snapshot_->listeners)
+    if (!add_listener(lr, error)) return false;
+  return true;
 }
 
-void Worker::request_stop() {
-  stop_requested_.store(true);
-  uv_async_send(&wake_);
+bool Worker::add_listener(const std::shared_ptr<ListenerRuntime>& lr, std::string& error) {
+  auto* l = new Listener;
+  l->worker = this;
+  l->runtime = lr;
+  uv_tcp_init(&loop_, &l->tcp);
+  l->tcp.data = l;
+  listeners_.push_back(l);
+  const int fd = index_ < lr->fds.size() ? lr->fds[index_] : -1;
+  int rc = fd < 0 ? UV_EBADF : uv_tcp_open(&l->tcp, fd);
+  if (rc == 0) {
+    lr->fds[index_] = -1;  // the handle owns it now
+    rc = uv_listen(as_stream(&l->tcp), kBacklog, [](uv_stream_t* s, int status) {
+      auto* self = static_cast<Listener*>(s->data);
+      self->worker->on_connection(*self, status);
+    });
+  }
+  if (rc != 0) {
+    error = "listener " + lr->cfg->name + ": cannot listen on " + lr->bound.to_string() + ": " + uv_strerror(rc);
+    return false;
+  }
+  return true;
+}
+
+void Worker::close_listener(Listener* l) {
+  listeners_.erase(std::find(listeners_.begin(), listeners_.end(), l));
+  uv_close(as_handle(&l->tcp), [](uv_handle_t* h) { delete static_cast<Listener*>(h->data); });
+}
+
+void Worker::start() {
+  thread_started_ = true;
+  link_.running.fetch_add(1);
+  thread_ = std::thread([this] { run(); });
 }
 
 void Worker::join() {
@@ -81,32 +91,116 @@ void Worker::join() {
 
 void Worker::run() {
   uv_run(&loop_, UV_RUN_DEFAULT);
+  link_.worker_done();
+}
+
+void Worker::send_wake() {
+  std::lock_guard<std::mutex> lock(wake_mu_);
+  if (wake_open_) uv_async_send(&wake_);
+}
+
+void Worker::publish(std::shared_ptr<const Snapshot> snapshot) {
+  {
+    std::lock_guard<std::mutex> lock(pending_mu_);
+    pending_ = std::move(snapshot);
+  }
+  send_wake();
+}
+
+void Worker::request_drain() {
+  int expected = 0;
+  stop_mode_.compare_exchange_strong(expected, 1);
+  send_wake();
+}
+
+void Worker::request_stop() {
+  stop_mode_.store(2);
+  send_wake();
 }
 
 void Worker::kick() {
   kicked_.store(true);
-  uv_async_send(&wake_);
+  send_wake();
 }
 
 void Worker::on_wake() {
-  if (stop_requested_.load()) {
+  std::shared_ptr<const Snapshot> next;
+  {
+    std::lock_guard<std::mutex> lock(pending_mu_);
+    next.swap(pending_);
+  }
+  if (next && !draining_) apply(std::move(next));
+  const int mode = stop_mode_.load();
+  if (mode == 2) {
     stop_now();
     return;
   }
+  if (mode == 1 && !draining_) drain_now();
   if (kicked_.exchange(false))
-    for (size_t p = 0; p < queues_.size(); ++p) serve_queue(p);
+    for (auto& [state, pp] : pools_) serve_queue(pp);
+  maybe_finish();
+}
+
+void Worker::apply(std::shared_ptr<const Snapshot> snapshot) {
+  // Listeners: kept ones (same state object) switch to the new runtime, new ones adopt
+  // their freshly bound socket, removed ones stop listening. Open sessions are untouched.
+  std::vector<Listener*> old = listeners_;
+  std::vector<bool> kept(old.size(), false);
+  for (const auto& lr : snapshot->listeners) {
+    auto it = std::find_if(old.begin(), old.end(), [&](Listener* l) { return l->runtime->state == lr->state; });
+    if (it != old.end()) {
+      kept[size_t(it - old.begin())] = true;
+      (*it)->runtime = lr;
+      continue;
+    }
+    std::string error;
+    if (!add_listener(lr, error)) {
+      spdlog::error("{}", error);
+      close_listener(listeners_.back());
+    }
+  }
+  for (size_t i = 0; i < old.size(); ++i)
+    if (!kept[i]) close_listener(old[i]);
+  access_log_ = snapshot->config->log.access_log;
+  snapshot_ = std::move(snapshot);
+  // Forget pools that left the configuration and have nobody waiting.
+  for (auto it = pools_.begin(); it != pools_.end();) {
+    const bool present = std::any_of(snapshot_->pools.begin(), snapshot_->pools.end(),
+                                     [&](const PoolRuntime& p) { return p.state.get() == it->first; });
+    if (!present && !it->second.head) it = pools_.erase(it);
+    else ++it;
+  }
+}
+
+void Worker::drain_now() {
+  draining_ = true;
+  while (!listeners_.empty()) close_listener(listeners_.back());
+  for (Session* s = sessions_; s;) {
+    Session* next = s->next_;
+    s->drain();
+    s = next;
+  }
 }
 
 void Worker::stop_now() {
-  for (auto& l : listeners_)
-    if (!uv_is_closing(as_handle(&l->tcp))) uv_close(as_handle(&l->tcp), nullptr);
+  draining_ = true;
+  while (!listeners_.empty()) close_listener(listeners_.back());
   for (Session* s = sessions_; s;) {
     Session* next = s->next_;
     s->kill();
     s = next;
   }
+  maybe_finish();
+}
 
-  if (!uv_is_closing(as_handle(&wake_))) uv_close(as_handle(&wake_), nullptr);
+void Worker::maybe_finish() {
+  if (!draining_ || sessions_) return;
+  {
+    std::lock_guard<std::mutex> lock(wake_mu_);
+    if (!wake_open_) return;
+    wake_open_ = false;
+  }
+  uv_close(as_handle(&wake_), nullptr);
 }
 
 void Worker::on_connection(Listener& l, int status) {
@@ -122,25 +216,28 @@ void Worker::on_connection(Listener& l, int status) {
   s->start();
 }
 
-Worker::Pick Worker::pick(const Snapshot& snap, size_t pool, std::span<const uint32_t> exclude) {
-  const PoolRuntime& pr = snap.pools[pool];
+Worker::Pick Worker::pick(const PoolRuntime& pr, std::span<const uint32_t> exclude) {
   const auto& servers = pr.servers;
   const size_t n = servers.size();
   candidates_.resize(n);
   // Backup servers only stand in while no regular server is usable (full ones count as
   // usable: their clients queue rather than spill over to the backups).
   bool regular_usable = false;
-  for (const auto& s : servers) regular_usable |= !s->cfg.backup && s->usable();
-  const int64_t now = pr.cfg->slow_start.count() ? int64_t(uv_now(&loop_)) : 0;
+  for (const auto& s : servers) regular_usable |= !s->backup.load(std::memory_order_relaxed) && s->usable();
+  const int64_t ramp_ms = pr.cfg->slow_start.count();
+  const int64_t now = ramp_ms ? int64_t(uv_now(&loop_)) : 0;
+  auto in_tier = [&](const ServerRuntime& s) {
+    return s.usable() && s.backup.load(std::memory_order_relaxed) != regular_usable;
+  };
   bool any_usable = false, any_free = false;
   for (size_t i = 0; i < n; ++i) {
     const ServerRuntime& s = *servers[i];
-    const bool usable = s.usable() && s.cfg.backup != regular_usable;
+    const bool usable = in_tier(s);
     const bool free = usable && !s.full();
     any_usable |= usable;
     any_free |= free;
     const int64_t ramp = s.ramp_start_ms.load(std::memory_order_relaxed);
-    candidates_[i] = {effective_weight(s.cfg.weight, ramp < 0 ? -1 : now - ramp, pr.cfg->slow_start.count()),
+    candidates_[i] = {effective_weight(s.weight.load(std::memory_order_relaxed), ramp < 0 ? -1 : now - ramp, ramp_ms),
                       s.active.load(std::memory_order_relaxed),
                       free && std::find(exclude.begin(), exclude.end(), i) == exclude.end()};
   }
@@ -149,17 +246,16 @@ Worker::Pick Worker::pick(const Snapshot& snap, size_t pool, std::span<const uin
     result.all_full = any_usable;
     return result;
   }
-  PoolBalancer& b = balancers_[pool];
+  PerPool& pp = pools_[pr.state.get()];
   const bool lc = pr.cfg->algorithm == Algorithm::leastconn;
   bool widened = false;
   for (size_t round = 0; round <= n; ++round) {
-    auto picked = lc ? b.lc.pick(candidates_) : b.rr.pick(candidates_);
+    auto picked = lc ? pp.lc.pick(candidates_) : pp.rr.pick(candidates_);
     if (!picked) {
       if (widened) break;
       // Every free server was tried already: a retry may go back to one of them.
       widened = true;
-      for (size_t i = 0; i < n; ++i) candidates_[i].eligible = servers[i]->usable() && !servers[i]->full() &&
-                                                               servers[i]->cfg.backup != regular_usable;
+      for (size_t i = 0; i < n; ++i) candidates_[i].eligible = in_tier(*servers[i]) && !servers[i]->full();
       continue;
     }
     if (servers[*picked]->try_acquire()) {
@@ -173,34 +269,35 @@ Worker::Pick Worker::pick(const Snapshot& snap, size_t pool, std::span<const uin
   return result;
 }
 
-void Worker::enqueue(Session* s, size_t pool) {
-  Queue& q = queues_[pool];
+void Worker::enqueue(Session* s, PoolState* pool) {
+  PerPool& q = pools_[pool];
   s->q_prev_ = q.tail;
   s->q_next_ = nullptr;
   if (q.tail) q.tail->q_next_ = s;
   else q.head = s;
   q.tail = s;
-  snapshot_->pools[pool].state->queued.fetch_add(1, std::memory_order_relaxed);
+  pool->queued.fetch_add(1, std::memory_order_relaxed);
 }
 
-void Worker::dequeue(Session* s, size_t pool) {
-  Queue& q = queues_[pool];
+void Worker::dequeue(Session* s, PoolState* pool) {
+  PerPool& q = pools_[pool];
   if (s->q_prev_) s->q_prev_->q_next_ = s->q_next_;
   else q.head = s->q_next_;
   if (s->q_next_) s->q_next_->q_prev_ = s->q_prev_;
   else q.tail = s->q_prev_;
   s->q_prev_ = s->q_next_ = nullptr;
-  snapshot_->pools[pool].state->queued.fetch_sub(1, std::memory_order_relaxed);
+  pool->queued.fetch_sub(1, std::memory_order_relaxed);
 }
 
-void Worker::serve_queue(size_t pool) {
-  while (Session* s = queues_[pool].head)
+void Worker::serve_queue(PerPool& pp) {
+  while (Session* s = pp.head)
     if (!s->retry_from_queue()) break;
 }
 
-void Worker::slot_freed(size_t pool) {
-  if (queues_[pool].head) {
-    serve_queue(pool);
+void Worker::slot_freed(const PoolState* pool) {
+  auto it = pools_.find(pool);
+  if (it != pools_.end() && it->second.head) {
+    serve_queue(it->second);
     return;
   }
   // The waiters are on other workers.
@@ -227,6 +324,7 @@ void Worker::unlink(Session* s) {
   else sessions_ = s->next_;
   if (s->next_) s->next_->prev_ = s->prev_;
   s->next_ = s->prev_ = nullptr;
+  maybe_finish();
 }
 
 }  // namespace smtplb

@@ -11,6 +11,7 @@
 #include <span>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "server_pool.hpp"
@@ -27,14 +28,16 @@ struct PassiveDown {
 };
 
 // What workers share with the control loop: process-wide counts and the channel for
-// passive ejections (rare, so a mutex is fine).
+// rare events (passive ejections, a worker that finished). A mutex is fine for those.
 struct ControlLink {
   std::atomic<uint32_t> connections{0};  // client sessions, whole process
+  std::atomic<unsigned> running{0};      // workers whose loop has not ended yet
   std::mutex mu;
   std::vector<PassiveDown> passive;      // guarded by mu
   uv_async_t* wake = nullptr;            // the control loop's; set before workers start
 
   void report(PassiveDown event);
+  void worker_done();
 };
 
 class Worker {
@@ -49,29 +52,37 @@ class Worker {
   // All workers, so a slot freed here can wake sessions queued elsewhere.
   void set_peers(std::vector<Worker*> peers) { peers_ = std::move(peers); }
   void start();
-  // Asks the loop to end all sessions and exit; join() waits for it.
-  void request_stop();
   void join();
-  // From any thread: capacity may have appeared (a server came up); retry queued sessions.
+
+  // From the control loop (any thread), applied between events:
+  // a new configuration generation (sessions already open keep theirs);
+  void publish(std::shared_ptr<const Snapshot> snapshot);
+  // stop accepting, answer sessions not yet handed off 421, let relaying ones finish;
+  // the loop ends with the last session;
+  void request_drain();
+  // end every session now;
+  void request_stop();
+  // capacity may have appeared (a server came up): retry queued sessions.
   void kick();
 
   uv_loop_t* loop() { return &loop_; }
   ControlLink& link() { return link_; }
   bool access_log() const { return access_log_; }
+  bool draining() const { return draining_; }
 
   struct Pick {
     std::optional<size_t> index;  // chosen server (its slot is already taken)
     bool all_full = false;        // usable servers exist but all are at max_connections
   };
-  // Picks a usable server of pool `pool`, preferring ones not in `exclude` and using
-  // backup servers only when no other server is usable, and takes a slot on it.
-  Pick pick(const Snapshot& snap, size_t pool, std::span<const uint32_t> exclude);
+  // Picks a usable server of `pool`, preferring ones not in `exclude` and using backup
+  // servers only when no other server is usable, and takes a slot on it.
+  Pick pick(const PoolRuntime& pool, std::span<const uint32_t> exclude);
 
   // Queue of sessions waiting for a free slot in a pool, first come first served.
-  void enqueue(Session* s, size_t pool);
-  void dequeue(Session* s, size_t pool);
-  // A session released a slot of a server with max_connections in pool `pool`.
-  void slot_freed(size_t pool);
+  void enqueue(Session* s, PoolState* pool);
+  void dequeue(Session* s, PoolState* pool);
+  // A session released a slot of a server with max_connections in `pool`.
+  void slot_freed(const PoolState* pool);
 
   // A session attempt on `server` failed; `fall` in a row eject it (via the control loop).
   void report_failure(const std::shared_ptr<ServerRuntime>& server, unsigned fall, const std::string& reason);
@@ -91,35 +102,44 @@ class Worker {
     Worker* worker;
     std::shared_ptr<ListenerRuntime> runtime;
   };
-  struct PoolBalancer {
+  // Per pool (by identity, so it survives reloads): balancer state and the queue.
+  struct PerPool {
     SmoothRoundRobin rr;
     LeastConnections lc;
-  };
-  struct Queue {
     Session* head = nullptr;
     Session* tail = nullptr;
   };
 
   void run();
   void on_wake();
+  void apply(std::shared_ptr<const Snapshot> snapshot);
+  bool add_listener(const std::shared_ptr<ListenerRuntime>& lr, std::string& error);
+  void close_listener(Listener* l);
+  void drain_now();
   void stop_now();
-  void serve_queue(size_t pool);
+  void maybe_finish();
+  void send_wake();
+  void serve_queue(PerPool& pp);
   void on_connection(Listener& l, int status);
 
   unsigned index_;
   ControlLink& link_;
   uv_loop_t loop_{};
   uv_async_t wake_{};
+  std::mutex wake_mu_;                    // guards wake_open_ against a concurrent close
+  bool wake_open_ = true;
   std::thread thread_;
   bool thread_started_ = false;
-  std::atomic<bool> stop_requested_{false};
+  std::atomic<int> stop_mode_{0};         // 0 run, 1 drain, 2 stop now
   std::atomic<bool> kicked_{false};
+  std::mutex pending_mu_;
+  std::shared_ptr<const Snapshot> pending_;  // guarded by pending_mu_
   std::shared_ptr<const Snapshot> snapshot_;
   bool access_log_ = true;
+  bool draining_ = false;
   std::vector<Worker*> peers_;
-  std::vector<std::unique_ptr<Listener>> listeners_;
-  std::vector<PoolBalancer> balancers_;   // parallel to snapshot_->pools
-  std::vector<Queue> queues_;             // parallel to snapshot_->pools
+  std::vector<Listener*> listeners_;      // freed in their close callbacks
+  std::unordered_map<const PoolState*, PerPool> pools_;
   std::vector<Candidate> candidates_;     // reused by pick()
   std::unique_ptr<char[]> scratch_;
   Session* sessions_ = nullptr;           // intrusive list of live sessions

@@ -15,6 +15,7 @@
 namespace smtplb {
 
 enum class LogLevel : uint8_t { trace, debug, info, warn, error };
+enum class LogTarget : uint8_t { stderr_stream, syslog, file };
 enum class Algorithm : uint8_t { roundrobin, leastconn };
 enum class Handoff : uint8_t { banner, connect };
 // Operator's intent for a server, separate from its health: drain takes no new sessions
@@ -31,11 +32,14 @@ struct GlobalConfig {
   std::string hostname;             // default: the machine's host name
   unsigned workers = 0;             // 0 = one per core
   unsigned max_connections = 20000; // process-wide client sessions
+  Millis shutdown_grace{30000};     // SIGTERM: how long relaying sessions may finish
 };
 
 struct LogConfig {
   LogLevel level = LogLevel::info;
   bool access_log = true;
+  LogTarget target = LogTarget::stderr_stream;
+  std::string file;                 // target = file
 };
 
 struct SocketAddress {

@@ -27,6 +27,12 @@ class HealthState {
   // Passive ejection: the data path saw `fall` failures in a row. Goes DOWN at once
   // whatever the check history; active checks then need `rise` successes as usual.
   bool force_down(TimePoint now);
+  // New thresholds from a reload; the state and the current runs are kept (a run that
+  // already reaches the new threshold takes effect at the next result).
+  void set_thresholds(unsigned rise, unsigned fall) {
+    rise_ = rise ? rise : 1;
+    fall_ = fall ? fall : 1;
+  }
 
   Health health() const { return health_; }
   TimePoint last_change() const { return last_change_; }

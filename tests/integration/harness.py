@@ -700,7 +700,13 @@ class Smtplb:
             self.died_early = True
             problems.append("exited by itself with status %s" % self.proc.returncode)
         if self.proc.poll() is None:
+            # SIGTERM drains gracefully (sessions a test left open would keep it up to
+            # shutdown_grace); a second SIGTERM closes them at once, still exiting 0.
             os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=STEP_TIMEOUT)
             except subprocess.TimeoutExpired:

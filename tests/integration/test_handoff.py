@@ -242,7 +242,8 @@ class UnavailableTest(TestCase):
         """The one server passes its check, then greets 421 for sessions: after retries+1
         attempts the client gets smtplb's own 421 (not the server's text)."""
         srv = self.fake("busy")
-        lb = self.smtplb(make_config([srv], pool={"retries": 2}), up=["p/busy"])
+        # fall above the attempts, so passive ejection does not end the retries early.
+        lb = self.smtplb(make_config([srv], pool={"retries": 2}, health={"fall": 10}), up=["p/busy"])
         srv.behaviour = Behaviour(greeting=b"421 4.3.2 busy.test own text\r\n")
         a = self.read_421(lb)
         self.assertEqual((a["tries"], a["term"]), (3, "SH"), a)

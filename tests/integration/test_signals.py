@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Signals: TERM/INT stop smtplb with exit 0, also with sessions open; HUP does not."""
+"""Signals: TERM/INT drain gracefully and exit 0 (a second one stops at once); HUP reloads."""
 
 import os
 import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (Behaviour, TestCase, client_label, connect, main, make_config, recv_until_eof,  # noqa: E402
-                     server_of, wait_until)
+from harness import (UNAVAILABLE, Behaviour, TestCase, client_label, connect, main, make_config,  # noqa: E402
+                     recv_until_eof, server_of, wait_until)
 
 SLOW_POOL = """
 [listener.slow]
@@ -31,9 +32,9 @@ port = %d
 
 class SignalTest(TestCase):
 
-    def test_sigterm_with_open_sessions(self):
-        """Three relaying sessions and one waiting for a greeting: SIGTERM ends them all,
-        clients see a clean EOF, the access lines say KD / KH, exit status 0."""
+    def test_sigterm_drains_gracefully(self):
+        """SIGTERM: listeners close at once; a session still waiting for its greeting gets
+        smtplb's 421; relaying sessions go on to their natural end; then exit 0."""
         srv = self.fake("s1")
         mute = self.fake("mute")
         cfg = make_config([srv], extra=SLOW_POOL % mute.port)
@@ -43,58 +44,94 @@ class SignalTest(TestCase):
         relaying = [self.client(lb.port()) for _ in range(3)]
         for c in relaying:
             self.assertEqual(server_of(c.greeting()), "s1")
-        self.assertEqual(relaying[0].cmd("NOOP"), b"250 2.0.0 Ok\r\n")
         waiting = self.sock(lb.port("slow"))
         wait_until(lambda: mute.non_checks(), 5, "the session's connection to the mute server")
-        labels = [c.label() for c in relaying]
         wlabel = client_label(waiting)
+        off = lb.log_offset()
 
-        self.assertEqual(lb.terminate(signal.SIGTERM, timeout=10), 0, "exit status after SIGTERM")
+        os.kill(lb.pid, signal.SIGTERM)
+        lb.wait_log(r"stopping: listeners closed", since=off)
+        # The session not handed off yet is told to come back later.
+        self.assertEqual(recv_until_eof(waiting, timeout=5), UNAVAILABLE)
+        self.assertEqual(lb.wait_access(client=wlabel, timeout=5)[0]["term"], "KH")
+        # New clients are refused at once.
+        wait_until(lambda: refused(lb.port()), 5, "the listener to close")
+        # Relaying sessions still work and end normally.
+        self.assertTrue(lb.alive())
+        labels = [c.label() for c in relaying]
         for c in relaying:
-            self.assertEqual(recv_until_eof(c.sock, timeout=5), b"")
-        self.assertEqual(recv_until_eof(waiting, timeout=5), b"")
-        log = lb.log()
-        self.assertIn("received SIGTERM, stopping", log)
-        self.assertIn("smtplb stopped", log)
+            self.assertEqual(c.cmd("NOOP"), b"250 2.0.0 Ok\r\n")
+            self.assertEqual(c.quit(), b"221 2.0.0 Bye\r\n")
+        self.assertEqual(wait_exit(lb, 10), 0)
         for label in labels:
-            self.assertEqual(lb.wait_access(client=label, timeout=1)[0]["term"], "KD")
-        self.assertEqual(lb.wait_access(client=wlabel, timeout=1)[0]["term"], "KH")
-        # Server sides were closed too.
-        for conn in srv.non_checks() + mute.non_checks():
-            self.assertTrue(conn.done.wait(5), conn)
-        # And nothing listens any more.
-        with self.assertRaises(ConnectionRefusedError):
-            connect(lb.port(), timeout=5).close()
+            self.assertEqual(lb.wait_access(client=label, timeout=1)[0]["term"], "--")
+        self.assertIn("smtplb stopped", lb.log())
 
-    def test_sigint_stops(self):
+    def test_shutdown_grace_is_enforced(self):
+        srv = self.fake("s1")
+        lb = self.smtplb(make_config([srv], global_={"shutdown_grace": "1s"}), up=["p/s1"])
+        c = self.client(lb.port())
+        c.greeting()
+        t0 = time.monotonic()
+        os.kill(lb.pid, signal.SIGTERM)
+        self.assertEqual(wait_exit(lb, 10), 0)
+        self.assertGreaterEqual(time.monotonic() - t0, 0.9)
+        self.assertEqual(recv_until_eof(c.sock, timeout=5), b"")
+        self.assertEqual(lb.wait_access(client=c.label(), timeout=1)[0]["term"], "KD")
+        self.assertIn("shutdown_grace passed", lb.log())
+
+    def test_second_sigterm_stops_at_once(self):
         srv = self.fake("s1")
         lb = self.smtplb(make_config([srv], global_={"workers": 2}), up=["p/s1"])
         c = self.client(lb.port())
         c.greeting()
-        self.assertEqual(lb.terminate(signal.SIGINT, timeout=10), 0)
-        self.assertIn("received SIGINT, stopping", lb.log())
+        os.kill(lb.pid, signal.SIGINT)
+        lb.wait_log(r"received SIGINT")
+        t0 = time.monotonic()
+        self.assertEqual(lb.terminate(signal.SIGTERM, timeout=10), 0)
+        self.assertLess(time.monotonic() - t0, 5)
+        self.assertIn("second stop signal", lb.log())
         self.assertEqual(recv_until_eof(c.sock, timeout=5), b"")
 
     def test_sigterm_idle(self):
         srv = self.fake("s1")
         lb = self.smtplb(make_config([srv]), up=["p/s1"])
+        t0 = time.monotonic()
         self.assertEqual(lb.terminate(signal.SIGTERM, timeout=10), 0)
+        self.assertLess(time.monotonic() - t0, 5)
 
-    def test_sighup_keeps_running(self):
-        """HUP must never stop smtplb nor cut sessions (reload keeps everything running)."""
+    def test_sighup_reloads_and_keeps_sessions(self):
+        """HUP reloads in place: the open session goes on, new ones are served."""
         srv = self.fake("s1")
         lb = self.smtplb(make_config([srv]), up=["p/s1"])
         c = self.client(lb.port())
         c.greeting()
         off = lb.log_offset()
         os.kill(lb.pid, signal.SIGHUP)
-        lb.wait_log(r"SIGHUP", since=off)
+        lb.wait_log(r"configuration reloaded: generation 2", since=off)
         self.assertTrue(lb.alive())
         self.assertEqual(c.cmd("NOOP"), b"250 2.0.0 Ok\r\n")
         c2 = self.client(lb.port())
         self.assertEqual(server_of(c2.greeting()), "s1")
         self.assertEqual(c2.quit(), b"221 2.0.0 Bye\r\n")
         self.assertEqual(c.quit(), b"221 2.0.0 Bye\r\n")
+
+
+def refused(port):
+    try:
+        connect(port, timeout=1).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+
+
+def wait_exit(lb, timeout):
+    """Waits for smtplb to exit by itself; returns its exit status (None on timeout)."""
+    try:
+        lb.returncode = lb.proc.wait(timeout=timeout)
+    except Exception:
+        return None
+    return lb.returncode
 
 
 if __name__ == "__main__":

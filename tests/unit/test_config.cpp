@@ -414,11 +414,7 @@ TEST_CASE("config: duplicate server names") {
 TEST_CASE("config: features of DESIGN.md not built yet") {
   expect_one_error("[admin]\nsocket = \"/run/smtplb/admin.sock\"\n" + kListener + kPool, 1, 2,
                    "[admin] is not supported yet");
-  expect_one_error("[global]\nshutdown_grace = \"30s\"\n" + kListener + kPool, 2, 18,
-                   "'shutdown_grace' is not supported yet");
   expect_one_error("[log]\nformat = \"json\"\n" + kListener + kPool, 2, 10, "'format' is not supported yet");
-  expect_one_error("[log]\ntarget = \"syslog\"\n" + kListener + kPool, 2, 10, "'target' is not supported yet");
-  expect_one_error("[log]\nfile = \"/var/log/smtplb.log\"\n" + kListener + kPool, 2, 8, "'file' is not supported yet");
   expect_one_error(kListener + "max_connections_per_ip = 10\n" + kPool, 4, 26,
                    "'max_connections_per_ip' is not supported yet");
   expect_one_error(kListener + "allow = [\"10.0.0.0/8\"]\n" + kPool, 4, 9, "'allow' is not supported yet");
@@ -727,4 +723,26 @@ TEST_CASE("config: address blocks") {
   for (const char* bad : {"", "/8", "10.0.0.0/", "10.0.0.0/33", "10.0.0.0/08", "10.0.0.0/-1", "10.0.0.1/8",
                           "10.0.0/8", "2001:db8::/129", "2001:db8::1/32", "host.example/8", "10.0.0.0/8 "})
     CHECK_MESSAGE(!parse_cidr(bad, c), bad);
+}
+
+TEST_CASE("config: log targets and shutdown_grace") {
+  auto r = load("[global]\nshutdown_grace = \"90s\"\n[log]\ntarget = \"file\"\nfile = \"/var/log/smtplb.log\"\n" +
+                kListener + kPool);
+  INFO(dump(r));
+  REQUIRE(r.ok());
+  CHECK(r.config->global.shutdown_grace == Millis(90000));
+  CHECK(r.config->log.target == smtplb::LogTarget::file);
+  CHECK(r.config->log.file == "/var/log/smtplb.log");
+  auto d = load(kListener + kPool);
+  REQUIRE(d.ok());
+  CHECK(d.config->global.shutdown_grace == Millis(30000));
+  CHECK(d.config->log.target == smtplb::LogTarget::stderr_stream);
+  auto sys = load("[log]\ntarget = \"syslog\"\n" + kListener + kPool);
+  REQUIRE(sys.ok());
+  CHECK(sys.config->log.target == smtplb::LogTarget::syslog);
+  expect_one_error("[log]\ntarget = \"file\"\n" + kListener + kPool, 1, 1, "log.target = \"file\" needs log.file");
+  expect_one_error("[log]\nfile = \"/tmp/x.log\"\n" + kListener + kPool, 2, 8, "log.file has no effect");
+  expect_one_error("[log]\ntarget = \"file\"\nfile = \"x.log\"\n" + kListener + kPool, 3, 8, "absolute path");
+  expect_one_error("[log]\ntarget = \"journal\"\n" + kListener + kPool, 2, 10, "'target' must be one of: stderr, syslog, file");
+  expect_one_error("[global]\nshutdown_grace = \"soon\"\n" + kListener + kPool, 2, 18, "bad duration");
 }
