@@ -1,5 +1,7 @@
 #include "health_check.hpp"
 
+#include "smtplb/proxy_protocol.hpp"
+
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
 
@@ -48,10 +50,10 @@ std::string utc_time(int64_t unix_seconds) {
 
 }  // namespace
 
-HealthChecker::HealthChecker(uv_loop_t* loop, size_t pool_index, std::shared_ptr<ServerRuntime> server,
+HealthChecker::HealthChecker(uv_loop_t* loop, ProxyOut proxy, std::shared_ptr<ServerRuntime> server,
                              const HealthCheckConfig& cfg, OnTransition on_transition)
     : loop_(loop),
-      pool_index_(pool_index),
+      proxy_(proxy),
       server_(std::move(server)),
       cfg_(cfg),
       on_transition_(std::move(on_transition)),
@@ -105,8 +107,9 @@ void HealthChecker::stop() {
   }
 }
 
-void HealthChecker::reconfigure(const HealthCheckConfig& cfg) {
+void HealthChecker::reconfigure(const HealthCheckConfig& cfg, ProxyOut proxy) {
   state_.set_thresholds(cfg.rise, cfg.fall);
+  proxy_ = proxy;  // read only when a check connects
   // A check in flight ends with the settings it started with (a STARTTLS dialogue must
   // not change course half-way); done() applies the new ones.
   if (step_ != Step::idle) {
@@ -167,6 +170,23 @@ void HealthChecker::connected(int status) {
     return;
   }
   step_ = Step::greeting;
+  if (proxy_ != ProxyOut::none) {
+    // Written at once: a PROXY-aware server reads the header before it greets, and
+    // Postfix treats a connection without one as broken (it may even exit).
+    proxy::Header h;
+    if (proxy_ == ProxyOut::v1) {
+      int len = sizeof h.source.storage;
+      if (uv_tcp_getsockname(&probe_->tcp, reinterpret_cast<sockaddr*>(&h.source.storage), &len) == 0)
+        h.source.len = socklen_t(len);
+      len = sizeof h.destination.storage;
+      if (uv_tcp_getpeername(&probe_->tcp, reinterpret_cast<sockaddr*>(&h.destination.storage), &len) == 0)
+        h.destination.len = socklen_t(len);
+    } else {
+      h.local = true;  // v2 LOCAL: the balancer's own connection
+    }
+    write_raw(proxy::encode(proxy_ == ProxyOut::v1 ? proxy::Version::v1 : proxy::Version::v2, h));
+    if (step_ != Step::greeting) return;  // the write failed
+  }
   uv_read_start(
       as_stream(&probe_->tcp),
       [](uv_handle_t* h, size_t, uv_buf_t* b) {
@@ -214,7 +234,14 @@ void HealthChecker::closed_by_peer() {
     tls_->feed_eof();
     if (tls_->handshake() == TlsClient::Status::error) return done(false, tls_->error());
   }
-  done(false, std::string("connection closed during ") + step_name(step_));
+  done(false, std::string("connection closed during ") + step_name(step_) + mismatch_hint());
+}
+
+std::string HealthChecker::mismatch_hint() const {
+  // A backend that does not expect the header greets, then answers it as a command (500)
+  // or hangs up; one that does expect it fails differently than a broken server.
+  const bool early = step_ == Step::greeting || step_ == Step::ehlo;
+  return proxy_ != ProxyOut::none && early ? " (PROXY protocol mismatch?)" : "";
 }
 
 void HealthChecker::reply_bytes(std::string_view data) {
@@ -234,12 +261,12 @@ void HealthChecker::reply_bytes(std::string_view data) {
   parser_.reset();
   switch (step_) {
     case Step::greeting:
-      if (code != 220) return done(false, what);
+      if (code != 220) return done(false, what + mismatch_hint());
       step_ = Step::ehlo;
       send("EHLO " + cfg_.ehlo_name + "\r\n");
       break;
     case Step::ehlo:
-      if (code != 250) return done(false, what);
+      if (code != 250) return done(false, what + mismatch_hint());
       step_ = cfg_.starttls ? Step::starttls : Step::quit;
       send(cfg_.starttls ? "STARTTLS\r\n" : "QUIT\r\n");
       break;

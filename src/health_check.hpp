@@ -31,7 +31,9 @@ class HealthChecker {
   // Called after each check whose result changed the server's health.
   using OnTransition = std::function<void(HealthChecker&, Health from, Health to, const CheckResult&)>;
 
-  HealthChecker(uv_loop_t* loop, size_t pool_index, std::shared_ptr<ServerRuntime> server,
+  // `proxy`: the pool's proxy_protocol; checks send a header too (v2 LOCAL, or v1 with
+  // the check connection's own addresses), as a PROXY-expecting Postfix requires.
+  HealthChecker(uv_loop_t* loop, ProxyOut proxy, std::shared_ptr<ServerRuntime> server,
                 const HealthCheckConfig& cfg, OnTransition on_transition);
   ~HealthChecker();
   HealthChecker(const HealthChecker&) = delete;
@@ -46,9 +48,8 @@ class HealthChecker {
   void force_down(const std::string& reason);
   // A reload changed the pool's check settings: used from the next check on; health
   // state and history are kept.
-  void reconfigure(const HealthCheckConfig& cfg);
+  void reconfigure(const HealthCheckConfig& cfg, ProxyOut proxy);
 
-  size_t pool_index() const { return pool_index_; }
   ServerRuntime& server() { return *server_; }
   const HealthState& state() const { return state_; }
 
@@ -66,6 +67,7 @@ class HealthChecker {
   enum class Step : uint8_t { idle, connect, greeting, ehlo, starttls, tls_handshake, ehlo_tls, quit };
 
   static const char* step_name(Step s);
+  std::string mismatch_hint() const;
   void apply_config(const HealthCheckConfig& cfg);
   void begin();
   void connected(int status);
@@ -82,7 +84,7 @@ class HealthChecker {
   void schedule(uint64_t ms);
 
   uv_loop_t* loop_;
-  size_t pool_index_;
+  ProxyOut proxy_;
   std::shared_ptr<ServerRuntime> server_;
   HealthCheckConfig cfg_;
   std::optional<HealthCheckConfig> pending_cfg_;  // from a reload during a check

@@ -113,7 +113,7 @@ void Server::start_checker(const std::shared_ptr<ServerRuntime>& s, const PoolCo
   if (s->admin.load() == AdminState::drain)
     spdlog::info("server {} is draining (state = \"drain\"): checked, no new sessions", s->label);
   auto c = std::make_unique<HealthChecker>(
-      &loop_, 0, s, pool.health_check,
+      &loop_, pool.proxy_protocol, s, pool.health_check,
       [this](HealthChecker& hc, Health from, Health to, const CheckResult& r) { on_transition(hc, from, to, r); });
   c->start(std::min<uint64_t>(delay_ms, uint64_t(pool.health_check.interval.count())));
   checkers_[s.get()] = std::move(c);
@@ -184,7 +184,7 @@ Server::ReloadResult Server::reload() {
         s->health.store(Health::unknown);
         spdlog::info("server {} is in maintenance (state = \"maint\"): checks stopped", s->label);
       } else if (it != checkers_.end()) {
-        it->second->reconfigure(p.cfg->health_check);
+        it->second->reconfigure(p.cfg->health_check, p.cfg->proxy_protocol);
       } else {
         const bool fresh = std::none_of(snapshot_->pools.begin(), snapshot_->pools.end(), [&](const PoolRuntime& op) {
           return std::find(op.servers.begin(), op.servers.end(), s) != op.servers.end();

@@ -98,14 +98,9 @@ void Session::proxy_header_data() {
   }
   held_.erase(0, r.consumed);
   if (r.header.local) {
-    // The upstream balancer's own connection (its health check, typically). Fine unless
-    // the backends must learn a real client address from us.
-    if (pool_.proxy_protocol != ProxyOut::none) {
-      refuse_proxy("PROXY header without a client address (LOCAL/UNKNOWN), but pool " + pool_.name +
-                       " passes client addresses on",
-                   {'P', 'R'});
-      return;
-    }
+    // The upstream balancer's own connection (its health check, typically): relayed, and
+    // passed on as LOCAL too, so no backend mistakes a balancer for the client.
+    proxy_local_ = true;
   } else {
     peer_ = r.header.source;
     local_ = r.header.destination;
@@ -305,6 +300,7 @@ void Session::connected(int status) {
   if (pool_.proxy_protocol != ProxyOut::none) {
     // Written before anything else; a PROXY-aware server reads it before it greets.
     proxy::Header h;
+    h.local = proxy_local_;
     h.source = peer_;
     h.destination = local_;
     const std::string header =

@@ -132,6 +132,7 @@ class Session {
   int pending_closes_ = 0;        // handles still closing; the last one deletes us
   bool counted_ = false;          // counted in listener/process connection totals
   bool in_queue_ = false;
+  bool proxy_local_ = false;      // the inbound PROXY header carried no client address
   bool client_eof_ = false;
   bool upstream_eof_ = false;
   bool client_paused_ = false;    // not reading the client (backpressure, hold limit, EOF)
