@@ -205,7 +205,15 @@ void Worker::maybe_finish() {
 
 void Worker::on_connection(Listener& l, int status) {
   if (status < 0) {
-    spdlog::warn("listener {}: accept failed: {}", l.runtime->cfg->name, uv_strerror(status));
+    // Out of descriptors: libuv has already accepted and closed the waiting connections
+    // (its reserve-descriptor trick), so the loop does not spin; log once per burst.
+    const uint64_t now = uv_now(&loop_);
+    if (now - last_accept_error_ms_ >= 1000)
+      spdlog::warn("listener {}: accept failed: {}{}", l.runtime->cfg->name, uv_strerror(status),
+                   status == UV_EMFILE || status == UV_ENFILE
+                       ? " (open files limit reached: waiting clients are closed until sessions end)"
+                       : "");
+    last_accept_error_ms_ = now;
     return;
   }
   auto* s = new Session(*this, snapshot_, *l.runtime);

@@ -137,6 +137,7 @@ class Worker {
   std::shared_ptr<const Snapshot> snapshot_;
   bool access_log_ = true;
   bool draining_ = false;
+  uint64_t last_accept_error_ms_ = 0;     // accept errors are logged once per burst
   std::vector<Worker*> peers_;
   std::vector<Listener*> listeners_;      // freed in their close callbacks
   std::unordered_map<const PoolState*, PerPool> pools_;
