@@ -308,11 +308,13 @@ void Server::on_transition(HealthChecker& c, Health from, Health to, const Check
   ServerRuntime& server = c.server();
   const PoolRuntime* pool = pool_of(server);
   if (!pool) return;  // removed by a reload while the check ran
-  size_t up = 0, unchecked = 0;
+  size_t up = 0, usable = 0, pending = 0;
   for (const auto& s : pool->servers) {
     const Health h = s->health.load(std::memory_order_relaxed);
     up += h == Health::up;
-    unchecked += h == Health::unknown;
+    usable += s->usable();
+    // Not checked yet, but would take sessions once UP.
+    pending += h == Health::unknown && s->admin.load() == AdminState::ready && s->weight.load() > 0;
   }
   const size_t total = pool->servers.size();
   if (to == Health::up) {
@@ -335,7 +337,7 @@ void Server::on_transition(HealthChecker& c, Health from, Health to, const Check
                  pool->cfg->health_check.fall, r.reason, up, total);
   else
     spdlog::warn("server {} is DOWN: check failed ({}), {} of {} servers up", server.label, r.reason, up, total);
-  if (up == 0 && unchecked == 0) spdlog::error("pool {} has no usable server: clients get 421 4.3.2", pool->cfg->name);
+  if (usable == 0 && pending == 0) spdlog::error("pool {} has no usable server: clients get 421 4.3.2", pool->cfg->name);
 }
 
 }  // namespace smtplb

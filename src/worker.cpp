@@ -237,17 +237,19 @@ Worker::Pick Worker::pick(const PoolRuntime& pr, std::span<const uint32_t> exclu
   auto in_tier = [&](const ServerRuntime& s) {
     return s.usable() && s.backup.load(std::memory_order_relaxed) != regular_usable;
   };
-  bool any_usable = false, any_free = false;
+  bool any_usable = false, any_free = false, untried_usable = false;
   for (size_t i = 0; i < n; ++i) {
     const ServerRuntime& s = *servers[i];
     const bool usable = in_tier(s);
     const bool free = usable && !s.full();
+    const bool untried = std::find(exclude.begin(), exclude.end(), i) == exclude.end();
     any_usable |= usable;
     any_free |= free;
+    untried_usable |= usable && untried;
     const int64_t ramp = s.ramp_start_ms.load(std::memory_order_relaxed);
     candidates_[i] = {effective_weight(s.weight.load(std::memory_order_relaxed), ramp < 0 ? -1 : now - ramp, ramp_ms),
                       s.active.load(std::memory_order_relaxed),
-                      free && std::find(exclude.begin(), exclude.end(), i) == exclude.end()};
+                      free && untried};
   }
   Pick result;
   if (!any_free) {
@@ -260,8 +262,10 @@ Worker::Pick Worker::pick(const PoolRuntime& pr, std::span<const uint32_t> exclu
   for (size_t round = 0; round <= n; ++round) {
     auto picked = lc ? pp.lc.pick(candidates_) : pp.rr.pick(candidates_);
     if (!picked) {
-      if (widened) break;
-      // Every free server was tried already: a retry may go back to one of them.
+      // An untried server that is only full is worth waiting for rather than going back
+      // to one that just failed.
+      if (widened || untried_usable) break;
+      // Every usable server was tried already: a retry may go back to one of them.
       widened = true;
       for (size_t i = 0; i < n; ++i) candidates_[i].eligible = in_tier(*servers[i]) && !servers[i]->full();
       continue;

@@ -527,14 +527,6 @@ class QueueMoreTest(TestCase):
             self.assertEqual((a["server"], a["term"]), ("s1", "--"), a)
             self.assertGreaterEqual(a["Tw"], 100, a)
 
-    # BUG: a client whose attempt failed is retried on the same (failed) server while an
-    # untried usable server is merely full: with s1 (max_connections 1) busy and s2
-    # greeting 421, one client makes 4 attempts at s2 (retries = 3; 4 passive failures,
-    # enough to eject s2 with fall <= 4) and gets 421 SH at once, instead of trying s2
-    # once and then queueing for s1 (queue_timeout). Worker::pick() treats "free but
-    # already tried" as free, so it widens to the tried servers rather than reporting
-    # all_full.
-    @unittest.expectedFailure
     def test_failed_attempt_queues_for_untried_full_server(self):
         s1 = self.fake("s1")
         s2 = self.fake("s2")
@@ -713,20 +705,9 @@ class AdminStateTest(TestCase):
         s.close()
         lb.wait_log(r"error: pool p has no usable server: clients get 421 4\.3\.2", timeout=1)
 
-    # BUG: "pool P has no usable server" (error) is not logged when the last usable server
-    # goes DOWN while the pool also has a server in maintenance: Server::on_transition()
-    # counts the maint server (never checked, health unknown) as "unchecked" and skips the
-    # error, although clients get 421 4.3.2 ("no usable server in pool p"). Repro: pool
-    # [r, m (state = "maint")], r fails its checks -> DOWN line "0 of 2 servers up", 421s,
-    # but no error line.
-    @unittest.expectedFailure
     def test_no_usable_server_error_with_maint_server(self):
         self.no_usable_server_error({"state": "maint"})
 
-    # BUG: same with a draining server: on_transition() counts health UP, not usability,
-    # so with pool [r, d (state = "drain")] and r DOWN ("1 of 2 servers up") clients get
-    # 421 4.3.2 but "pool p has no usable server" is never logged.
-    @unittest.expectedFailure
     def test_no_usable_server_error_with_drained_server(self):
         self.no_usable_server_error({"state": "drain"})
 
