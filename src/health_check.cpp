@@ -1,5 +1,7 @@
 #include "health_check.hpp"
 
+#include <utility>
+
 #include "smtplb/proxy_protocol.hpp"
 
 #include <spdlog/spdlog.h>
@@ -161,6 +163,14 @@ void HealthChecker::begin() {
     auto* p = static_cast<Probe*>(req->handle->data);
     if (p->owner) p->owner->connected(st);
   });
+  if (rc == UV_EMFILE || rc == UV_ENFILE || rc == UV_ENOBUFS || rc == UV_ENOMEM || rc == UV_EADDRNOTAVAIL) {
+    // Out of descriptors or ports here: says nothing about the server, so the check is
+    // skipped rather than counted as a failure.
+    spdlog::warn("server {} check skipped: connect: {} (local resources)", server_->label, uv_strerror(rc));
+    skip_ = true;
+    done(false, "");
+    return;
+  }
   if (rc < 0) done(false, std::string("connect: ") + uv_strerror(rc));
 }
 
@@ -383,8 +393,10 @@ void HealthChecker::done(bool ok, std::string reason) {
 
   const auto now = std::chrono::steady_clock::now();
   const Health before = state_.health();
-  const bool changed = ok ? state_.on_success(now) : state_.on_failure(now);
-  if (changed) {
+  const bool skipped = std::exchange(skip_, false);
+  const bool changed = !skipped && (ok ? state_.on_success(now) : state_.on_failure(now));
+  if (skipped) {
+  } else if (changed) {
     server_->health.store(state_.health(), std::memory_order_relaxed);
     on_transition_(*this, before, state_.health(), r);
   } else if (!ok && state_.health() == Health::up) {

@@ -85,6 +85,7 @@ class HealthChecker {
 
   uv_loop_t* loop_;
   ProxyOut proxy_;
+  bool skip_ = false;  // the check in progress could not run for local reasons
   std::shared_ptr<ServerRuntime> server_;
   HealthCheckConfig cfg_;
   std::optional<HealthCheckConfig> pending_cfg_;  // from a reload during a check

@@ -277,6 +277,14 @@ void Session::connect_to(size_t index) {
   t_attempt_ = uv_now(worker_.loop());
   tc_ = tb_ = -1;
   int rc = uv_tcp_connect(&up_->connect_req, &up_->tcp, server->cfg.addr.sa(), on_connect);
+  if (rc == UV_EMFILE || rc == UV_ENFILE || rc == UV_ENOBUFS || rc == UV_ENOMEM || rc == UV_EADDRNOTAVAIL) {
+    // Out of descriptors, memory or source ports here: not the server's fault, so no
+    // passive failure and no retry on another server that would fail the same way.
+    last_failure_ = std::string("connect: ") + uv_strerror(rc);
+    abandon_upstream();
+    reply_unavailable({'R', 'C'});
+    return;
+  }
   if (rc < 0) {
     attempt_failed('S', 'C', std::string("connect: ") + uv_strerror(rc));
     return;
@@ -472,7 +480,9 @@ void Session::note_refusal(TermCode term) {
   const int64_t now = int64_t(uv_now(worker_.loop()));
   int64_t last = listener_.state->last_refusal_log_ms.load(std::memory_order_relaxed);
   if (now - last < 1000 || !listener_.state->last_refusal_log_ms.compare_exchange_strong(last, now)) return;
-  if (term.cause == 'R')
+  if (term.cause == 'R' && tries_ > 0)
+    why = "out of local resources (" + last_failure_ + ")";
+  else if (term.cause == 'R')
     why = "connection limit reached (listener max_connections " + std::to_string(listener_.cfg->max_connections) +
           ", global max_connections " + std::to_string(snap_->config->global.max_connections) + ")";
   else if (term.phase == 'Q')

@@ -2,7 +2,12 @@
 
 #include <spdlog/spdlog.h>
 
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 
 #include "session.hpp"
 #include "uv_util.hpp"
@@ -11,6 +16,7 @@ namespace smtplb {
 
 namespace {
 constexpr int kBacklog = 4096;  // the kernel caps it at net.core.somaxconn
+constexpr uint64_t kAcceptPauseMs = 100;
 }
 
 void ControlLink::report(PassiveDown event) {
@@ -52,31 +58,40 @@ bool Worker::open_listeners(std::string& error) {
 }
 
 bool Worker::add_listener(const std::shared_ptr<ListenerRuntime>& lr, std::string& error) {
+  const int fd = index_ < lr->fds.size() ? lr->fds[index_] : -1;
+  if (fd < 0 || ::listen(fd, kBacklog) != 0) {
+    error = "listener " + lr->cfg->name + ": cannot listen on " + lr->bound.to_string() + ": " +
+            (fd < 0 ? std::string("no socket") : std::string(std::strerror(errno)));
+    return false;
+  }
   auto* l = new Listener;
   l->worker = this;
   l->runtime = lr;
-  uv_tcp_init(&loop_, &l->tcp);
-  l->tcp.data = l;
+  l->fd = fd;
+  lr->fds[index_] = -1;  // ours now
+  uv_poll_init(&loop_, &l->poll, fd);
+  uv_timer_init(&loop_, &l->pause);
+  l->poll.data = l;
+  l->pause.data = l;
   listeners_.push_back(l);
-  const int fd = index_ < lr->fds.size() ? lr->fds[index_] : -1;
-  int rc = fd < 0 ? UV_EBADF : uv_tcp_open(&l->tcp, fd);
-  if (rc == 0) {
-    lr->fds[index_] = -1;  // the handle owns it now
-    rc = uv_listen(as_stream(&l->tcp), kBacklog, [](uv_stream_t* s, int status) {
-      auto* self = static_cast<Listener*>(s->data);
-      self->worker->on_connection(*self, status);
-    });
-  }
-  if (rc != 0) {
-    error = "listener " + lr->cfg->name + ": cannot listen on " + lr->bound.to_string() + ": " + uv_strerror(rc);
-    return false;
-  }
+  uv_poll_start(&l->poll, UV_READABLE, [](uv_poll_t* p, int status, int) {
+    auto* self = static_cast<Listener*>(p->data);
+    if (status == 0) self->worker->on_readable(*self);
+  });
   return true;
 }
 
 void Worker::close_listener(Listener* l) {
   listeners_.erase(std::find(listeners_.begin(), listeners_.end(), l));
-  uv_close(as_handle(&l->tcp), [](uv_handle_t* h) { delete static_cast<Listener*>(h->data); });
+  l->closing = 2;
+  auto closed = [](uv_handle_t* h) {
+    auto* self = static_cast<Listener*>(h->data);
+    if (--self->closing > 0) return;
+    ::close(self->fd);  // after the poll handle let go of it
+    delete self;
+  };
+  uv_close(as_handle(&l->poll), closed);
+  uv_close(as_handle(&l->pause), closed);
 }
 
 void Worker::start() {
@@ -203,25 +218,40 @@ void Worker::maybe_finish() {
   uv_close(as_handle(&wake_), nullptr);
 }
 
-void Worker::on_connection(Listener& l, int status) {
-  if (status < 0) {
-    // Out of descriptors: libuv has already accepted and closed the waiting connections
-    // (its reserve-descriptor trick), so the loop does not spin; log once per burst.
-    const uint64_t now = uv_now(&loop_);
-    if (now - last_accept_error_ms_ >= 1000)
-      spdlog::warn("listener {}: accept failed: {}{}", l.runtime->cfg->name, uv_strerror(status),
-                   status == UV_EMFILE || status == UV_ENFILE
-                       ? " (open files limit reached: waiting clients are closed until sessions end)"
-                       : "");
-    last_accept_error_ms_ = now;
-    return;
+void Worker::on_readable(Listener& l) {
+  // A bounded batch per wake-up, so one busy listener cannot starve the loop.
+  for (int i = 0; i < 64; ++i) {
+    const int fd = ::accept4(l.fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+      if (errno == ECONNABORTED || errno == EINTR || errno == EPROTO) continue;
+      const bool no_fds = errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM;
+      const uint64_t now = uv_now(&loop_);
+      if (now - last_accept_error_ms_ >= 1000)
+        spdlog::warn("listener {}: accept failed: {}{}", l.runtime->cfg->name, std::strerror(errno),
+                     no_fds ? "; pausing accepts (clients wait in the backlog) until descriptors free up" : "");
+      last_accept_error_ms_ = now;
+      if (no_fds) {
+        // Stop polling briefly instead of spinning on a socket that stays readable.
+        uv_poll_stop(&l.poll);
+        uv_timer_start(&l.pause, [](uv_timer_t* t) {
+          auto* self = static_cast<Listener*>(t->data);
+          uv_poll_start(&self->poll, UV_READABLE, [](uv_poll_t* p, int status, int) {
+            auto* me = static_cast<Listener*>(p->data);
+            if (status == 0) me->worker->on_readable(*me);
+          });
+        }, kAcceptPauseMs, 0);
+      }
+      return;
+    }
+    auto* s = new Session(*this, snapshot_, *l.runtime);
+    if (uv_tcp_open(s->client(), fd) != 0) {
+      ::close(fd);
+      s->kill();
+      continue;
+    }
+    s->start();
   }
-  auto* s = new Session(*this, snapshot_, *l.runtime);
-  if (uv_accept(as_stream(&l.tcp), as_stream(s->client())) != 0) {
-    s->kill();
-    return;
-  }
-  s->start();
 }
 
 Worker::Pick Worker::pick(const PoolRuntime& pr, std::span<const uint32_t> exclude) {

@@ -97,8 +97,14 @@ class Worker {
   static constexpr size_t kScratchSize = 64 * 1024;
 
  private:
+  // smtplb accepts itself (uv_poll on the listening socket + accept4) rather than through
+  // uv_listen, so that running out of descriptors pauses accepting and leaves waiting
+  // clients in the kernel's backlog instead of closing them.
   struct Listener {
-    uv_tcp_t tcp;
+    uv_poll_t poll;
+    uv_timer_t pause;     // resumes polling after a descriptor shortage
+    int fd = -1;
+    int closing = 0;      // handles still closing
     Worker* worker;
     std::shared_ptr<ListenerRuntime> runtime;
   };
@@ -120,7 +126,7 @@ class Worker {
   void maybe_finish();
   void send_wake();
   void serve_queue(PerPool& pp);
-  void on_connection(Listener& l, int status);
+  void on_readable(Listener& l);
 
   unsigned index_;
   ControlLink& link_;
