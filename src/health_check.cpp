@@ -212,7 +212,7 @@ void HealthChecker::connected(int status) {
         } else if (n == UV_EOF) {
           self->closed_by_peer();
         } else if (n < 0) {
-          self->done(false, std::string(step_name(self->step_)) + ": " + uv_strerror(int(n)));
+          self->done(false, std::string(step_name(self->step_)) + ": " + uv_strerror(int(n)) + self->mismatch_hint());
         }
       });
 }
@@ -265,10 +265,15 @@ void HealthChecker::reply_bytes(std::string_view data) {
   const int code = parser_.code();
   const std::string what = std::string(step_name(step_)) + " " + std::to_string(code) +
                            (parser_.text().empty() ? "" : " " + printable(parser_.text()));
-  // Bytes after a complete reply were sent before we spoke; a well-behaved server sends
-  // none, and acting on them would mean pipelining. After the 220 to STARTTLS they must
-  // not reach the TLS engine either: plaintext injected ahead of the handshake.
+  // Bytes after a complete reply were sent before we spoke: a well-behaved server sends
+  // none. A server that does not expect the PROXY header answers it as a command right
+  // after its greeting, so this is also how a mismatch shows. After the 220 to STARTTLS
+  // such bytes are plaintext injected ahead of the handshake: dropped, never read as
+  // protected (start_tls() begins with an empty engine).
   parser_.reset();
+  if (consumed < data.size() && step_ != Step::quit && step_ != Step::starttls)
+    return done(false, std::string(step_name(step_)) + " " + std::to_string(code) + " followed by unsolicited data \"" +
+                           printable(data.substr(consumed), 60) + "\"" + mismatch_hint());
   switch (step_) {
     case Step::greeting:
       if (code != 220) return done(false, what + mismatch_hint());
@@ -394,6 +399,16 @@ void HealthChecker::done(bool ok, std::string reason) {
   const auto now = std::chrono::steady_clock::now();
   const Health before = state_.health();
   const bool skipped = std::exchange(skip_, false);
+  if (!skipped) {
+    server_->check_duration.observe(kLatencyBounds, double(r.duration.count()) / 1000.0);
+    if (!ok) bump(server_->check_failures[check_failure_index(r.reason)]);
+    server_->last_check_ms.store(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                     std::chrono::system_clock::now().time_since_epoch())
+                                     .count());
+    server_->last_check_duration_ms.store(uint32_t(r.duration.count()));
+    server_->last_check_ok.store(ok);
+    server_->last_check_reason = ok ? "" : r.reason;
+  }
   const bool changed = !skipped && (ok ? state_.on_success(now) : state_.on_failure(now));
   if (skipped) {
   } else if (changed) {

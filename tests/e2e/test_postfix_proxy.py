@@ -326,19 +326,9 @@ class PostfixWithoutProxySupport(unittest.TestCase):
         # "QUIT\n") and closes.
         self.assert_kept_out("v2/plain")
 
-    # Known bug (src/health_check.cpp): Postfix greets, then answers the v1 header line with
-    # "500 5.5.2 Error: command not recognized"; when both replies arrive in one read the
-    # check drops the 500 as bytes sent before it spoke, EHLO gets 250, and the server goes
-    # UP. Client sessions then read the 500 as the answer to their EHLO and are off by one
-    # reply for the rest of the session (swaks: DATA answered "250 2.1.5 Ok").
-    @unittest.expectedFailure
     def test_v1_header_to_plain_postfix_keeps_the_server_down(self):
         self.assert_kept_out("v1/plain")
 
-    # Known gap (src/health_check.cpp): the v2 check fails with "ehlo: connection reset by
-    # peer" (no hint: the hint is added for EOF and error replies, not for a reset), and the
-    # v1 check passes (above).
-    @unittest.expectedFailure
     def test_mismatch_reason_names_the_proxy_protocol(self):
         for label in ("v1/plain", "v2/plain"):
             self.results(label)
