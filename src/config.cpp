@@ -183,6 +183,7 @@ class Loader {
 
   void parse_global(const toml::node& n, Config& c);
   void parse_log(const toml::node& n, Config& c);
+  void parse_admin(const toml::node& n, Config& c);
   void check_log(const toml::node& n, const Config& c);
   void parse_listener(const std::string& name, const toml::node& n, Config& c);
   void parse_pool(const std::string& name, const toml::node& n, Config& c);
@@ -381,6 +382,39 @@ void Loader::parse_log(const toml::node& n, Config& c) {
                  {"file",
                   [&](const toml::node& v) {
                     if (auto x = str(v, "file")) c.log.file = *x;
+                  }},
+             });
+}
+
+void Loader::parse_admin(const toml::node& n, Config& c) {
+  auto t = n.as_table();
+  if (!t) return error(n, "[admin] must be a table");
+  table_keys(*t, "admin",
+             {
+                 {"socket",
+                  [&](const toml::node& v) {
+                    if (auto x = str(v, "socket")) {
+                      if (!x->empty() && (*x)[0] != '/') return error(v, "admin.socket must be an absolute path");
+                      if (x->size() >= 100) return error(v, "admin.socket path is too long for a unix socket");
+                      c.admin.socket = *x;
+                      c.admin.socket_configured = true;
+                    }
+                  }},
+                 {"listen",
+                  [&](const toml::node& v) {
+                    auto x = str(v, "listen");
+                    if (!x || x->empty()) return;
+                    // "127.0.0.1:9925" or "[::1]:9925"
+                    const size_t colon = x->rfind(':');
+                    std::string host = colon == std::string::npos ? "" : x->substr(0, colon);
+                    if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+                    const std::string port = colon == std::string::npos ? "" : x->substr(colon + 1);
+                    const bool port_ok = !port.empty() && port.size() <= 5 &&
+                                         port.find_first_not_of("0123456789") == std::string::npos &&
+                                         std::stoul(port) <= 65535;
+                    if (host.empty() || !port_ok)
+                      return error(v, "admin.listen must be \"ADDRESS:PORT\", e.g. \"127.0.0.1:9925\"");
+                    if (resolve(v, host, uint16_t(std::stoul(port)), true, c.admin_listen)) c.admin.listen = *x;
                   }},
              });
 }
@@ -698,7 +732,7 @@ ConfigLoad Loader::run(std::string_view text) {
       parse_log(v, *c);
       check_log(v, *c);
     } else if (key == "admin") {
-      error(k.source(), "[admin] is not supported yet in this version of smtplb");
+      parse_admin(v, *c);
     } else if (key == "listener" || key == "pool") {
       auto t = v.as_table();
       if (!t) {

@@ -306,6 +306,13 @@ const PoolRuntime* Server::pool_of(const ServerRuntime& s) const {
 
 void Server::on_transition(HealthChecker& c, Health from, Health to, const CheckResult& r) {
   ServerRuntime& server = c.server();
+  bump(to == Health::up ? server.transitions_up : server.transitions_down);
+  server.last_change_ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+          .count();
+  server.last_change_cause = to == Health::up ? "check passed"
+                             : r.passive      ? "failed sessions: " + r.reason
+                                              : "check failed: " + r.reason;
   const PoolRuntime* pool = pool_of(server);
   if (!pool) return;  // removed by a reload while the check ran
   size_t up = 0, usable = 0, pending = 0;

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "counters.hpp"
 #include "smtplb/config.hpp"
 #include "smtplb/health_state.hpp"
 
@@ -49,6 +50,19 @@ struct ServerRuntime {
   // notAfter of the certificate seen by the last STARTTLS check (Unix seconds; 0 = none).
   std::atomic<int64_t> tls_not_after{0};
 
+  // Metrics. Per worker (data path):
+  std::unique_ptr<ServerWorkerCounters[]> per_worker{new ServerWorkerCounters[kMaxWorkers]};
+  // Control loop (checks):
+  std::array<std::atomic<uint64_t>, kCheckFailureNames.size()> check_failures{};
+  std::atomic<uint64_t> transitions_up{0}, transitions_down{0};
+  Histogram check_duration;
+  std::atomic<int64_t> last_check_ms{0};        // wall clock (Unix ms) of the last check
+  std::atomic<uint32_t> last_check_duration_ms{0};
+  std::atomic<bool> last_check_ok{false};
+  std::string last_check_reason;                // control loop only
+  int64_t last_change_ms = 0;                   // wall clock of the last transition; control only
+  std::string last_change_cause;                // control loop only
+
   // May take new sessions (health, admin state and weight; not the connection limit).
   bool usable() const {
     return weight.load(std::memory_order_relaxed) > 0 && health.load(std::memory_order_relaxed) == Health::up &&
@@ -78,6 +92,7 @@ struct ListenerState {
   std::atomic<uint64_t> rejected_proxy{0};      // closed: bad/missing PROXY header, untrusted sender
   std::atomic<int64_t> last_refusal_log_ms{-1'000'000};  // rate limit for the refusal warning
   std::atomic<int64_t> last_proxy_log_ms{-1'000'000};    // rate limit for PROXY warnings
+  std::unique_ptr<ListenerWorkerCounters[]> per_worker{new ListenerWorkerCounters[kMaxWorkers]};
 };
 
 struct ListenerRuntime {

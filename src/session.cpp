@@ -67,6 +67,7 @@ void Session::start() {
   uv_tcp_nodelay(&client_, 1);
 
   counted_ = true;
+  bump(listener_.state->per_worker[worker_.index()].connections);
   const uint32_t process = worker_.link().connections.fetch_add(1, std::memory_order_relaxed) + 1;
   const uint32_t here = listener_.state->current.fetch_add(1, std::memory_order_relaxed) + 1;
   uv_read_start(as_stream(&client_), alloc_scratch, on_client_read);
@@ -286,7 +287,7 @@ void Session::connect_to(size_t index) {
     return;
   }
   if (rc < 0) {
-    attempt_failed('S', 'C', std::string("connect: ") + uv_strerror(rc));
+    attempt_failed('S', 'C', ConnError::refused, std::string("connect: ") + uv_strerror(rc));
     return;
   }
   arm_timer(uint64_t(pool_.connect_timeout.count()));
@@ -300,7 +301,10 @@ void Session::on_connect(uv_connect_t* req, int status) {
 void Session::connected(int status) {
   if (state_ != State::connecting) return;
   if (status < 0) {
-    attempt_failed(status == UV_ETIMEDOUT ? 's' : 'S', 'C', std::string("connect: ") + uv_strerror(status));
+    const ConnError kind = status == UV_ETIMEDOUT ? ConnError::timeout
+                           : status == UV_ECONNRESET ? ConnError::reset
+                                                     : ConnError::refused;
+    attempt_failed(status == UV_ETIMEDOUT ? 's' : 'S', 'C', kind, std::string("connect: ") + uv_strerror(status));
     return;
   }
   tc_ = int64_t(uv_now(worker_.loop()) - t_attempt_);
@@ -347,7 +351,8 @@ void Session::upstream_data(const char* data, size_t len) {
   size_t nl = chunk.find('\n');
   if (nl == std::string_view::npos) {
     if (greeting_.size() + len > kGreetingLineLimit) {
-      attempt_failed('S', 'H', "greeting line longer than " + std::to_string(kGreetingLineLimit) + " bytes");
+      attempt_failed('S', 'H', ConnError::banner,
+                     "greeting line longer than " + std::to_string(kGreetingLineLimit) + " bytes");
       return;
     }
     greeting_.append(data, len);
@@ -363,7 +368,7 @@ void Session::upstream_data(const char* data, size_t len) {
   }
   if (!ok) {
     std::string line = greeting_.empty() ? std::string(chunk.substr(0, nl)) : greeting_.substr(0, greeting_.find('\n'));
-    attempt_failed('S', 'H', "greeting " + printable(line));
+    attempt_failed('S', 'H', ConnError::banner, "greeting " + printable(line));
     return;
   }
   if (greeting_.empty()) {
@@ -379,7 +384,7 @@ void Session::upstream_end(ssize_t status) {
   switch (state_) {
     case State::connecting:
     case State::greeting:
-      attempt_failed('S', 'H',
+      attempt_failed('S', 'H', status == UV_ECONNRESET ? ConnError::reset : ConnError::banner,
                      status == UV_EOF ? std::string("closed before greeting")
                                       : std::string("greeting: ") + uv_strerror(int(status)));
       break;
@@ -404,7 +409,8 @@ void Session::upstream_end(ssize_t status) {
   }
 }
 
-void Session::attempt_failed(char cause, char phase, const std::string& why) {
+void Session::attempt_failed(char cause, char phase, ConnError kind, const std::string& why) {
+  if (up_) bump(up_->server->per_worker[worker_.index()].errors[size_t(kind)]);
   spdlog::debug("client {}: server {} failed ({}), try {} of {}", peer_.to_string(), up_ ? up_->server->label : "?",
                 why, tries_, pool_.retries + 1);
   term_ = {cause, phase};
@@ -429,6 +435,10 @@ void Session::handoff(const char* data, size_t len) {
   tb_ = int64_t(now - t_attempt_) - tc_;
   state_ = State::relaying;
   term_ = {'-', '-'};
+  relayed_ = up_->server.get();
+  ServerWorkerCounters& sc = relayed_->per_worker[worker_.index()];
+  bump(sc.sessions);
+  sc.connect.observe(kLatencyBounds, double(tc_ + tb_) / 1000.0);
   if (up_->server->passive_failures.load(std::memory_order_relaxed))
     up_->server->passive_failures.store(0, std::memory_order_relaxed);
   if (len) {
@@ -613,10 +623,10 @@ void Session::timer_fired() {
       reply_unavailable(term_);
       break;
     case State::connecting:
-      attempt_failed('s', 'C', "connect timeout after " + format_duration(pool_.connect_timeout));
+      attempt_failed('s', 'C', ConnError::timeout, "connect timeout after " + format_duration(pool_.connect_timeout));
       break;
     case State::greeting:
-      attempt_failed('s', 'H', "no greeting within " + format_duration(pool_.banner_timeout));
+      attempt_failed('s', 'H', ConnError::banner, "no greeting within " + format_duration(pool_.banner_timeout));
       break;
     case State::relaying:
       if (upstream_eof_) {
@@ -660,6 +670,16 @@ void Session::finish(TermCode term) {
   leave_queue();
   state_ = State::closing;
   log_access();
+  if (counted_) {
+    ListenerWorkerCounters& lc = listener_.state->per_worker[worker_.index()];
+    bump(lc.terms[term_index(term_.cause, term_.phase)]);
+    lc.duration.observe(kDurationBounds, double(uv_now(worker_.loop()) - t_accept_) / 1000.0);
+  }
+  if (relayed_) {
+    ServerWorkerCounters& sc = relayed_->per_worker[worker_.index()];
+    bump(sc.bytes_in, bytes_out_);
+    bump(sc.bytes_out, bytes_in_);
+  }
   if (up_) {
     Upstream* up = up_;
     up_ = nullptr;

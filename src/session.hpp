@@ -87,7 +87,7 @@ class Session {
   void connect_to(size_t index);
   void leave_queue();
   void release_server(const std::shared_ptr<ServerRuntime>& server);
-  void attempt_failed(char cause, char phase, const std::string& why);
+  void attempt_failed(char cause, char phase, ConnError kind, const std::string& why);
   void abandon_upstream();
   // The server greeted with 220 (or handoff = connect): forward and start relaying.
   void handoff(const char* data, size_t len);
@@ -152,6 +152,7 @@ class Session {
   SocketAddress peer_;            // the client (from the PROXY header when there is one)
   SocketAddress local_;           // the address the client connected to
   const std::string* server_name_ = nullptr;  // server of the latest attempt (owned by snap_)
+  ServerRuntime* relayed_ = nullptr;  // server the session was handed to (owned by snap_)
   uint64_t t_accept_ = 0;         // loop time (ms) at accept
   uint64_t t_attempt_ = 0;        // start of the current connect
   uint64_t t_queued_ = 0;         // when the session entered the queue

@@ -66,6 +66,7 @@ class Worker {
   void kick();
 
   uv_loop_t* loop() { return &loop_; }
+  unsigned index() const { return index_; }
   ControlLink& link() { return link_; }
   bool access_log() const { return access_log_; }
   bool draining() const { return draining_; }

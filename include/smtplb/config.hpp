@@ -42,6 +42,13 @@ struct LogConfig {
   std::string file;                 // target = file
 };
 
+struct AdminConfig {
+  // Unix socket with the full API (read and write), mode 0660. Empty: none.
+  std::string socket = "/run/smtplb/admin.sock";
+  bool socket_configured = false;   // written in the file: failing to bind it is fatal
+  std::string listen;               // "host:port" read-only HTTP; empty: off
+};
+
 struct SocketAddress {
   sockaddr_storage storage{};
   socklen_t len = 0;
@@ -119,6 +126,8 @@ struct Config {
   std::string path;
   GlobalConfig global;
   LogConfig log;
+  AdminConfig admin;
+  SocketAddress admin_listen;               // resolved admin.listen
   std::vector<ListenerConfig> listeners;   // sorted by name
   std::vector<PoolConfig> pools;           // sorted by name
 
