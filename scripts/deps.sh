@@ -3,14 +3,15 @@
 # usage: scripts/deps.sh build|demo|test
 #   build: compiler, CMake and the libraries
 #   demo:  build + smtp-sink (postfix) and swaks
-#   test:  demo + haproxy (a PROXY protocol peer), python3 and clang's libFuzzer runtime for the fuzz targets
+#   test:  demo + haproxy (a PROXY protocol peer), prometheus (promtool checks /metrics), python3 and clang's
+#          libFuzzer runtime for the fuzz targets
 set -euo pipefail
 
 want=(g++ cmake ninja-build pkg-config libuv1-dev libssl-dev libtomlplusplus-dev libspdlog-dev doctest-dev)
 case "${1:-build}" in
   build) ;;
   demo) want+=(postfix swaks) ;;
-  test) want+=(postfix swaks haproxy python3 clang libclang-rt-14-dev procps iproute2) ;;
+  test) want+=(postfix swaks haproxy prometheus python3 clang libclang-rt-14-dev procps iproute2) ;;
   *) echo "usage: $0 build|demo|test" >&2; exit 64 ;;
 esac
 
