@@ -6,6 +6,7 @@
 #include <exception>
 #include <optional>
 
+#include "ctl.hpp"
 #include "log.hpp"
 #include "server.hpp"
 #include "smtplb/config.hpp"
@@ -47,10 +48,7 @@ int run_cli(const std::vector<std::string>& args) {
   bool check = false, quiet = false;
   std::optional<LogLevel> level;
 
-  if (args.size() > 1 && args[1] == "ctl") {
-    std::fprintf(stderr, "smtplb ctl: the admin API is not available in this version of smtplb\n");
-    return kExitUsage;
-  }
+  if (args.size() > 1 && args[1] == "ctl") return run_ctl(std::vector<std::string>(args.begin() + 1, args.end()));
   for (size_t i = 1; i < args.size(); ++i) {
     const std::string& a = args[i];
     auto value = [&](const char* name) -> std::optional<std::string> {

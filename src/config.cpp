@@ -137,9 +137,6 @@ constexpr const char* kNameRule = "1 to 64 characters among letters, digits, '_'
 
 // Values that mean "feature off" for keys not implemented yet; types must match exactly.
 using Inert = std::function<bool(const toml::node&)>;
-Inert inert_string(std::string want) {
-  return [want](const toml::node& v) { return v.is_string() && v.as_string()->get() == want; };
-}
 Inert inert_integer(int64_t want) {
   return [want](const toml::node& v) { return v.is_integer() && v.as_integer()->get() == want; };
 }
@@ -369,8 +366,11 @@ void Loader::parse_log(const toml::node& n, Config& c) {
                   [&](const toml::node& v) {
                     if (auto b = boolean(v, "access_log")) c.log.access_log = *b;
                   }},
-                 not_yet("format", inert_string("text"),
-                         "\"text\""),
+                 {"format",
+                  [&](const toml::node& v) {
+                    if (auto x = choice<LogFormat>(v, "format", {{"text", LogFormat::text}, {"json", LogFormat::json}}))
+                      c.log.format = *x;
+                  }},
                  {"target",
                   [&](const toml::node& v) {
                     if (auto x = choice<LogTarget>(v, "target",

@@ -1,5 +1,7 @@
 #include "log.hpp"
 
+#include "smtplb/access_log.hpp"
+
 #include <spdlog/sinks/base_sink.h>
 #include <spdlog/sinks/syslog_sink.h>
 #include <sys/stat.h>
@@ -41,6 +43,30 @@ bool stderr_is_journal() {
   return fstat(2, &st) == 0 && st.st_dev == dev && st.st_ino == ino;
 }
 
+// One JSON object per line: {"time":...,"level":...,"msg":...}; an access line, logged
+// as a rendered object, has its fields merged in instead of "msg".
+class JsonFormatter final : public spdlog::formatter {
+ public:
+  void format(const spdlog::details::log_msg& msg, spdlog::memory_buf_t& dest) override {
+    const auto t = std::chrono::system_clock::to_time_t(msg.time);
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(msg.time.time_since_epoch()).count() % 1000;
+    tm tmv{};
+    gmtime_r(&t, &tmv);
+    fmt::format_to(std::back_inserter(dest), "{{\"time\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z\",\"level\":\"{}\",",
+                   tmv.tm_year + 1900, tmv.tm_mon + 1, tmv.tm_mday, tmv.tm_hour, tmv.tm_min, tmv.tm_sec, int(ms),
+                   spdlog::level::to_string_view(msg.level));
+    const std::string_view payload(msg.payload.data(), msg.payload.size());
+    if (!payload.empty() && payload.front() == '{' && payload.back() == '}') {
+      dest.append(payload.data() + 1, payload.data() + payload.size());
+    } else {
+      const std::string q = "\"msg\":" + json_quote(payload) + "}";
+      dest.append(q.data(), q.data() + q.size());
+    }
+    dest.push_back('\n');
+  }
+  std::unique_ptr<spdlog::formatter> clone() const override { return std::make_unique<JsonFormatter>(); }
+};
+
 class StderrSink final : public spdlog::sinks::base_sink<std::mutex> {
  public:
   explicit StderrSink(bool journal) : journal_(journal) {}
@@ -48,14 +74,10 @@ class StderrSink final : public spdlog::sinks::base_sink<std::mutex> {
  protected:
   void sink_it_(const spdlog::details::log_msg& msg) override {
     spdlog::memory_buf_t buf;
-    if (journal_) {
-      // journald stamps its own time; the prefix carries the priority.
-      fmt::format_to(std::back_inserter(buf), "<{}>", priority(msg.level));
-      buf.append(msg.payload.data(), msg.payload.data() + msg.payload.size());
-      buf.push_back('\n');
-    } else {
-      formatter_->format(msg, buf);
-    }
+    // Under journald the prefix carries the priority (the text pattern then drops the
+    // time, which journald stamps itself).
+    if (journal_) fmt::format_to(std::back_inserter(buf), "<{}>", priority(msg.level));
+    formatter_->format(msg, buf);
     std::fwrite(buf.data(), 1, buf.size(), stderr);
   }
   void flush_() override { std::fflush(stderr); }
@@ -117,7 +139,7 @@ bool setup_logging(const LogConfig& cfg, LogLevel level, std::string& error) {
   spdlog::sink_ptr sink;
   switch (cfg.target) {
     case LogTarget::stderr_stream:
-      sink = std::make_shared<StderrSink>(stderr_is_journal());
+      sink = std::make_shared<StderrSink>(stderr_is_journal());  // checked once: journald may not restart
       break;
     case LogTarget::syslog:
       sink = std::make_shared<spdlog::sinks::syslog_sink_mt>("smtplb", LOG_PID, LOG_MAIL, false);
@@ -131,7 +153,9 @@ bool setup_logging(const LogConfig& cfg, LogLevel level, std::string& error) {
     }
   }
   auto logger = std::make_shared<spdlog::logger>("smtplb", sink);
-  logger->set_pattern(cfg.target == LogTarget::syslog ? "%v" : kPattern);
+  const bool journal = cfg.target == LogTarget::stderr_stream && stderr_is_journal();
+  if (cfg.format == LogFormat::json) logger->set_formatter(std::make_unique<JsonFormatter>());
+  else logger->set_pattern(cfg.target == LogTarget::syslog ? "%v" : journal ? "%l: %v" : kPattern);
   logger->set_level(to_spdlog(level));
   // Warnings and errors are rare and must not be lost in a crash right after them.
   logger->flush_on(spdlog::level::warn);

@@ -43,7 +43,15 @@ void Server::raise_fd_limit() {
                (unsigned long long)rl.rlim_cur / 2);
 }
 
+namespace {
+int64_t wall_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+}  // namespace
+
 int Server::run() {
+  start_time_ms_ = generation_loaded_ms_ = wall_ms();
   raise_fd_limit();
   snapshot_ = build_snapshot(config_, generation_);
   worker_count_ = config_->global.workers;
@@ -80,6 +88,18 @@ int Server::run() {
   const uint64_t window = std::max<uint64_t>(1, 2 * total);
   for (const auto& p : snapshot_->pools)
     for (const auto& s : p.servers) start_checker(s, *p.cfg, rng_() % window);
+
+  admin_ = std::make_unique<AdminServer>(&loop_, [this](const AdminServer::Request& r) { return admin(r); });
+  if (!admin_->start(*config_, error)) {
+    spdlog::error("{}", error);
+    admin_->stop();
+    for (auto& w : workers_) w->request_stop();
+    uv_close(as_handle(&control_wake_), nullptr);
+    uv_close(as_handle(&grace_timer_), nullptr);
+    for (auto& [s, c] : checkers_) c->stop();
+    uv_run(&loop_, UV_RUN_DEFAULT);
+    return 1;
+  }
 
   const int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGUSR1};
   for (size_t i = 0; i < 4; ++i) {
@@ -134,6 +154,8 @@ Server::ReloadResult Server::reload() {
   notifier_.reloading();
   spdlog::info("reloading configuration from {}", config_->path);
   auto fail = [&](std::vector<std::string> errors) {
+    ++reloads_failed_;
+    last_reload_ok_ = false;
     for (const auto& e : errors) spdlog::error("reload: {}", e);
     spdlog::error("reload failed ({} errors); still running generation {}", errors.size(), generation_);
     notifier_.ready("reload failed (" + std::to_string(errors.size()) + " errors); generation " +
@@ -151,8 +173,9 @@ Server::ReloadResult Server::reload() {
   if (cfg->global.workers != config_->global.workers)
     spdlog::warn("reload: global.workers changed to {}; it takes effect at the next restart ({} workers run)",
                  cfg->global.workers, worker_count_);
-  if (cfg->log.target != config_->log.target || cfg->log.file != config_->log.file)
-    spdlog::warn("reload: log.target and log.file take effect at the next restart");
+  if (cfg->log.target != config_->log.target || cfg->log.file != config_->log.file ||
+      cfg->log.format != config_->log.format)
+    spdlog::warn("reload: log.target, log.file and log.format take effect at the next restart");
 
   auto next = build_snapshot(cfg, generation_ + 1, snapshot_.get());
   // New listeners get their sockets now; a failure leaves everything as it was.
@@ -213,9 +236,14 @@ Server::ReloadResult Server::reload() {
     spdlog::info("listener {} listening on {} for pool {} ({} workers)", lr->cfg->name, lr->bound.to_string(),
                  lr->cfg->pool, worker_count_);
 
+  if (cfg->admin.socket != config_->admin.socket || cfg->admin.listen != config_->admin.listen)
+    spdlog::warn("reload: [admin] changes take effect at the next restart");
   snapshot_ = next;
   config_ = cfg;
   ++generation_;
+  ++reloads_ok_;
+  last_reload_ok_ = true;
+  generation_loaded_ms_ = wall_ms();
   for (auto& w : workers_) w->publish(next);
   spdlog::info("configuration reloaded: generation {} ({} servers added, {} removed; {} listeners added, {} removed)",
                generation_, added, removed, listeners_added, listeners_removed);
@@ -293,6 +321,7 @@ void Server::finish_if_done() {
   if (phase_ == Phase::running || link_.running.load() != 0) return;
   if (uv_is_closing(as_handle(&control_wake_))) return;
   // Every worker has ended: close the control loop's own handles so run() returns.
+  if (admin_) admin_->stop();
   uv_close(as_handle(&control_wake_), nullptr);
   uv_close(as_handle(&grace_timer_), nullptr);
   for (auto& s : signals_) uv_close(as_handle(&s), nullptr);

@@ -10,6 +10,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "admin.hpp"
 #include "health_check.hpp"
 #include "server_pool.hpp"
 #include "systemd.hpp"
@@ -36,7 +37,18 @@ class Server {
   // configuration stays as it is.
   ReloadResult reload();
 
+  // Admin API (src/admin_api.cpp): one entry point for both endpoints.
+  AdminResponse admin(const AdminServer::Request& req);
+
  private:
+  std::string render_metrics() const;
+  std::string render_status_json() const;
+  std::string render_status_text() const;
+  AdminResponse healthz() const;
+  AdminResponse change_server(std::string_view pool, std::string_view server, std::string_view what,
+                              std::string_view body);
+  ServerRuntime* find_server(std::string_view pool, std::string_view server, const PoolRuntime** pr = nullptr) const;
+
   enum class Phase { running, draining, stopped };
 
   void on_signal(int signum);
@@ -67,6 +79,11 @@ class Server {
   // Stopped checkers whose handles may still be closing; freed with the loop.
   std::vector<std::unique_ptr<HealthChecker>> retired_;
   std::minstd_rand rng_{std::random_device{}()};
+  std::unique_ptr<AdminServer> admin_;
+  int64_t start_time_ms_ = 0;           // wall clock at start, for start_time_seconds
+  int64_t generation_loaded_ms_ = 0;    // wall clock when the running generation loaded
+  uint64_t reloads_ok_ = 0, reloads_failed_ = 0;
+  bool last_reload_ok_ = true;
 };
 
 }  // namespace smtplb

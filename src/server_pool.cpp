@@ -10,12 +10,15 @@ ServerRuntime::ServerRuntime(const PoolConfig& pool, const ServerConfig& server,
       pool_state(std::move(ps)),
       admin(server.state),
       configured_admin(server.state),
+      configured_weight(server.weight),
       weight(server.weight),
       max_connections(server.max_connections),
       backup(server.backup) {}
 
 void ServerRuntime::apply(const ServerConfig& server) {
-  weight.store(server.weight, std::memory_order_relaxed);
+  // Runtime changes (admin API) last until the configured value itself changes.
+  if (configured_weight.exchange(server.weight, std::memory_order_relaxed) != server.weight)
+    weight.store(server.weight, std::memory_order_relaxed);
   max_connections.store(server.max_connections, std::memory_order_relaxed);
   backup.store(server.backup, std::memory_order_relaxed);
   if (configured_admin.exchange(server.state, std::memory_order_relaxed) != server.state)

@@ -27,9 +27,9 @@ struct PoolState {
 struct ServerRuntime {
   ServerRuntime(const PoolConfig& pool, const ServerConfig& server, std::shared_ptr<PoolState> pool_state);
 
-  // Takes the reloadable settings of `server` (same identity). The admin state changes
-  // only when the configured value changed, so a runtime drain survives an unrelated
-  // reload.
+  // Takes the reloadable settings of `server` (same identity). The admin state and the
+  // weight change only when the configured value changed, so a runtime drain or weight
+  // (admin API) survives an unrelated reload.
   void apply(const ServerConfig& server);
   // Same server for a reload: same name, address and port.
   bool same_identity(const ServerConfig& server) const;
@@ -40,6 +40,7 @@ struct ServerRuntime {
   std::atomic<Health> health{Health::unknown};
   std::atomic<AdminState> admin;
   std::atomic<AdminState> configured_admin;  // the config's value, to detect changes
+  std::atomic<uint32_t> configured_weight;   // likewise for a weight set at runtime
   std::atomic<uint32_t> weight;
   std::atomic<uint32_t> max_connections;
   std::atomic<bool> backup;

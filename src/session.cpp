@@ -721,7 +721,7 @@ void Session::log_access() {
   r.bytes_in = bytes_in_;
   r.bytes_out = bytes_out_;
   r.term = term_;
-  spdlog::info("{}", format_access_text(r));
+  spdlog::info("{}", worker_.log_json() ? format_access_json(r) : format_access_text(r));
 }
 
 }  // namespace smtplb

@@ -39,6 +39,7 @@ Worker::Worker(unsigned index, std::shared_ptr<const Snapshot> snapshot, Control
   uv_async_init(&loop_, &wake_, [](uv_async_t* a) { static_cast<Worker*>(a->data)->on_wake(); });
   wake_.data = this;
   access_log_ = snapshot_->config->log.access_log;
+  log_json_ = snapshot_->config->log.format == LogFormat::json;
 }
 
 Worker::~Worker() {

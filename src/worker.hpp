@@ -69,6 +69,7 @@ class Worker {
   unsigned index() const { return index_; }
   ControlLink& link() { return link_; }
   bool access_log() const { return access_log_; }
+  bool log_json() const { return log_json_; }
   bool draining() const { return draining_; }
 
   struct Pick {
@@ -143,6 +144,7 @@ class Worker {
   std::shared_ptr<const Snapshot> pending_;  // guarded by pending_mu_
   std::shared_ptr<const Snapshot> snapshot_;
   bool access_log_ = true;
+  bool log_json_ = false;
   bool draining_ = false;
   uint64_t last_accept_error_ms_ = 0;     // accept errors are logged once per burst
   std::vector<Worker*> peers_;

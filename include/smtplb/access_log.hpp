@@ -30,5 +30,9 @@ struct AccessRecord {
 };
 
 std::string format_access_text(const AccessRecord& r);
+// The same fields as one JSON object: {"client":"...","listener":"...",...,"term":"--"}.
+std::string format_access_json(const AccessRecord& r);
+// A JSON string literal (quotes included) with the escapes JSON requires.
+std::string json_quote(std::string_view s);
 
 }  // namespace smtplb

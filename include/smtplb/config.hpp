@@ -16,6 +16,7 @@ namespace smtplb {
 
 enum class LogLevel : uint8_t { trace, debug, info, warn, error };
 enum class LogTarget : uint8_t { stderr_stream, syslog, file };
+enum class LogFormat : uint8_t { text, json };
 enum class Algorithm : uint8_t { roundrobin, leastconn };
 enum class Handoff : uint8_t { banner, connect };
 // Operator's intent for a server, separate from its health: drain takes no new sessions
@@ -39,6 +40,7 @@ struct LogConfig {
   LogLevel level = LogLevel::info;
   bool access_log = true;
   LogTarget target = LogTarget::stderr_stream;
+  LogFormat format = LogFormat::text;
   std::string file;                 // target = file
 };
 

@@ -67,3 +67,23 @@ TEST_CASE("access log: default record") {
   CHECK(format_access_text(r) ==
         "client= listener= pool=- server=- tries=0 Tw=-1 Tc=-1 Tb=-1 Tt=0 bytes_in=0 bytes_out=0 term=--");
 }
+
+TEST_CASE("access log: JSON has the same fields and escapes") {
+  smtplb::AccessRecord r;
+  r.client = "203.0.113.9:40122";
+  r.listener = "mx";
+  r.pool = "postfix";
+  r.server = "pf\"1";
+  r.tries = 2;
+  r.tw_ms = 0;
+  r.tc_ms = 2;
+  r.tb_ms = 14;
+  r.tt_ms = 5012;
+  r.bytes_in = 1834;
+  r.bytes_out = 912;
+  r.term = {'S', 'H'};
+  CHECK(smtplb::format_access_json(r) ==
+        "{\"client\":\"203.0.113.9:40122\",\"listener\":\"mx\",\"pool\":\"postfix\",\"server\":\"pf\\\"1\","
+        "\"tries\":2,\"Tw\":0,\"Tc\":2,\"Tb\":14,\"Tt\":5012,\"bytes_in\":1834,\"bytes_out\":912,\"term\":\"SH\"}");
+  CHECK(smtplb::json_quote(std::string_view("a\\b\n\x01", 5)) == "\"a\\\\b\\n\\u0001\"");
+}

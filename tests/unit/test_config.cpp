@@ -412,9 +412,6 @@ TEST_CASE("config: duplicate server names") {
 }
 
 TEST_CASE("config: features of DESIGN.md not built yet") {
-  expect_one_error("[admin]\nsocket = \"/run/smtplb/admin.sock\"\n" + kListener + kPool, 1, 2,
-                   "[admin] is not supported yet");
-  expect_one_error("[log]\nformat = \"json\"\n" + kListener + kPool, 2, 10, "'format' is not supported yet");
   expect_one_error(kListener + "max_connections_per_ip = 10\n" + kPool, 4, 26,
                    "'max_connections_per_ip' is not supported yet");
   expect_one_error(kListener + "allow = [\"10.0.0.0/8\"]\n" + kPool, 4, 9, "'allow' is not supported yet");
@@ -446,7 +443,7 @@ name = "a"
 address = "127.0.0.1"
 
 [admin]
-socket = "/run/smtplb/admin.sock"
+socket = "run/smtplb/admin.sock"
 )";
   auto r = load(text);
   INFO(dump(r));
@@ -465,7 +462,7 @@ socket = "/run/smtplb/admin.sock"
       {13, 17, "'queue_timeout': bad duration \"5\""},
       {18, 10, "'weight' must be between 0 and 256, not 300"},
       {21, 8, "duplicate server name 'a' in pool 'pf'"},
-      {24, 2, "[admin] is not supported yet"},
+      {25, 10, "admin.socket must be an absolute path"},
   };
   REQUIRE(r.errors.size() == want.size());
   for (size_t i = 0; i < want.size(); ++i) {
@@ -745,4 +742,37 @@ TEST_CASE("config: log targets and shutdown_grace") {
   expect_one_error("[log]\ntarget = \"file\"\nfile = \"x.log\"\n" + kListener + kPool, 3, 8, "absolute path");
   expect_one_error("[log]\ntarget = \"journal\"\n" + kListener + kPool, 2, 10, "'target' must be one of: stderr, syslog, file");
   expect_one_error("[global]\nshutdown_grace = \"soon\"\n" + kListener + kPool, 2, 18, "bad duration");
+}
+
+TEST_CASE("config: admin endpoints and JSON logs") {
+  auto d = load(kListener + kPool);
+  REQUIRE(d.ok());
+  CHECK(d.config->admin.socket == "/run/smtplb/admin.sock");
+  CHECK_FALSE(d.config->admin.socket_configured);
+  CHECK(d.config->admin.listen.empty());
+  CHECK(d.config->log.format == smtplb::LogFormat::text);
+
+  auto r = load("[admin]\nsocket = \"/tmp/x.sock\"\nlisten = \"127.0.0.1:9925\"\n[log]\nformat = \"json\"\n" +
+                kListener + kPool);
+  INFO(dump(r));
+  REQUIRE(r.ok());
+  CHECK(r.config->admin.socket == "/tmp/x.sock");
+  CHECK(r.config->admin.socket_configured);
+  CHECK(r.config->admin.listen == "127.0.0.1:9925");
+  CHECK(r.config->admin_listen.to_string() == "127.0.0.1:9925");
+  CHECK(r.config->log.format == smtplb::LogFormat::json);
+
+  auto v6 = load("[admin]\nlisten = \"[::1]:9925\"\n" + kListener + kPool);
+  REQUIRE(v6.ok());
+  CHECK(v6.config->admin_listen.to_string() == "[::1]:9925");
+  auto off = load("[admin]\nsocket = \"\"\n" + kListener + kPool);
+  REQUIRE(off.ok());
+  CHECK(off.config->admin.socket.empty());
+
+  expect_one_error("[admin]\nlisten = \"9925\"\n" + kListener + kPool, 2, 10, "admin.listen must be");
+  expect_one_error("[admin]\nlisten = \"host.example:9925\"\n" + kListener + kPool, 2, 10, "not a valid IP address");
+  expect_one_error("[admin]\nlisten = \"127.0.0.1:99999\"\n" + kListener + kPool, 2, 10, "admin.listen must be");
+  expect_one_error("[admin]\nsocket = \"rel.sock\"\n" + kListener + kPool, 2, 10, "absolute path");
+  expect_one_error("[admin]\nport = 1\n" + kListener + kPool, 2, 1, "unknown key 'port' in [admin]");
+  expect_one_error("[log]\nformat = \"xml\"\n" + kListener + kPool, 2, 10, "'format' must be one of: text, json");
 }

@@ -1,0 +1,215 @@
+#include "admin.hpp"
+
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "smtplb/http.hpp"
+#include "uv_util.hpp"
+
+namespace smtplb {
+
+namespace {
+constexpr uint64_t kIdleTimeoutMs = 10'000;  // per request, and between keep-alive requests
+constexpr size_t kMaxConnections = 64;
+}  // namespace
+
+struct AdminServer::Conn {
+  union {
+    uv_pipe_t pipe;
+    uv_tcp_t tcp;
+  } h;
+  uv_timer_t timer;
+  AdminServer* owner = nullptr;
+  bool writable = false;
+  bool closing = false;
+  int open_handles = 2;
+  http::RequestParser parser;
+  std::string pending;  // received bytes not parsed yet (pipelined requests)
+};
+
+AdminServer::AdminServer(uv_loop_t* loop, Handler handler) : loop_(loop), handler_(std::move(handler)) {}
+
+AdminServer::~AdminServer() = default;
+
+bool AdminServer::start(const Config& cfg, std::string& error) {
+  auto listen_cb = [](uv_stream_t* s, int status) {
+    auto* ep = static_cast<Endpoint*>(s->data);
+    ep->owner->on_connection(*ep, status);
+  };
+  if (!cfg.admin.socket.empty()) {
+    auto* ep = new Endpoint;
+    ep->owner = this;
+    ep->writable = true;
+    uv_pipe_init(loop_, &ep->h.pipe, 0);
+    ep->h.pipe.data = ep;
+    endpoints_.push_back(ep);
+    // A socket left by a previous run would make bind fail; anything else is kept.
+    struct stat st{};
+    if (lstat(cfg.admin.socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(cfg.admin.socket.c_str());
+    int rc = uv_pipe_bind(&ep->h.pipe, cfg.admin.socket.c_str());
+    if (rc == 0) rc = uv_listen(as_stream(&ep->h.pipe), 16, listen_cb);
+    if (rc == 0 && ::chmod(cfg.admin.socket.c_str(), 0660) != 0) rc = uv_translate_sys_error(errno);
+    if (rc != 0) {
+      const std::string msg = "admin socket " + cfg.admin.socket + ": " + uv_strerror(rc);
+      if (cfg.admin.socket_configured) {
+        error = msg;
+        return false;
+      }
+      spdlog::warn("{} (the admin API is off; set admin.socket to a writable path)", msg);
+    } else {
+      socket_path_ = cfg.admin.socket;
+      spdlog::info("admin API on unix socket {}", cfg.admin.socket);
+    }
+  }
+  if (!cfg.admin.listen.empty()) {
+    auto* ep = new Endpoint;
+    ep->owner = this;
+    ep->writable = false;
+    uv_tcp_init(loop_, &ep->h.tcp);
+    ep->h.tcp.data = ep;
+    endpoints_.push_back(ep);
+    int rc = uv_tcp_bind(&ep->h.tcp, cfg.admin_listen.sa(), 0);
+    if (rc == 0) rc = uv_listen(as_stream(&ep->h.tcp), 16, listen_cb);
+    if (rc != 0) {
+      error = "admin listen " + cfg.admin.listen + ": " + uv_strerror(rc);
+      return false;
+    }
+    SocketAddress bound;
+    int len = sizeof bound.storage;
+    uv_tcp_getsockname(&ep->h.tcp, reinterpret_cast<sockaddr*>(&bound.storage), &len);
+    bound.len = socklen_t(len);
+    spdlog::info("admin API (read-only) on http://{}/", bound.to_string());
+  }
+  return true;
+}
+
+void AdminServer::stop() {
+  for (Endpoint* ep : endpoints_)
+    uv_close(as_handle(&ep->h.pipe), [](uv_handle_t* h) { delete static_cast<Endpoint*>(h->data); });
+  endpoints_.clear();
+  while (!conns_.empty()) close_conn(conns_.back());
+  if (!socket_path_.empty()) ::unlink(socket_path_.c_str());
+  socket_path_.clear();
+}
+
+void AdminServer::on_connection(Endpoint& ep, int status) {
+  if (status < 0) return;
+  auto* c = new Conn;
+  c->owner = this;
+  c->writable = ep.writable;
+  if (ep.writable) uv_pipe_init(loop_, &c->h.pipe, 0);
+  else uv_tcp_init(loop_, &c->h.tcp);
+  c->h.pipe.data = c;
+  uv_timer_init(loop_, &c->timer);
+  c->timer.data = c;
+  conns_.push_back(c);
+  if (uv_accept(as_stream(&ep.h.pipe), as_stream(&c->h.pipe)) != 0 || conns_.size() > kMaxConnections) {
+    close_conn(c);
+    return;
+  }
+  uv_timer_start(&c->timer, [](uv_timer_t* t) { static_cast<Conn*>(t->data)->owner->close_conn(static_cast<Conn*>(t->data)); },
+                 kIdleTimeoutMs, 0);
+  uv_read_start(
+      as_stream(&c->h.pipe),
+      [](uv_handle_t* h, size_t, uv_buf_t* b) {
+        auto* conn = static_cast<Conn*>(h->data);
+        *b = uv_buf_init(conn->owner->buf_, sizeof conn->owner->buf_);
+      },
+      [](uv_stream_t* s, ssize_t n, const uv_buf_t* b) {
+        auto* conn = static_cast<Conn*>(s->data);
+        if (n < 0) return conn->owner->close_conn(conn);
+        if (n == 0) return;
+        conn->pending.append(b->base, size_t(n));
+        conn->owner->serve(conn);
+      });
+}
+
+void AdminServer::close_conn(Conn* c) {
+  if (c->closing) return;
+  c->closing = true;
+  conns_.erase(std::find(conns_.begin(), conns_.end(), c));
+  auto closed = [](uv_handle_t* h) {
+    auto* conn = static_cast<Conn*>(h->data);
+    if (--conn->open_handles == 0) delete conn;
+  };
+  uv_close(as_handle(&c->h.pipe), closed);
+  uv_close(as_handle(&c->timer), closed);
+}
+
+namespace {
+
+struct Write {
+  uv_write_t req;
+  std::string data;
+  bool close_after = false;
+};
+
+}  // namespace
+
+void AdminServer::serve(Conn* c) {
+  while (!c->closing && !c->pending.empty()) {
+    size_t consumed = 0;
+    const auto st = c->parser.feed(c->pending, consumed);
+    if (st == http::RequestParser::Status::need_more) {
+      c->pending.clear();  // the parser keeps what it needs
+      return;
+    }
+    c->pending.erase(0, consumed);
+    AdminResponse resp;
+    bool keep_alive = false;
+    std::string allow;
+    if (st == http::RequestParser::Status::error) {
+      resp.status = c->parser.status_code();
+      resp.body = c->parser.error() + "\n";
+    } else {
+      const http::Request& req = c->parser.request();
+      keep_alive = req.keep_alive;
+      const size_t q = req.target.find('?');
+      Request r{req.method, req.path, q == std::string::npos ? std::string_view() : std::string_view(req.target).substr(q + 1),
+                req.body};
+      if (!c->writable && req.method != "GET" && req.method != "HEAD") {
+        resp.status = 403;
+        resp.body = "this endpoint is read-only; use the admin unix socket for changes\n";
+      } else {
+        resp = handler_(r);
+        if (resp.status == 405) allow = req.path == "/reload" || req.path.starts_with("/servers/") ? "POST" : "GET";
+      }
+      if (req.method == "HEAD") resp.body.clear();
+    }
+    auto* w = new Write;
+    w->close_after = !keep_alive;
+    w->data = "HTTP/1.1 " + std::to_string(resp.status) + " " + http::reason(resp.status) + "\r\n" +
+              "Content-Type: " + resp.content_type + "\r\nContent-Length: " + std::to_string(resp.body.size()) +
+              "\r\n" + (allow.empty() ? "" : "Allow: " + allow + "\r\n") +
+              (keep_alive ? "" : "Connection: close\r\n") + "Cache-Control: no-store\r\n\r\n" + resp.body;
+    w->req.data = w;
+    uv_buf_t b = uv_buf_init(w->data.data(), unsigned(w->data.size()));
+    const int rc = uv_write(&w->req, as_stream(&c->h.pipe), &b, 1, [](uv_write_t* req, int status) {
+      auto* wr = static_cast<Write*>(req->data);
+      auto* conn = static_cast<Conn*>(req->handle->data);
+      const bool close_after = wr->close_after;
+      delete wr;
+      if (status == UV_ECANCELED) return;
+      if (status < 0 || close_after) conn->owner->close_conn(conn);
+    });
+    if (rc != 0) {
+      delete w;
+      close_conn(c);
+      return;
+    }
+    c->parser.reset();
+    if (!keep_alive) {
+      uv_read_stop(as_stream(&c->h.pipe));
+      return;
+    }
+    uv_timer_start(&c->timer, [](uv_timer_t* t) { static_cast<Conn*>(t->data)->owner->close_conn(static_cast<Conn*>(t->data)); },
+                   kIdleTimeoutMs, 0);
+  }
+}
+
+}  // namespace smtplb
