@@ -20,7 +20,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 0' INT TERM
 
-for p in 2601 2602 2603; do
+for p in 2525 2601 2602 2603 9925; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
     echo "demo: port $p is in use; stop what listens there first" >&2; exit 1
   fi
@@ -50,6 +50,10 @@ demo: smtplb is running on 127.0.0.1:2525 in front of smtp-sink on ports 2601 an
       config:     $root/conf/demo.toml
       try:        swaks --server 127.0.0.1:2525 --to you@example.net
                   smtp-source -s 10 -m 100 127.0.0.1:2525
+                  build/smtplb ctl --socket /tmp/smtplb-demo.sock status
+                  build/smtplb ctl --socket /tmp/smtplb-demo.sock drain sinks/sink1
+                  curl -s http://127.0.0.1:9925/metrics | grep smtplb_server_connections_total
+                  kill -HUP $lb    (reloads conf/demo.toml in place)
       Ctrl-C stops smtplb and the backends. Following the log:
 MSG
 tail -n 0 -f --pid="$lb" "$log"
