@@ -56,4 +56,7 @@ demo: smtplb is running on 127.0.0.1:2525 in front of smtp-sink on ports 2601 an
                   kill -HUP $lb    (reloads conf/demo.toml in place)
       Ctrl-C stops smtplb and the backends. Following the log:
 MSG
-tail -n 0 -f --pid="$lb" "$log"
+# In the background so that a signal to this script alone (not just Ctrl-C to the whole
+# terminal group) still runs the clean-up at once.
+tail -n 0 -f --pid="$lb" "$log" & pids+=($!)
+wait "$lb" || true
