@@ -57,13 +57,10 @@ Session::~Session() {
   worker_.unlink(this);
 }
 
-void Session::start() {
+void Session::start(const SocketAddress& peer) {
   const uint64_t now = uv_now(worker_.loop());
   t_accept_ = last_activity_ = now;
-  int len = sizeof peer_.storage;
-  if (uv_tcp_getpeername(&client_, reinterpret_cast<sockaddr*>(&peer_.storage), &len) == 0) peer_.len = len;
-  len = sizeof local_.storage;
-  if (uv_tcp_getsockname(&client_, reinterpret_cast<sockaddr*>(&local_.storage), &len) == 0) local_.len = len;
+  peer_ = peer;  // from accept4: no getpeername call
   uv_tcp_nodelay(&client_, 1);
 
   counted_ = true;
@@ -311,6 +308,10 @@ void Session::connected(int status) {
   uv_tcp_nodelay(&up_->tcp, 1);
   if (pool_.proxy_protocol != ProxyOut::none) {
     // Written before anything else; a PROXY-aware server reads it before it greets.
+    if (local_.len == 0) {  // looked up only when needed (and unless a PROXY header gave it)
+      int len = sizeof local_.storage;
+      if (uv_tcp_getsockname(&client_, reinterpret_cast<sockaddr*>(&local_.storage), &len) == 0) local_.len = len;
+    }
     proxy::Header h;
     h.local = proxy_local_;
     h.source = peer_;

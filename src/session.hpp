@@ -34,8 +34,8 @@ class Session {
   Session& operator=(const Session&) = delete;
 
   uv_tcp_t* client() { return &client_; }
-  // Called once the client socket is accepted.
-  void start();
+  // Called once the client socket is accepted; `peer` is the address accept4 reported.
+  void start(const SocketAddress& peer);
   // Ends the session from outside (immediate stop).
   void kill();
   // Graceful stop: a session not handed off yet gets 421 4.3.2; a relaying one goes on.

@@ -222,7 +222,9 @@ void Worker::maybe_finish() {
 void Worker::on_readable(Listener& l) {
   // A bounded batch per wake-up, so one busy listener cannot starve the loop.
   for (int i = 0; i < 64; ++i) {
-    const int fd = ::accept4(l.fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    SocketAddress peer;
+    peer.len = sizeof peer.storage;
+    const int fd = ::accept4(l.fd, reinterpret_cast<sockaddr*>(&peer.storage), &peer.len, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
       if (errno == EAGAIN || errno == EWOULDBLOCK) return;
       if (errno == ECONNABORTED || errno == EINTR || errno == EPROTO) continue;
@@ -251,7 +253,7 @@ void Worker::on_readable(Listener& l) {
       s->kill();
       continue;
     }
-    s->start();
+    s->start(peer);
   }
 }
 
