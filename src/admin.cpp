@@ -163,6 +163,7 @@ void AdminServer::serve(Conn* c) {
     AdminResponse resp;
     bool keep_alive = false;
     std::string allow;
+    size_t content_length = 0;
     if (st == http::RequestParser::Status::error) {
       resp.status = c->parser.status_code();
       resp.body = c->parser.error() + "\n";
@@ -177,14 +178,16 @@ void AdminServer::serve(Conn* c) {
         resp.body = "this endpoint is read-only; use the admin unix socket for changes\n";
       } else {
         resp = handler_(r);
-        if (resp.status == 405) allow = req.path == "/reload" || req.path.starts_with("/servers/") ? "POST" : "GET";
+        if (resp.status == 405) allow = req.path == "/reload" || req.path.starts_with("/servers/") ? "POST" : "GET, HEAD";
       }
+      content_length = resp.body.size();  // HEAD announces what GET would send
       if (req.method == "HEAD") resp.body.clear();
     }
+    if (st == http::RequestParser::Status::error) content_length = resp.body.size();
     auto* w = new Write;
     w->close_after = !keep_alive;
     w->data = "HTTP/1.1 " + std::to_string(resp.status) + " " + http::reason(resp.status) + "\r\n" +
-              "Content-Type: " + resp.content_type + "\r\nContent-Length: " + std::to_string(resp.body.size()) +
+              "Content-Type: " + resp.content_type + "\r\nContent-Length: " + std::to_string(content_length) +
               "\r\n" + (allow.empty() ? "" : "Allow: " + allow + "\r\n") +
               (keep_alive ? "" : "Connection: close\r\n") + "Cache-Control: no-store\r\n\r\n" + resp.body;
     w->req.data = w;
