@@ -1,7 +1,9 @@
 #include "admin.hpp"
 
 #include <spdlog/spdlog.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -14,6 +16,18 @@
 namespace smtplb {
 
 namespace {
+
+bool socket_in_use(const std::string& path) {
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), std::min(path.size() + 1, sizeof addr.sun_path - 1));
+  const bool live = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+  ::close(fd);
+  return live;
+}
+
 constexpr uint64_t kIdleTimeoutMs = 10'000;  // per request, and between keep-alive requests
 constexpr size_t kMaxConnections = 64;
 }  // namespace
@@ -48,10 +62,15 @@ bool AdminServer::start(const Config& cfg, std::string& error) {
     uv_pipe_init(loop_, &ep->h.pipe, 0);
     ep->h.pipe.data = ep;
     endpoints_.push_back(ep);
-    // A socket left by a previous run would make bind fail; anything else is kept.
+    // A socket left by a previous run would make bind fail: removed, unless a live process
+    // still answers on it (another smtplb with the same path). Anything else is kept.
+    int rc = 0;
     struct stat st{};
-    if (lstat(cfg.admin.socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(cfg.admin.socket.c_str());
-    int rc = uv_pipe_bind(&ep->h.pipe, cfg.admin.socket.c_str());
+    if (lstat(cfg.admin.socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
+      if (socket_in_use(cfg.admin.socket)) rc = UV_EADDRINUSE;
+      else ::unlink(cfg.admin.socket.c_str());
+    }
+    if (rc == 0) rc = uv_pipe_bind(&ep->h.pipe, cfg.admin.socket.c_str());
     if (rc == 0) rc = uv_listen(as_stream(&ep->h.pipe), 16, listen_cb);
     if (rc == 0 && ::chmod(cfg.admin.socket.c_str(), 0660) != 0) rc = uv_translate_sys_error(errno);
     if (rc != 0) {
@@ -63,6 +82,7 @@ bool AdminServer::start(const Config& cfg, std::string& error) {
       spdlog::warn("{} (the admin API is off; set admin.socket to a writable path)", msg);
     } else {
       socket_path_ = cfg.admin.socket;
+      if (lstat(socket_path_.c_str(), &st) == 0) socket_id_ = {st.st_dev, st.st_ino};
       spdlog::info("admin API on unix socket {}", cfg.admin.socket);
     }
   }
@@ -93,7 +113,11 @@ void AdminServer::stop() {
     uv_close(as_handle(&ep->h.pipe), [](uv_handle_t* h) { delete static_cast<Endpoint*>(h->data); });
   endpoints_.clear();
   while (!conns_.empty()) close_conn(conns_.back());
-  if (!socket_path_.empty()) ::unlink(socket_path_.c_str());
+  // Removed only if it is still ours: another instance may have taken the path since.
+  struct stat st{};
+  if (!socket_path_.empty() && lstat(socket_path_.c_str(), &st) == 0 &&
+      std::pair<uint64_t, uint64_t>{st.st_dev, st.st_ino} == socket_id_)
+    ::unlink(socket_path_.c_str());
   socket_path_.clear();
 }
 

@@ -62,6 +62,7 @@ class AdminServer {
   std::vector<Endpoint*> endpoints_;  // freed in their close callbacks
   std::vector<Conn*> conns_;
   std::string socket_path_;           // to unlink at stop
+  std::pair<uint64_t, uint64_t> socket_id_{0, 0};  // device and inode of the socket we bound
   char buf_[16 * 1024];               // read buffer, shared: one loop thread
 };
 

@@ -118,7 +118,10 @@ void HealthChecker::reconfigure(const HealthCheckConfig& cfg, ProxyOut proxy) {
     pending_cfg_ = cfg;
     return;
   }
+  const bool sooner = cfg.interval < cfg_.interval;
   apply_config(cfg);
+  // A shorter interval should not wait out the old, longer one.
+  if (sooner && !timer_closed_) schedule(uint64_t(cfg_.interval.count()));
 }
 
 void HealthChecker::apply_config(const HealthCheckConfig& cfg) {

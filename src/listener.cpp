@@ -31,6 +31,13 @@ int open_one(const SocketAddress& addr, std::string& error) {
     ::close(fd);
     return -1;
   }
+  // Listening from here on: clients queue in the backlog until a worker adopts the socket,
+  // so a new listener never refuses a connection between a reload and the workers.
+  if (::listen(fd, 4096) != 0) {
+    error = "cannot listen on " + addr.to_string() + ": " + std::strerror(errno);
+    ::close(fd);
+    return -1;
+  }
   return fd;
 }
 

@@ -15,7 +15,6 @@
 namespace smtplb {
 
 namespace {
-constexpr int kBacklog = 4096;  // the kernel caps it at net.core.somaxconn
 constexpr uint64_t kAcceptPauseMs = 100;
 }
 
@@ -60,9 +59,8 @@ bool Worker::open_listeners(std::string& error) {
 
 bool Worker::add_listener(const std::shared_ptr<ListenerRuntime>& lr, std::string& error) {
   const int fd = index_ < lr->fds.size() ? lr->fds[index_] : -1;
-  if (fd < 0 || ::listen(fd, kBacklog) != 0) {
-    error = "listener " + lr->cfg->name + ": cannot listen on " + lr->bound.to_string() + ": " +
-            (fd < 0 ? std::string("no socket") : std::string(std::strerror(errno)));
+  if (fd < 0) {
+    error = "listener " + lr->cfg->name + ": no socket for worker " + std::to_string(index_);
     return false;
   }
   auto* l = new Listener;
