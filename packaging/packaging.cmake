@@ -1,0 +1,81 @@
+# Packages: the .deb and the .rpm, built by CPack from one install tree
+# (scripts/package.sh; checked by tests/packaging/). Everything but the configuration
+# file has a relative destination under CPACK_PACKAGING_INSTALL_PREFIX (/usr): the RPM
+# generator marks every file with an absolute destination as %config, and the one config
+# file is /etc/smtplb/smtplb.toml (%config(noreplace) in the RPM, a conffile in the .deb).
+set(SMTPLB_PACKAGE_MAINTAINER "Seed 1b55796a maintainers <maintainers@users.noreply.r-seed-1b55796a.example>"
+  CACHE STRING "Maintainer of the .deb and .rpm packages")
+
+set(_smtplb_pkg_src ${CMAKE_CURRENT_SOURCE_DIR}/packaging)
+set(_smtplb_pkg_bin ${CMAKE_CURRENT_BINARY_DIR}/packaging)
+
+install(FILES conf/smtplb.toml DESTINATION /etc/smtplb)
+install(FILES ${_smtplb_pkg_src}/smtplb.service DESTINATION lib/systemd/system)
+install(FILES ${_smtplb_pkg_src}/smtplb.sysusers DESTINATION lib/sysusers.d RENAME smtplb.conf)
+
+# Man pages (hand-written roff, the version filled in) and the changelog, compressed
+# reproducibly at configure time: configure_file() re-runs CMake when a source changes.
+foreach(_page smtplb.8 smtplb.toml.5)
+  configure_file(${_smtplb_pkg_src}/man/${_page} ${_smtplb_pkg_bin}/${_page} @ONLY)
+endforeach()
+configure_file(${_smtplb_pkg_src}/changelog ${_smtplb_pkg_bin}/changelog COPYONLY)
+foreach(_f smtplb.8 smtplb.toml.5 changelog)
+  execute_process(COMMAND gzip -9nf ${_smtplb_pkg_bin}/${_f} RESULT_VARIABLE _rc)
+  if(NOT _rc EQUAL 0)
+    message(FATAL_ERROR "gzip ${_f} failed")
+  endif()
+endforeach()
+install(FILES ${_smtplb_pkg_bin}/smtplb.8.gz DESTINATION share/man/man8)
+install(FILES ${_smtplb_pkg_bin}/smtplb.toml.5.gz DESTINATION share/man/man5)
+install(FILES ${_smtplb_pkg_src}/copyright ${_smtplb_pkg_bin}/changelog.gz DESTINATION share/doc/smtplb)
+
+set(CPACK_GENERATOR "DEB;RPM")
+set(CPACK_PACKAGE_NAME smtplb)
+set(CPACK_PACKAGE_VENDOR smtplb)
+set(CPACK_PACKAGE_CONTACT "${SMTPLB_PACKAGE_MAINTAINER}")
+set(CPACK_PACKAGE_DESCRIPTION_SUMMARY "SMTP load balancer and health-checking proxy")
+set(_smtplb_description
+"smtplb spreads SMTP connections over backend MTAs such as Postfix
+(weighted round-robin or least-connections) and relays the bytes both
+ways. It joins a client to a backend only after the backend has greeted
+with 220, probes every backend with a real SMTP dialogue and takes failing
+ones out of rotation. PROXY protocol v1/v2, reload in place, graceful stop,
+an admin API with Prometheus metrics, and a sandboxed systemd unit.")
+set(CPACK_PACKAGING_INSTALL_PREFIX /usr)
+set(CPACK_STRIP_FILES ON)
+
+set(CPACK_DEBIAN_FILE_NAME DEB-DEFAULT)
+set(CPACK_DEBIAN_PACKAGE_DESCRIPTION "${_smtplb_description}")  # after the summary line
+set(CPACK_DEBIAN_PACKAGE_SECTION mail)
+set(CPACK_DEBIAN_PACKAGE_PRIORITY optional)
+set(CPACK_DEBIAN_PACKAGE_SHLIBDEPS ON)
+# adduser: the maintainer scripts; procps: /bin/kill in ExecReload.
+set(CPACK_DEBIAN_PACKAGE_DEPENDS "adduser, procps")
+set(CPACK_DEBIAN_PACKAGE_CONTROL_EXTRA
+  ${_smtplb_pkg_src}/deb/postinst ${_smtplb_pkg_src}/deb/prerm
+  ${_smtplb_pkg_src}/deb/postrm ${_smtplb_pkg_src}/deb/conffiles)
+set(CPACK_DEBIAN_PACKAGE_CONTROL_STRICT_PERMISSION ON)
+set(CPACK_DEBIAN_COMPRESSION_TYPE xz)
+
+set(CPACK_RPM_FILE_NAME RPM-DEFAULT)
+set(CPACK_RPM_PACKAGE_RELEASE 1)
+set(CPACK_PACKAGE_RELOCATABLE OFF)
+set(CPACK_RPM_PACKAGE_DESCRIPTION "${_smtplb_description}")
+set(CPACK_RPM_PACKAGE_LICENSE "LicenseRef-not-yet-chosen")
+set(CPACK_RPM_PACKAGE_GROUP "System Environment/Daemons")
+set(CPACK_RPM_PACKAGE_REQUIRES_PRE "shadow-utils")
+# Scriptlets written by hand (the Debian build host has no systemd RPM macros).
+set(CPACK_RPM_PRE_INSTALL_SCRIPT_FILE ${_smtplb_pkg_src}/rpm/pre.sh)
+set(CPACK_RPM_POST_INSTALL_SCRIPT_FILE ${_smtplb_pkg_src}/rpm/post.sh)
+set(CPACK_RPM_PRE_UNINSTALL_SCRIPT_FILE ${_smtplb_pkg_src}/rpm/preun.sh)
+set(CPACK_RPM_POST_UNINSTALL_SCRIPT_FILE ${_smtplb_pkg_src}/rpm/postun.sh)
+set(CPACK_RPM_USER_FILELIST "%config(noreplace) /etc/smtplb/smtplb.toml")
+# Directories the system owns, not this package.
+set(CPACK_RPM_EXCLUDE_FROM_AUTO_FILELIST_ADDITION
+  /usr/sbin /usr/lib/systemd /usr/lib/systemd/system /usr/lib/sysusers.d
+  /usr/share/man /usr/share/man/man5 /usr/share/man/man8)
+# No /usr/lib/.build-id links, and no rpmbuild post-processing (brp-strip and friends):
+# the .rpm ships the very binary of the .deb, already stripped by CPack.
+set(CPACK_RPM_SPEC_MORE_DEFINE "%define _build_id_links none\n%define __os_install_post %{nil}")
+
+include(CPack)
