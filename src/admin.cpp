@@ -74,12 +74,19 @@ bool AdminServer::start(const Config& cfg, std::string& error) {
     if (rc == 0) rc = uv_listen(as_stream(&ep->h.pipe), 16, listen_cb);
     if (rc == 0 && ::chmod(cfg.admin.socket.c_str(), 0660) != 0) rc = uv_translate_sys_error(errno);
     if (rc != 0) {
-      const std::string msg = "admin socket " + cfg.admin.socket + ": " + uv_strerror(rc);
+      const std::string dir = cfg.admin.socket.substr(0, cfg.admin.socket.rfind('/'));
+      struct stat dst{};
+      const bool no_dir = !dir.empty() && ::stat(dir.c_str(), &dst) != 0;
+      const std::string msg = "admin socket " + cfg.admin.socket + ": " +
+                              (no_dir ? "directory " + dir + " does not exist" : std::string(uv_strerror(rc)));
       if (cfg.admin.socket_configured) {
         error = msg;
         return false;
       }
-      spdlog::warn("{} (the admin API is off; set admin.socket to a writable path)", msg);
+      // The default path: its directory comes from systemd's RuntimeDirectory=, so
+      // outside systemd this is expected and only worth a note.
+      if (no_dir) spdlog::info("{} (admin API off; set admin.socket to use it)", msg);
+      else spdlog::warn("{} (admin API off; set admin.socket to a writable path)", msg);
     } else {
       socket_path_ = cfg.admin.socket;
       if (lstat(socket_path_.c_str(), &st) == 0) socket_id_ = {st.st_dev, st.st_ino};

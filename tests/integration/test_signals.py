@@ -53,6 +53,7 @@ class SignalTest(TestCase):
         lb.wait_log(r"stopping: listeners closed", since=off)
         # The session not handed off yet is told to come back later.
         self.assertEqual(recv_until_eof(waiting, timeout=5), UNAVAILABLE)
+        waiting.close()  # smtplb waits (up to 5 s) for the client to close after its 421
         self.assertEqual(lb.wait_access(client=wlabel, timeout=5)[0]["term"], "KH")
         # New clients are refused at once.
         wait_until(lambda: refused(lb.port()), 5, "the listener to close")
