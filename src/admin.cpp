@@ -209,7 +209,7 @@ void AdminServer::serve(Conn* c) {
         resp.body = "this endpoint is read-only; use the admin unix socket for changes\n";
       } else {
         resp = handler_(r);
-        if (resp.status == 405) allow = req.path == "/reload" || req.path.starts_with("/servers/") ? "POST" : "GET, HEAD";
+        allow = resp.allow;
       }
       content_length = resp.body.size();  // HEAD announces what GET would send
       if (req.method == "HEAD") resp.body.clear();

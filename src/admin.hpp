@@ -18,6 +18,7 @@ struct AdminResponse {
   int status = 200;
   std::string content_type = "text/plain; charset=utf-8";
   std::string body;
+  std::string allow;  // for 405: the methods the path takes
 };
 
 class AdminServer {

@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "server.hpp"
+#include "smtplb/admin_routes.hpp"
 #include "smtplb/metrics.hpp"
 #include "smtplb/version.hpp"
 
@@ -96,7 +97,7 @@ ProcessStats process_stats() {
   return p;
 }
 
-AdminResponse text(int status, std::string body) { return {status, "text/plain; charset=utf-8", std::move(body)}; }
+AdminResponse text(int status, std::string body) { return {status, "text/plain; charset=utf-8", std::move(body), ""}; }
 
 }  // namespace
 
@@ -112,41 +113,36 @@ ServerRuntime* Server::find_server(std::string_view pool, std::string_view serve
 }
 
 AdminResponse Server::admin(const AdminServer::Request& req) {
-  const bool get = req.method == "GET" || req.method == "HEAD";
-  if (req.path == "/metrics") {
-    if (!get) return text(405, "use GET\n");
-    return {200, "text/plain; version=0.0.4; charset=utf-8", render_metrics()};
-  }
-  if (req.path == "/status") {
-    if (!get) return text(405, "use GET\n");
-    if (req.query == "format=text") return text(200, render_status_text());
-    return {200, "application/json", render_status_json()};
-  }
-  if (req.path == "/healthz") {
-    if (!get) return text(405, "use GET\n");
-    return healthz();
-  }
-  if (req.path == "/reload") {
-    if (req.method != "POST") return text(405, "use POST\n");
-    if (phase_ != Phase::running) return text(503, "stopping\n");
-    spdlog::info("reload requested through the admin API");
-    ReloadResult r = reload();
-    std::string body = r.ok ? "reloaded: generation " + std::to_string(r.generation) + "\n"
-                            : "reload failed; still running generation " + std::to_string(r.generation) + "\n";
-    for (const auto& e : r.errors) body += e + "\n";
-    return text(r.ok ? 200 : 422, body);
-  }
-  if (req.path.starts_with("/servers/")) {
-    // /servers/POOL/SERVER/(state|weight)
-    std::string_view rest = req.path.substr(9);
-    const size_t a = rest.find('/');
-    const size_t b = a == std::string_view::npos ? a : rest.find('/', a + 1);
-    if (b == std::string_view::npos || rest.find('/', b + 1) != std::string_view::npos)
-      return text(404, "not found: use /servers/POOL/SERVER/state or /servers/POOL/SERVER/weight\n");
-    const std::string_view what = rest.substr(b + 1);
-    if (what != "state" && what != "weight") return text(404, "not found: state or weight\n");
-    if (req.method != "POST") return text(405, "use POST\n");
-    return change_server(rest.substr(0, a), rest.substr(a + 1, b - a - 1), what, req.body);
+  using K = AdminRoute::Kind;
+  const AdminRoute r = route_admin(req.method, req.path);
+  switch (r.kind) {
+    case K::metrics:
+      return {200, "text/plain; version=0.0.4; charset=utf-8", render_metrics(), ""};
+    case K::status:
+      if (req.query == "format=text") return text(200, render_status_text());
+      return {200, "application/json", render_status_json(), ""};
+    case K::healthz:
+      return healthz();
+    case K::reload: {
+      if (phase_ != Phase::running) return text(503, "stopping\n");
+      spdlog::info("reload requested through the admin API");
+      ReloadResult rr = reload();
+      std::string body = rr.ok ? "reloaded: generation " + std::to_string(rr.generation) + "\n"
+                               : "reload failed; still running generation " + std::to_string(rr.generation) + "\n";
+      for (const auto& e : rr.errors) body += e + "\n";
+      return text(rr.ok ? 200 : 422, body);
+    }
+    case K::server_state:
+      return change_server(r.pool, r.server, "state", req.body);
+    case K::server_weight:
+      return change_server(r.pool, r.server, "weight", req.body);
+    case K::wrong_method: {
+      AdminResponse resp = text(405, "use " + std::string(r.allow) + "\n");
+      resp.allow = std::string(r.allow);
+      return resp;
+    }
+    case K::not_found:
+      break;
   }
   return text(404, "not found: /metrics /status /healthz /reload /servers/POOL/SERVER/{state,weight}\n");
 }

@@ -1,0 +1,43 @@
+#include <doctest/doctest.h>
+
+#include "smtplb/admin_routes.hpp"
+
+using smtplb::AdminRoute;
+using smtplb::route_admin;
+using K = AdminRoute::Kind;
+
+TEST_CASE("admin routes: read-only paths") {
+  for (const char* m : {"GET", "HEAD"}) {
+    CHECK(route_admin(m, "/metrics").kind == K::metrics);
+    CHECK(route_admin(m, "/status").kind == K::status);
+    CHECK(route_admin(m, "/healthz").kind == K::healthz);
+  }
+  for (const char* m : {"POST", "PUT", "DELETE", "get"}) {
+    const AdminRoute r = route_admin(m, "/metrics");
+    CHECK(r.kind == K::wrong_method);
+    CHECK(r.allow == "GET, HEAD");
+  }
+}
+
+TEST_CASE("admin routes: changes") {
+  CHECK(route_admin("POST", "/reload").kind == K::reload);
+  CHECK(route_admin("GET", "/reload").kind == K::wrong_method);
+  CHECK(route_admin("GET", "/reload").allow == "POST");
+  AdminRoute r = route_admin("POST", "/servers/postfix/pf1/state");
+  CHECK(r.kind == K::server_state);
+  CHECK(r.pool == "postfix");
+  CHECK(r.server == "pf1");
+  r = route_admin("POST", "/servers/postfix/pf-2.b/weight");
+  CHECK(r.kind == K::server_weight);
+  CHECK(r.server == "pf-2.b");
+  r = route_admin("GET", "/servers/postfix/pf1/weight");
+  CHECK(r.kind == K::wrong_method);
+  CHECK(r.allow == "POST");
+}
+
+TEST_CASE("admin routes: not found") {
+  for (const char* p : {"/", "/metrics/", "/status/x", "/servers", "/servers/", "/servers/p", "/servers/p/s",
+                        "/servers/p/s/", "/servers/p/s/health", "/servers//s/state", "/servers/p//state",
+                        "/servers/p/s/state/x", "/reload/now", "/METRICS"})
+    CHECK_MESSAGE(route_admin("POST", p).kind == K::not_found, p);
+}
