@@ -414,6 +414,7 @@ void HealthChecker::done(bool ok, std::string reason) {
   }
   const bool changed = !skipped && (ok ? state_.on_success(now) : state_.on_failure(now));
   if (skipped) {
+    // Already logged where the check could not start; the state is untouched.
   } else if (changed) {
     server_->health.store(state_.health(), std::memory_order_relaxed);
     on_transition_(*this, before, state_.health(), r);
