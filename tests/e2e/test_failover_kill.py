@@ -11,67 +11,24 @@
 Every process started here is stopped by PID; every wait is bounded; only 127.0.0.1.
 """
 import collections
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "integration"))
-from harness import Behaviour, FakeSmtpServer, Smtplb, log_time, make_config, parse_access, wait_until  # noqa: E402
+from harness import (Behaviour, FakeSmtpServer, Smtplb, SmtpSink, log_time, make_config, parse_access,  # noqa: E402
+                     wait_until)
 
 SMTPLOAD = os.path.join(HERE, "..", "..", "scripts", "smtpload.py")
 CUT = ("cut_after_greeting", "cut_after_message")
 # Log timestamps are truncated to the millisecond and Tt is whole milliseconds.
 SLACK = 0.003
-
-
-def port_open(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), 0.5).close()
-        return True
-    except OSError:
-        return False
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Sink:
-    """`smtp-sink -u nobody 127.0.0.1:PORT 1000` on a free port (no message dumps)."""
-
-    def __init__(self):
-        self.proc = None
-        for _ in range(5):  # smtp-sink needs its port up front: retry if another took it
-            self.port = free_port()
-            args = ["smtp-sink"] + (["-u", "nobody"] if os.geteuid() == 0 else []) + [f"127.0.0.1:{self.port}", "1000"]
-            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL)
-            with contextlib.suppress(AssertionError):
-                wait_until(lambda: self.proc.poll() is not None or port_open(self.port), 5, "smtp-sink")
-            if self.proc.poll() is None and port_open(self.port):
-                return
-            self.stop()
-        raise RuntimeError("smtp-sink did not start")
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 def run_load(port, work, sessions, parallel, extra=(), timeout=120):
@@ -110,7 +67,7 @@ class KillOneBackend(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.work, ignore_errors=True)
         self.sinks = []
         for _ in range(3):
-            self.sinks.append(Sink())
+            self.sinks.append(SmtpSink())
             self.addCleanup(self.sinks[-1].stop)
         servers = [(f"s{i + 1}", "127.0.0.1", s.port) for i, s in enumerate(self.sinks)]
         self.lb = Smtplb(make_config(
@@ -183,7 +140,7 @@ class BadGreetings(unittest.TestCase):
     def setUp(self):
         self.work = tempfile.mkdtemp(prefix="smtplb-badgreet.")
         self.addCleanup(shutil.rmtree, self.work, ignore_errors=True)
-        self.good = Sink()
+        self.good = SmtpSink()
         self.addCleanup(self.good.stop)
         self.busy = FakeSmtpServer("busy")
         self.addCleanup(self.busy.close)

@@ -5,11 +5,8 @@ Every process started here is stopped by PID in tearDown; every wait is bounded;
 127.0.0.1 is used.
 """
 import collections
-import contextlib
-import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,58 +14,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
-from harness import Smtplb, parse_access, wait_until  # noqa: E402
-
-
-def port_open(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), 0.5).close()
-        return True
-    except OSError:
-        return False
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class SmtpSink:
-    """A real smtp-sink that dumps every message into its own folder."""
-
-    def __init__(self, workdir, name):
-        self.dir = os.path.join(workdir, name)
-        os.makedirs(self.dir)
-        os.chmod(self.dir, 0o777)  # smtp-sink drops to 'nobody' when run as root
-        self.proc = None
-        for _ in range(5):  # smtp-sink needs a port up front: retry if another took it
-            self.port = free_port()
-            args = ["smtp-sink"]
-            if os.geteuid() == 0:
-                args += ["-u", "nobody"]
-            args += ["-d", os.path.join(self.dir, "msg."), f"127.0.0.1:{self.port}", "256"]
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            with contextlib.suppress(AssertionError):
-                wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 5, "smtp-sink")
-            if self.proc.poll() is None and port_open(self.port):
-                return
-            self.stop()
-        raise RuntimeError("smtp-sink did not start")
-
-    def messages(self):
-        return sorted(glob.glob(os.path.join(self.dir, "msg.*")))
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+from harness import Smtplb, SmtpSink, parse_access, wait_until  # noqa: E402
 
 
 @unittest.skipUnless(shutil.which("smtp-sink") and shutil.which("smtp-source") and shutil.which("swaks"),
@@ -80,7 +26,7 @@ class RealPeers(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.work, ignore_errors=True)
         self.sinks = []
         for name in ("sink1", "sink2"):
-            self.sinks.append(SmtpSink(self.work, name))
+            self.sinks.append(SmtpSink(dump_dir=os.path.join(self.work, name), backlog=256))
             self.addCleanup(self.sinks[-1].stop)
         servers = "".join(
             f'[[pool.sinks.server]]\nname = "s{i + 1}"\naddress = "127.0.0.1"\nport = {s.port}\n\n'

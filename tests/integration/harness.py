@@ -21,6 +21,7 @@ Set SMTPLB_KEEP=1 to keep the temporary directories (config and log) for debuggi
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -61,6 +62,77 @@ def wait_until(pred: Callable[[], object], timeout: float, what: str = "conditio
         if time.monotonic() >= deadline:
             raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A port free right now on 127.0.0.1 (for peers that need their port up front)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+class SmtpSink:
+    """A real Postfix smtp-sink on a free 127.0.0.1 port (as nobody when run as root).
+
+    dump_dir: every message is dumped there (messages() lists them).
+    stderr_path: its stderr is appended there (status() quotes it)."""
+
+    def __init__(self, dump_dir: Optional[str] = None, stderr_path: Optional[str] = None, backlog: int = 1000):
+        self.dump_dir = dump_dir
+        self.stderr_path = stderr_path
+        self.proc = None
+        if dump_dir:
+            os.makedirs(dump_dir, exist_ok=True)
+            os.chmod(dump_dir, 0o777)  # smtp-sink drops to 'nobody' when run as root
+        for _ in range(5):  # smtp-sink needs its port up front: retry if another took it
+            self.port = free_port()
+            args = ["smtp-sink"] + (["-u", "nobody"] if os.geteuid() == 0 else [])
+            if dump_dir:
+                args += ["-d", os.path.join(dump_dir, "msg.")]
+            args += ["127.0.0.1:%d" % self.port, str(backlog)]
+            err = open(stderr_path, "ab") if stderr_path else subprocess.DEVNULL
+            try:
+                self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+            finally:
+                if stderr_path:
+                    err.close()
+            try:
+                wait_until(lambda: self.proc.poll() is not None or port_open(self.port), 5, "smtp-sink")
+            except AssertionError:
+                pass
+            if self.proc.poll() is None and port_open(self.port):
+                return
+            self.stop()
+        raise RuntimeError("smtp-sink did not start")
+
+    def messages(self) -> list:
+        return sorted(glob.glob(os.path.join(self.dump_dir, "msg.*"))) if self.dump_dir else []
+
+    def status(self) -> str:
+        """'running', or how it ended, with what it said on stderr."""
+        code = self.proc.poll()
+        said = ""
+        if self.stderr_path:
+            with open(self.stderr_path, "rb") as f:
+                said = f.read().decode("utf-8", "replace").strip()[-500:]
+        return ("running" if code is None else "exited with %s" % code) + (" (stderr: %s)" % said if said else "")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
 
 
 def ipv6_available() -> bool:

@@ -10,7 +10,6 @@ Each test rewrites the harness's config file (lb.config_path), sends SIGHUP and 
 127.0.0.1; everything started is stopped by PID, also on failure.
 """
 
-import contextlib
 import json
 import os
 import re
@@ -27,7 +26,7 @@ import unittest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from harness import (CHECK_EHLO, HOSTNAME, STEP_TIMEOUT, Behaviour, FakeSmtpServer, SmtpClient,  # noqa: E402
-                     TestCase, connect, log_time, main, server_of, toml_value, wait_until)
+                     SmtpSink, TestCase, connect, log_time, main, server_of, toml_value, wait_until)
 
 SMTPLOAD = os.path.join(HERE, "..", "..", "scripts", "smtpload.py")
 OK_QUIT = b"221 2.0.0 Bye\r\n"
@@ -600,56 +599,6 @@ class BadReloadTest(TestCase):
 # --------------------------------------------------------------------------------------
 
 
-def port_open(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), 0.5).close()
-        return True
-    except OSError:
-        return False
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Sink:
-    """`smtp-sink 127.0.0.1:PORT 1000` on a free port (as nobody when run as root)."""
-
-    def __init__(self, stderr_path):
-        self.proc = None
-        self.stderr_path = stderr_path
-        for _ in range(5):  # smtp-sink needs its port up front: retry if another took it
-            self.port = free_port()
-            args = ["smtp-sink"] + (["-u", "nobody"] if os.geteuid() == 0 else []) + [
-                "127.0.0.1:%d" % self.port, "1000"]
-            with open(stderr_path, "ab") as err:
-                self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-            with contextlib.suppress(AssertionError):
-                wait_until(lambda: self.proc.poll() is not None or port_open(self.port), 5, "smtp-sink")
-            if self.proc.poll() is None and port_open(self.port):
-                return
-            self.stop()
-        raise RuntimeError("smtp-sink did not start")
-
-    def status(self):
-        """'running', or how it ended, with what it said on stderr."""
-        code = self.proc.poll()
-        with open(self.stderr_path, "rb") as f:
-            said = f.read().decode("utf-8", "replace").strip()[-500:]
-        return ("running" if code is None else "exited with %s" % code) + (" (stderr: %s)" % said if said else "")
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 @unittest.skipUnless(shutil.which("smtp-sink"), "needs postfix (smtp-sink)")
 class ReloadUnderLoadTest(TestCase):
     SESSIONS = 8000
@@ -661,7 +610,7 @@ class ReloadUnderLoadTest(TestCase):
         self.addCleanup(shutil.rmtree, work, ignore_errors=True)
         sinks = []
         for i in range(3):
-            sinks.append(Sink(os.path.join(work, "sink%d.stderr" % (i + 1))))
+            sinks.append(SmtpSink(stderr_path=os.path.join(work, "sink%d.stderr" % (i + 1))))
             self.addCleanup(sinks[-1].stop)
         s1, s2, s3 = [("s%d" % (i + 1), "127.0.0.1", s.port) for i, s in enumerate(sinks)]
         opts = {"global_": {"workers": 2, "max_connections": 4000},
