@@ -2,7 +2,14 @@
 
 #include <spdlog/spdlog.h>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
@@ -31,7 +38,26 @@ constexpr uint64_t kFinLingerMs = 5000;
 // time is misconfigured or hostile.
 constexpr uint64_t kProxyHeaderTimeoutMs = 5000;
 
-void alloc_scratch(uv_handle_t* h, size_t, uv_buf_t* buf) { *buf = static_cast<Worker*>(h->loop->data)->scratch(); }
+// Reads per event before a socket yields to the others (each up to the 64 KiB scratch).
+constexpr int kReadBurst = 16;
+
+void set_nodelay(int fd) {
+  const int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+// SMTP is lockstep: whatever smtplb reads, it answers soon (it forwards the command, then
+// the reply comes back the other way). Delayed-ACK ("pingpong") mode from the start lets
+// the ACK ride on that answer instead of costing a packet of its own; Linux enters the
+// mode by itself only after a few exchanges. Set once the connection is established:
+// a delayed final handshake ACK would stall a server that speaks first.
+void delay_acks(int fd) {
+  const int zero = 0;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &zero, sizeof zero);
+}
+
+// libuv's error codes are negated errno values on Unix; the rest of smtplb speaks them.
+int uv_code(int err) { return -err; }
 
 }  // namespace
 
@@ -41,11 +67,10 @@ Session::Session(Worker& worker, std::shared_ptr<const Snapshot> snapshot, Liste
       listener_(listener),
       pool_(*snap_->pools[listener.pool].cfg),
       pool_index_(listener.pool) {
-  uv_tcp_init(worker_.loop(), &client_);
   uv_timer_init(worker_.loop(), &timer_);
-  client_.data = this;
+  client_.owner = this;
   timer_.data = this;
-  pending_closes_ = 2;  // client_ and timer_
+  pending_closes_ = 1;  // timer_
   worker_.link(this);
 }
 
@@ -57,17 +82,23 @@ Session::~Session() {
   worker_.unlink(this);
 }
 
-void Session::start(const SocketAddress& peer) {
+void Session::start(int fd, const SocketAddress& peer) {
   const uint64_t now = uv_now(worker_.loop());
   t_accept_ = last_activity_ = now;
   peer_ = peer;  // from accept4: no getpeername call
-  uv_tcp_nodelay(&client_, 1);
+  client_.fd = fd;
+  if (!worker_.watch(client_)) {
+    finish({'R', 'C'});  // not counted: no access line, no term counter
+    return;
+  }
+  set_nodelay(fd);
+  delay_acks(fd);
 
   counted_ = true;
   bump(listener_.state->per_worker[worker_.index()].connections);
   const uint32_t process = worker_.link().connections.fetch_add(1, std::memory_order_relaxed) + 1;
   const uint32_t here = listener_.state->current.fetch_add(1, std::memory_order_relaxed) + 1;
-  uv_read_start(as_stream(&client_), alloc_scratch, on_client_read);
+  client_.reading = true;
   if (process > snap_->config->global.max_connections || here > listener_.cfg->max_connections) {
     reply_unavailable({'R', 'C'});
     return;
@@ -143,20 +174,72 @@ void Session::drain() {
   }
 }
 
-// ---- client side ----------------------------------------------------------------------
+// ---- socket events --------------------------------------------------------------------
 
-void Session::on_client_read(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
-  auto* self = owner_of<Session>(s);
-  if (n > 0) self->client_data(buf->base, size_t(n));
-  else if (n < 0) self->client_end(n);
+void Session::io(Conn& c, uint32_t events) {
+  const bool upstream = &c != &client_;
+  if (upstream && state_ == State::connecting) {
+    if (events & (EPOLLERR | EPOLLHUP)) {
+      int err = 0;
+      socklen_t len = sizeof err;
+      if (::getsockopt(c.fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err == 0) err = ECONNREFUSED;
+      connected(uv_code(err));
+      return;
+    }
+    if (!(events & EPOLLOUT)) return;
+    connected(0);
+    // The greeting may have come with the connect's completion (same event).
+    if (state_ == State::closing || !up_ || &up_->conn != &c) return;
+  }
+  if (c.blocked() && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
+    flush(c);
+    if (state_ == State::closing || c.owner != this) return;
+  }
+  if (c.reading && (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP))) read_from(c, events);
 }
 
-void Session::client_data(const char* data, size_t len) {
+void Session::read_from(Conn& c, uint32_t events) {
+  const bool upstream = &c != &client_;
+  char* buf = worker_.scratch();
+  for (int i = 0; i < kReadBurst; ++i) {
+    const ssize_t n = ::read(c.fd, buf, Worker::kScratchSize);
+    if (n > 0) {
+      // A short read emptied the socket; with RDHUP in the event the FIN is next.
+      const bool drained = size_t(n) < Worker::kScratchSize;
+      const bool eof = drained && (events & EPOLLRDHUP);
+      if (upstream) upstream_data(buf, size_t(n), eof);
+      else client_data(buf, size_t(n), eof);
+      if (state_ == State::closing || c.owner != this || !c.reading) return;
+      if (!drained) continue;
+      if (eof) {
+        if (upstream) upstream_end(UV_EOF);
+        else client_end(UV_EOF);
+      }
+      return;
+    }
+    if (n == 0) {
+      if (upstream) upstream_end(UV_EOF);
+      else client_end(UV_EOF);
+      return;
+    }
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+    if (upstream) upstream_end(uv_code(errno));
+    else client_end(uv_code(errno));
+    return;
+  }
+  // Still more to read: let the other sockets have their turn and come back.
+  worker_.rearm(c);
+}
+
+// ---- client side ----------------------------------------------------------------------
+
+void Session::client_data(const char* data, size_t len, bool eof_follows) {
   bytes_in_ += len;
   last_activity_ = uv_now(worker_.loop());
   switch (state_) {
     case State::relaying:
-      forward(false, data, len);
+      forward(false, data, len, eof_follows);
       break;
     case State::proxy_header:
       held_.append(data, len);
@@ -176,7 +259,8 @@ void Session::client_data(const char* data, size_t len) {
 
 void Session::client_end(ssize_t status) {
   client_eof_ = true;
-  client_paused_ = true;  // libuv stopped reading
+  client_paused_ = true;  // nothing more to read
+  client_.reading = false;
   // A client that half-closes after talking first (`printf ... | nc -N`) still wants its
   // answers: deliver what it sent after the greeting, then forward the FIN.
   if (status == UV_EOF && !held_.empty() && state_ != State::proxy_header &&
@@ -200,7 +284,8 @@ void Session::client_end(ssize_t status) {
         finish({'C', 'D'});
         return;
       }
-      half_close(false);
+      // The server closed already: the FIN would only precede our close().
+      if (!upstream_eof_) half_close(false);
       maybe_done();
       break;
     case State::replying:
@@ -267,14 +352,22 @@ void Session::connect_to(size_t index) {
   server_name_ = &server->cfg.name;
 
   up_ = new Upstream;
-  up_->owner = this;
+  up_->conn.owner = this;
   up_->server = server;
-  up_->tcp.data = up_;
-  uv_tcp_init(worker_.loop(), &up_->tcp);
   state_ = State::connecting;
   t_attempt_ = uv_now(worker_.loop());
   tc_ = tb_ = -1;
-  int rc = uv_tcp_connect(&up_->connect_req, &up_->tcp, server->cfg.addr.sa(), on_connect);
+  const sockaddr* sa = server->cfg.addr.sa();
+  int rc = 0;
+  const int fd = ::socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    rc = uv_code(errno);
+  } else {
+    up_->conn.fd = fd;
+    set_nodelay(fd);
+    if (::connect(fd, sa, server->cfg.addr.len) != 0 && errno != EINPROGRESS) rc = uv_code(errno);
+    else if (!worker_.watch(up_->conn)) rc = uv_code(errno);
+  }
   if (rc == UV_EMFILE || rc == UV_ENFILE || rc == UV_ENOBUFS || rc == UV_ENOMEM || rc == UV_EADDRNOTAVAIL) {
     // Out of descriptors, memory or source ports here: not the server's fault, so no
     // passive failure and no retry on another server that would fail the same way.
@@ -290,11 +383,6 @@ void Session::connect_to(size_t index) {
   arm_timer(uint64_t(pool_.connect_timeout.count()));
 }
 
-void Session::on_connect(uv_connect_t* req, int status) {
-  auto* up = static_cast<Upstream*>(req->handle->data);
-  if (up->owner) up->owner->connected(status);
-}
-
 void Session::connected(int status) {
   if (state_ != State::connecting) return;
   if (status < 0) {
@@ -305,12 +393,12 @@ void Session::connected(int status) {
     return;
   }
   tc_ = int64_t(uv_now(worker_.loop()) - t_attempt_);
-  uv_tcp_nodelay(&up_->tcp, 1);
+  delay_acks(up_->conn.fd);
   if (pool_.proxy_protocol != ProxyOut::none) {
     // Written before anything else; a PROXY-aware server reads it before it greets.
     if (local_.len == 0) {  // looked up only when needed (and unless a PROXY header gave it)
-      int len = sizeof local_.storage;
-      if (uv_tcp_getsockname(&client_, reinterpret_cast<sockaddr*>(&local_.storage), &len) == 0) local_.len = len;
+      socklen_t len = sizeof local_.storage;
+      if (::getsockname(client_.fd, reinterpret_cast<sockaddr*>(&local_.storage), &len) == 0) local_.len = len;
     }
     proxy::Header h;
     h.local = proxy_local_;
@@ -320,7 +408,7 @@ void Session::connected(int status) {
         proxy::encode(pool_.proxy_protocol == ProxyOut::v1 ? proxy::Version::v1 : proxy::Version::v2, h);
     if (!forward(false, header.data(), header.size())) return;
   }
-  uv_read_start(as_stream(&up_->tcp), alloc_scratch, on_upstream_read);
+  up_->conn.reading = true;
   upstream_paused_ = false;
   last_activity_ = uv_now(worker_.loop());
   if (pool_.handoff == Handoff::connect) {
@@ -331,18 +419,11 @@ void Session::connected(int status) {
   arm_timer(uint64_t(pool_.banner_timeout.count()));
 }
 
-void Session::on_upstream_read(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
-  auto* up = static_cast<Upstream*>(s->data);
-  if (!up->owner) return;
-  if (n > 0) up->owner->upstream_data(buf->base, size_t(n));
-  else if (n < 0) up->owner->upstream_end(n);
-}
-
-void Session::upstream_data(const char* data, size_t len) {
+void Session::upstream_data(const char* data, size_t len, bool eof_follows) {
   last_activity_ = uv_now(worker_.loop());
   if (state_ == State::relaying) {
     bytes_out_ += len;
-    forward(true, data, len);
+    forward(true, data, len, eof_follows);
     return;
   }
   if (state_ != State::greeting) return;
@@ -392,11 +473,14 @@ void Session::upstream_end(ssize_t status) {
     case State::relaying:
       upstream_eof_ = true;
       upstream_paused_ = true;
+      if (up_) up_->conn.reading = false;
       if (status != UV_EOF) {
         finish({'S', 'D'});
         return;
       }
-      half_close(true);
+      // When the client has closed too, close() itself sends the FIN (after the last
+      // bytes, in the same segment when they are still queued).
+      if (!client_eof_ || client_.blocked()) half_close(true);
       maybe_done();
       // The server has ended the SMTP session; give the client a short while to read the
       // rest and close, rather than its whole idle timeout.
@@ -426,9 +510,21 @@ void Session::abandon_upstream() {
   if (!up_) return;
   Upstream* up = up_;
   up_ = nullptr;
-  up->owner = nullptr;
-  uv_close(as_handle(&up->tcp), on_upstream_closed);
+  close_conn(up->conn);
   release_server(up->server);
+  worker_.retire(up);
+}
+
+void Session::close_conn(Conn& c) {
+  c.owner = nullptr;
+  c.reading = false;
+  if (c.fd >= 0) ::close(c.fd);  // also leaves the epoll set
+  c.fd = -1;
+  while (OutChunk* o = c.out_head) {
+    c.out_head = o->next;
+    std::free(o);
+  }
+  c.out_tail = nullptr;
 }
 
 void Session::handoff(const char* data, size_t len) {
@@ -452,7 +548,7 @@ void Session::handoff(const char* data, size_t len) {
     if (!forward(false, held.data(), held.size())) return;
   }
   if (client_eof_) half_close(false);
-  else if (to_upstream_queued_ == 0) resume_client();
+  else if (!up_->conn.blocked()) resume_client();
   arm_idle_timer();
 }
 
@@ -510,83 +606,91 @@ void Session::note_refusal(TermCode term) {
 
 // ---- relay --------------------------------------------------------------------------------
 
-bool Session::forward(bool to_client, const char* data, size_t len) {
+bool Session::forward(bool to_client, const char* data, size_t len, bool more) {
   client_turn_ = to_client;
-  uv_stream_t* dst = to_client ? as_stream(&client_) : as_stream(&up_->tcp);
-  unsigned& queued = to_client ? to_client_queued_ : to_upstream_queued_;
+  Conn& c = to_client ? client_ : up_->conn;
   size_t done = 0;
-  if (queued == 0) {
-    uv_buf_t b = uv_buf_init(const_cast<char*>(data), unsigned(len));
-    int r = uv_try_write(dst, &b, 1);
-    if (r == int(len)) return true;
-    if (r < 0 && r != UV_EAGAIN) {
+  if (!c.blocked()) {
+    const ssize_t r = ::send(c.fd, data, len, MSG_NOSIGNAL | (more ? MSG_MORE : 0));
+    if (r == ssize_t(len)) return true;
+    if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
       finish(to_client ? TermCode{'C', 'D'} : TermCode{'S', 'D'});
       return false;
     }
     done = r > 0 ? size_t(r) : 0;
   }
-  // The receiver is slow: keep the rest in one buffer and stop reading the sender until it
-  // is written, so memory per session stays bounded by one read.
-  size_t rest = len - done;
-  auto* ob = static_cast<OutBuf*>(std::malloc(offsetof(OutBuf, data) + rest));
-  ob->session = this;
-  ob->to_client = to_client;
-  std::memcpy(ob->data, data + done, rest);
-  uv_buf_t b = uv_buf_init(ob->data, unsigned(rest));
-  ob->req.data = ob;
-  if (uv_write(&ob->req, dst, &b, 1, on_write_done) != 0) {
-    std::free(ob);
+  // The receiver is slow: keep the rest and stop reading the sender until it is written,
+  // so memory per session stays bounded by one read. The socket's EPOLLOUT edge (it is in
+  // the set for both directions from the start) calls flush().
+  const size_t rest = len - done;
+  auto* o = static_cast<OutChunk*>(std::malloc(offsetof(OutChunk, data) + rest));
+  if (!o) {
     finish(to_client ? TermCode{'C', 'D'} : TermCode{'S', 'D'});
     return false;
   }
-  ++queued;
+  o->next = nullptr;
+  o->off = 0;
+  o->len = rest;
+  std::memcpy(o->data, data + done, rest);
+  if (c.out_tail) c.out_tail->next = o;
+  else c.out_head = o;
+  c.out_tail = o;
   if (to_client) pause_upstream();
   else pause_client();
   return true;
 }
 
-void Session::on_write_done(uv_write_t* req, int status) {
-  auto* ob = static_cast<OutBuf*>(req->data);
-  Session* self = ob->session;
-  const bool to_client = ob->to_client;
-  std::free(ob);
-  unsigned& queued = to_client ? self->to_client_queued_ : self->to_upstream_queued_;
-  --queued;
-  if (status == UV_ECANCELED || self->state_ == State::closing) return;
-  if (status < 0) {
-    self->finish(to_client ? TermCode{'C', 'D'} : TermCode{'S', 'D'});
-    return;
+void Session::flush(Conn& c) {
+  const bool to_client = &c == &client_;
+  while (OutChunk* o = c.out_head) {
+    const ssize_t r = ::send(c.fd, o->data + o->off, o->len - o->off, MSG_NOSIGNAL);
+    if (r < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
+      finish(to_client ? TermCode{'C', 'D'} : TermCode{'S', 'D'});
+      return;
+    }
+    o->off += size_t(r);
+    if (o->off < o->len) continue;  // partial: try again, an EAGAIN arms the next edge
+    c.out_head = o->next;
+    if (!c.out_head) c.out_tail = nullptr;
+    std::free(o);
   }
-  if (queued == 0 && self->state_ == State::relaying) {
-    if (to_client) self->resume_upstream();
-    else self->resume_client();
-    self->maybe_done();
+  if (c.shut_pending) {
+    c.shut_pending = false;
+    ::shutdown(c.fd, SHUT_WR);
+  }
+  if (state_ == State::relaying) {
+    if (to_client) resume_upstream();
+    else resume_client();
+    maybe_done();
   }
 }
 
 void Session::pause_client() {
   if (client_paused_) return;
-  uv_read_stop(as_stream(&client_));
+  client_.reading = false;
   client_paused_ = true;
 }
 
 void Session::resume_client() {
   if (!client_paused_ || client_eof_ || state_ == State::closing) return;
   if (state_ != State::replying && held_.size() >= kHoldLimit) return;
-  uv_read_start(as_stream(&client_), alloc_scratch, on_client_read);
+  client_.reading = true;
   client_paused_ = false;
+  worker_.rearm(client_);  // edge-triggered: what arrived meanwhile raised no new edge
 }
 
 void Session::pause_upstream() {
   if (upstream_paused_ || !up_) return;
-  uv_read_stop(as_stream(&up_->tcp));
+  up_->conn.reading = false;
   upstream_paused_ = true;
 }
 
 void Session::resume_upstream() {
   if (!upstream_paused_ || upstream_eof_ || !up_ || state_ != State::relaying) return;
-  uv_read_start(as_stream(&up_->tcp), alloc_scratch, on_upstream_read);
+  up_->conn.reading = true;
   upstream_paused_ = false;
+  worker_.rearm(up_->conn);
 }
 
 void Session::half_close(bool to_client) {
@@ -594,15 +698,14 @@ void Session::half_close(bool to_client) {
   if (done) return;
   if (!to_client && !up_) return;
   done = true;
-  uv_shutdown_t* req = to_client ? &client_shutdown_ : &upstream_shutdown_;
-  req->data = this;
-  // Queued after pending writes by libuv, so nothing in flight is cut off.
-  uv_shutdown(req, to_client ? as_stream(&client_) : as_stream(&up_->tcp), [](uv_shutdown_t*, int) {});
+  Conn& c = to_client ? client_ : up_->conn;
+  // After pending writes, so nothing in flight is cut off.
+  if (c.blocked()) c.shut_pending = true;
+  else ::shutdown(c.fd, SHUT_WR);
 }
 
 void Session::maybe_done() {
-  if (state_ == State::relaying && client_eof_ && upstream_eof_ && to_client_queued_ == 0 &&
-      to_upstream_queued_ == 0)
+  if (state_ == State::relaying && client_eof_ && upstream_eof_ && !client_.blocked() && !(up_ && up_->conn.blocked()))
     finish({'-', '-'});
 }
 
@@ -632,7 +735,7 @@ void Session::timer_fired() {
     case State::relaying:
       if (upstream_eof_) {
         // Server gone, client still open after the linger: normal if everything reached it.
-        finish(to_client_queued_ ? TermCode{'c', 'D'} : TermCode{'-', '-'});
+        finish(client_.blocked() ? TermCode{'c', 'D'} : TermCode{'-', '-'});
         return;
       }
       arm_idle_timer();
@@ -681,25 +784,12 @@ void Session::finish(TermCode term) {
     bump(sc.bytes_in, bytes_out_);
     bump(sc.bytes_out, bytes_in_);
   }
-  if (up_) {
-    Upstream* up = up_;
-    up_ = nullptr;
-    ++pending_closes_;  // the upstream's close callback reports to us: owner stays set
-    uv_close(as_handle(&up->tcp), on_upstream_closed);
-    release_server(up->server);
-  }
-  uv_close(as_handle(&client_), on_closed);
+  abandon_upstream();
+  close_conn(client_);
   uv_close(as_handle(&timer_), on_closed);
 }
 
 void Session::on_closed(uv_handle_t* h) { static_cast<Session*>(h->data)->closed_one(); }
-
-void Session::on_upstream_closed(uv_handle_t* h) {
-  auto* up = static_cast<Upstream*>(h->data);
-  Session* owner = up->owner;
-  delete up;
-  if (owner) owner->closed_one();
-}
 
 void Session::closed_one() {
   if (--pending_closes_ == 0) delete this;

@@ -17,12 +17,31 @@ namespace smtplb {
 class Worker;
 class Session;
 
-// One backend connection attempt. Freed only in its own close callback; `owner` is
-// cleared when the session abandons it, so late callbacks are ignored.
+// Bytes a receiver could not take at once, in arrival order; allocated only under
+// backpressure.
+struct OutChunk {
+  OutChunk* next;
+  size_t off;
+  size_t len;
+  char data[1];
+};
+
+// One socket of a session (the client's, or one backend attempt's), registered once in
+// its worker's edge-triggered epoll set and removed by close(). See Worker::dispatch.
+struct Conn {
+  int fd = -1;
+  bool reading = false;       // events lead to reads (false: paused, or not yet / no more)
+  bool shut_pending = false;  // shutdown(SHUT_WR) once the output queue is flushed
+  Session* owner = nullptr;   // cleared when the session lets go of it
+  OutChunk* out_head = nullptr;
+  OutChunk* out_tail = nullptr;
+  bool blocked() const { return out_head != nullptr; }
+};
+
+// A backend attempt. Retired through the worker (freed after the current event batch),
+// so an event already collected for it finds `owner` cleared.
 struct Upstream {
-  uv_tcp_t tcp{};
-  uv_connect_t connect_req{};
-  Session* owner = nullptr;
+  Conn conn;
   std::shared_ptr<ServerRuntime> server;
 };
 
@@ -33,9 +52,11 @@ class Session {
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 
-  uv_tcp_t* client() { return &client_; }
   // Called once the client socket is accepted; `peer` is the address accept4 reported.
-  void start(const SocketAddress& peer);
+  // Takes ownership of `fd`.
+  void start(int fd, const SocketAddress& peer);
+  // Events of one of this session's sockets, from the worker's epoll set.
+  void io(Conn& c, uint32_t events);
   // Ends the session from outside (immediate stop).
   void kill();
   // Graceful stop: a session not handed off yet gets 421 4.3.2; a relaying one goes on.
@@ -58,26 +79,17 @@ class Session {
     replying,    // smtplb itself answers (421) and closes
     closing,     // handles are closing
   };
-  // A write that could not complete at once; allocated only under backpressure.
-  struct OutBuf {
-    uv_write_t req;
-    Session* session;
-    bool to_client;
-    size_t len;
-    char data[1];
-  };
-
-  static void on_client_read(uv_stream_t* s, ssize_t n, const uv_buf_t* buf);
-  static void on_upstream_read(uv_stream_t* s, ssize_t n, const uv_buf_t* buf);
-  static void on_connect(uv_connect_t* req, int status);
   static void on_timer(uv_timer_t* t);
-  static void on_write_done(uv_write_t* req, int status);
   static void on_closed(uv_handle_t* h);
-  static void on_upstream_closed(uv_handle_t* h);
 
-  void client_data(const char* data, size_t len);
+  // Reads what `c` has; `events` are the epoll flags that announced it.
+  void read_from(Conn& c, uint32_t events);
+  // Sends what is queued for `c`; once empty, resumes the other side.
+  void flush(Conn& c);
+  // `eof_follows`: the sender has already closed after these bytes (epoll said so).
+  void client_data(const char* data, size_t len, bool eof_follows);
   void client_end(ssize_t status);
-  void upstream_data(const char* data, size_t len);
+  void upstream_data(const char* data, size_t len, bool eof_follows);
   void upstream_end(ssize_t status);
   void connected(int status);
   void timer_fired();
@@ -101,7 +113,9 @@ class Session {
   void refuse_proxy(const std::string& why, TermCode term);
 
   // Sends to the other side; on a short write queues the rest and pauses the sender.
-  bool forward(bool to_client, const char* data, size_t len);
+  // `more`: a FIN follows at once, so the kernel may send both in one segment.
+  bool forward(bool to_client, const char* data, size_t len, bool more = false);
+  void close_conn(Conn& c);
   void pause_client();
   void resume_client();
   void pause_upstream();
@@ -121,10 +135,8 @@ class Session {
   const PoolConfig& pool_;
   size_t pool_index_;
 
-  uv_tcp_t client_{};
+  Conn client_{};
   uv_timer_t timer_{};
-  uv_shutdown_t client_shutdown_{};
-  uv_shutdown_t upstream_shutdown_{};
   Upstream* up_ = nullptr;
 
   State state_ = State::connecting;
@@ -139,8 +151,6 @@ class Session {
   bool upstream_paused_ = true;   // not reading the server
   bool client_shut_ = false;      // FIN sent to the client
   bool upstream_shut_ = false;    // FIN sent to the server
-  unsigned to_client_queued_ = 0; // writes in flight towards the client
-  unsigned to_upstream_queued_ = 0;
 
   std::string held_;              // client bytes received before the handoff
   std::string greeting_;          // partial first greeting line

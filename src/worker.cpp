@@ -2,7 +2,10 @@
 
 #include <spdlog/spdlog.h>
 
+#include <sys/epoll.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -16,6 +19,9 @@ namespace smtplb {
 
 namespace {
 constexpr uint64_t kAcceptPauseMs = 100;
+// Events taken from the sessions' epoll set per epoll_wait.
+constexpr int kEventBatch = 128;
+constexpr uint32_t kConnEvents = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
 }
 
 void ControlLink::report(PassiveDown event) {
@@ -39,6 +45,59 @@ Worker::Worker(unsigned index, std::shared_ptr<const Snapshot> snapshot, Control
   wake_.data = this;
   access_log_ = snapshot_->config->log.access_log;
   log_json_ = snapshot_->config->log.format == LogFormat::json;
+  epfd_ = ::epoll_create1(EPOLL_CLOEXEC);
+  if (epfd_ >= 0 && uv_poll_init(&loop_, &ep_poll_, epfd_) == 0) {
+    ep_open_ = true;
+    ep_poll_.data = this;
+    uv_poll_start(&ep_poll_, UV_READABLE, [](uv_poll_t* p, int, int) { static_cast<Worker*>(p->data)->dispatch(); });
+  } else {
+    spdlog::error("worker {}: cannot create its epoll set: {}", index_, std::strerror(errno));
+    if (epfd_ >= 0) ::close(epfd_);
+    epfd_ = -1;
+  }
+}
+
+bool Worker::watch(Conn& c) {
+  if (!ep_open_) return false;
+  epoll_event ev{};
+  ev.events = kConnEvents;
+  ev.data.ptr = &c;
+  return ::epoll_ctl(epfd_, EPOLL_CTL_ADD, c.fd, &ev) == 0;
+}
+
+void Worker::rearm(Conn& c) {
+  epoll_event ev{};
+  ev.events = kConnEvents;
+  ev.data.ptr = &c;
+  ::epoll_ctl(epfd_, EPOLL_CTL_MOD, c.fd, &ev);
+}
+
+void Worker::retire(Upstream* up) {
+  if (in_dispatch_) retired_.push_back(up);
+  else delete up;
+}
+
+// The uv loop reported the epoll set readable: take its events and hand each to its
+// session. Edge-triggered, so each socket is added once and needs no epoll_ctl when it
+// switches between reading and writing; its events carry EPOLLRDHUP, so a reply that
+// arrives together with the server's FIN costs no extra read to learn about the EOF.
+// Sessions are freed in libuv close callbacks (after this) and abandoned backend attempts
+// at the end of the batch, so an event collected for either never points at freed memory.
+void Worker::dispatch() {
+  epoll_event events[kEventBatch];
+  for (int round = 0; round < 4; ++round) {
+    const int n = ::epoll_wait(epfd_, events, kEventBatch, 0);
+    if (n <= 0) break;
+    in_dispatch_ = true;
+    for (int i = 0; i < n; ++i) {
+      auto* c = static_cast<Conn*>(events[i].data.ptr);
+      if (c->owner && c->fd >= 0) c->owner->io(*c, events[i].events);
+    }
+    in_dispatch_ = false;
+    for (Upstream* up : retired_) delete up;
+    retired_.clear();
+    if (n < kEventBatch) break;
+  }
 }
 
 Worker::~Worker() {
@@ -215,6 +274,14 @@ void Worker::maybe_finish() {
     wake_open_ = false;
   }
   uv_close(as_handle(&wake_), nullptr);
+  if (ep_open_) {
+    ep_open_ = false;
+    uv_close(as_handle(&ep_poll_), [](uv_handle_t* h) {
+      auto* self = static_cast<Worker*>(h->data);
+      ::close(self->epfd_);
+      self->epfd_ = -1;
+    });
+  }
 }
 
 void Worker::on_readable(Listener& l) {
@@ -246,12 +313,7 @@ void Worker::on_readable(Listener& l) {
       return;
     }
     auto* s = new Session(*this, snapshot_, *l.runtime);
-    if (uv_tcp_open(s->client(), fd) != 0) {
-      ::close(fd);
-      s->kill();
-      continue;
-    }
-    s->start(peer);
+    s->start(fd, peer);
   }
 }
 

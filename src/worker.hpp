@@ -20,6 +20,8 @@
 namespace smtplb {
 
 class Session;
+struct Conn;
+struct Upstream;
 
 // A server that failed `fall` session attempts in a row, reported to the control loop.
 struct PassiveDown {
@@ -91,7 +93,16 @@ class Worker {
 
   // Read buffer shared by all sessions of this worker: data is forwarded straight from it
   // and copied out only when the receiver cannot take it at once.
-  uv_buf_t scratch() { return uv_buf_init(scratch_.get(), kScratchSize); }
+  char* scratch() { return scratch_.get(); }
+
+  // Session sockets live in one edge-triggered epoll set per worker, which the uv loop
+  // polls as a single descriptor (see dispatch()). A socket is added once, never modified
+  // on the common path, and leaves the set by close().
+  bool watch(Conn& c);
+  // Asks for an event even without a new edge (after a pause, or a capped read burst).
+  void rearm(Conn& c);
+  // Frees a backend attempt once no event of the current batch can refer to it.
+  void retire(Upstream* up);
 
   void link(Session* s);
   void unlink(Session* s);
@@ -129,6 +140,7 @@ class Worker {
   void send_wake();
   void serve_queue(PerPool& pp);
   void on_readable(Listener& l);
+  void dispatch();
 
   unsigned index_;
   ControlLink& link_;
@@ -152,6 +164,11 @@ class Worker {
   std::unordered_map<const PoolState*, PerPool> pools_;
   std::vector<Candidate> candidates_;     // reused by pick()
   std::unique_ptr<char[]> scratch_;
+  int epfd_ = -1;                         // the sessions' epoll set
+  uv_poll_t ep_poll_{};                   // the loop's watch on it
+  bool ep_open_ = false;
+  bool in_dispatch_ = false;
+  std::vector<Upstream*> retired_;        // freed at the end of the batch
   Session* sessions_ = nullptr;           // intrusive list of live sessions
 };
 

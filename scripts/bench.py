@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""bench.py: smtplb side by side with a direct connection and HAProxy, on loopback.
+
+Starts smtp-sink backends, then each target in front of them, and measures in one run
+(targets take turns round by round, so a noisy machine hurts them alike):
+
+  connect     smtp-source, one message per connection (connection rate, the hard case)
+  persistent  smtp-source -d, many messages per connection (bytes through the relay)
+  latency     sequential sessions: connect() to the end of the greeting, p50/p90/p99
+  idle        RSS growth per idle proxied session (sessions held open after the greeting)
+
+Per target it prints messages/s and the proxy's own CPU time per message (user+sys of
+all its threads, from /proc), as medians over the rounds, and the ratios of smtplb to
+HAProxy. HAProxy runs with nbthread 1, mode tcp, balance leastconn and option smtpchk;
+smtplb with the same shape (leastconn, SMTP checks every second, no access log unless
+--access-log). Only loopback addresses are used; every process started is stopped.
+"""
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_seconds(pid):
+    """user+sys of a process and all its threads (the first line of /proc/PID/stat sums them)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+    except OSError:
+        return 0.0
+
+
+def rss_bytes(pid):
+    return int(open(f"/proc/{pid}/statm").read().split()[1]) * PAGE
+
+
+def wait_port(port, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def read_greeting(sock):
+    """Reads until the last line of the greeting (a line whose 4th byte is a space)."""
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed before the greeting ended")
+        data += chunk
+        lines = data.split(b"\r\n")
+        if len(lines) > 1 and any(len(l) >= 4 and l[3:4] == b" " for l in lines[:-1]):
+            return data
+
+
+class Target:
+    def __init__(self, name, port, argv, env=None):
+        self.name, self.port, self.argv, self.env = name, port, argv, env
+        self.proc = None
+
+    def start(self, workdir):
+        if self.argv is None:
+            return
+        log = open(os.path.join(workdir, f"{self.name}.log"), "w")
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        if not wait_port(self.port):
+            raise SystemExit(f"bench: {self.name} did not listen on {self.port}; see {workdir}/{self.name}.log")
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc else None
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def haproxy_config(path, port, backends):
+    with open(path, "w") as f:
+        f.write("global\n    maxconn 20000\n    nbthread 1\n")
+        f.write("defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n")
+        f.write(f"listen smtp\n    bind 127.0.0.1:{port}\n    balance leastconn\n    option smtpchk EHLO lb.example\n")
+        for i, b in enumerate(backends, 1):
+            f.write(f"    server s{i} {b} check inter 1s\n")
+
+
+def smtplb_config(path, port, backends, workers, access_log):
+    with open(path, "w") as f:
+        f.write(f'[global]\nhostname = "lb.example"\nworkers = {workers}\nmax_connections = 20000\n\n')
+        f.write(f'[log]\nlevel = "warn"\naccess_log = {"true" if access_log else "false"}\n\n')
+        f.write(f'[listener.bench]\naddress = "127.0.0.1"\nport = {port}\npool = "sinks"\n\n')
+        f.write('[pool.sinks]\nalgorithm = "leastconn"\n\n[pool.sinks.health_check]\ninterval = "1s"\n\n')
+        for i, b in enumerate(backends, 1):
+            host, p = b.rsplit(":", 1)
+            f.write(f'[[pool.sinks.server]]\nname = "s{i}"\naddress = "{host}"\nport = {p}\n\n')
+
+
+def run_load(target, a, persistent):
+    args = ["smtp-source", "-s", str(a.sessions if not persistent else a.persistent_sessions),
+            "-m", str(a.messages), "-l", str(a.length if not persistent else a.persistent_length),
+            "-f", "bench@client.example", "-t", "sink@backend.example"]
+    if persistent:
+        args.append("-d")
+    args.append(f"127.0.0.1:{target.port}")
+    c0 = cpu_seconds(target.pid) if target.pid else 0.0
+    t0 = time.monotonic()
+    rc = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+    dt = time.monotonic() - t0
+    c1 = cpu_seconds(target.pid) if target.pid else 0.0
+    if rc.returncode != 0:
+        print(f"# {target.name}: smtp-source failed: {rc.stderr.strip()[:200]}", file=sys.stderr)
+        return None
+    return a.messages / dt, ((c1 - c0) * 1e6 / a.messages) if target.pid else float("nan")
+
+
+def greeting_latency(port, n):
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        s = socket.create_connection(("127.0.0.1", port), 5)
+        s.settimeout(5)
+        read_greeting(s)
+        samples.append((time.perf_counter() - t0) * 1e6)
+        s.sendall(b"QUIT\r\n")
+        s.close()
+    samples.sort()
+    return [samples[int(len(samples) * q) - 1] for q in (0.5, 0.9, 0.99)]
+
+
+def idle_memory(target, k):
+    """RSS growth per session for k sessions held open after their greeting."""
+    time.sleep(0.5)
+    before = rss_bytes(target.pid)
+    socks = []
+    try:
+        for _ in range(k):
+            s = socket.create_connection(("127.0.0.1", target.port), 5)
+            s.settimeout(10)
+            socks.append(s)
+        for s in socks:
+            read_greeting(s)
+        time.sleep(1.0)
+        after = rss_bytes(target.pid)
+    finally:
+        for s in socks:
+            s.close()
+    time.sleep(1.0)  # let the proxy close the backend sides before the next round
+    return (after - before) / k
+
+
+def ratio(x, y):
+    return f"{x / y:.2f}x" if y and y == y and x == x else "-"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smtplb", default="build/smtplb", help="smtplb binary (default build/smtplb)")
+    ap.add_argument("--tests", default="connect,persistent,latency,idle",
+                    help="comma list of connect,persistent,latency,idle")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--messages", type=int, default=10000)
+    ap.add_argument("--sessions", type=int, default=50, help="parallel sessions, connect test")
+    ap.add_argument("--length", type=int, default=512, help="message bytes, connect test")
+    ap.add_argument("--persistent-sessions", type=int, default=20)
+    ap.add_argument("--persistent-length", type=int, default=20000)
+    ap.add_argument("--latency-sessions", type=int, default=2000)
+    ap.add_argument("--idle-sessions", type=int, default=3000)
+    ap.add_argument("--backends", type=int, default=2)
+    ap.add_argument("--base-port", type=int, default=22025)
+    ap.add_argument("--workers", default="1",
+                    help="comma list of smtplb worker counts, one target each (default 1, like nbthread 1)")
+    ap.add_argument("--access-log", action="store_true", help="also run smtplb with its access log on")
+    ap.add_argument("--no-haproxy", action="store_true")
+    a = ap.parse_args()
+    tests = [t for t in a.tests.split(",") if t]
+    for tool in ("smtp-sink", "smtp-source"):
+        if not shutil.which(tool):
+            raise SystemExit(f"bench: {tool} is missing (Debian package postfix)")
+    smtplb = os.path.abspath(a.smtplb)
+    if not os.access(smtplb, os.X_OK):
+        raise SystemExit(f"bench: no smtplb binary at {smtplb} (scripts/build.sh builds one)")
+
+    work = tempfile.mkdtemp(prefix="smtplb-bench.")
+    backends, sinks, targets = [], [], []
+    try:
+        for i in range(a.backends):
+            port = a.base_port + i
+            backends.append(f"127.0.0.1:{port}")
+            sinks.append(subprocess.Popen(["smtp-sink", "-u", "nobody", f"127.0.0.1:{port}", "4096"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True))
+            if not wait_port(port):
+                raise SystemExit(f"bench: smtp-sink did not start on {port}")
+        port = a.base_port + 100
+        targets.append(Target("direct", a.base_port, None))
+        if not a.no_haproxy and shutil.which("haproxy"):
+            cfg = os.path.join(work, "haproxy.cfg")
+            haproxy_config(cfg, port, backends)
+            targets.append(Target("haproxy", port, ["haproxy", "-db", "-f", cfg]))
+            port += 1
+        elif not a.no_haproxy:
+            print("# haproxy is not installed: no comparison (apt-get install haproxy)", file=sys.stderr)
+        variants = [(int(w), False) for w in a.workers.split(",")]
+        if a.access_log:
+            variants.append((variants[0][0], True))
+        for workers, log in variants:
+            name = f"smtplb-w{workers}" + ("-log" if log else "") if len(variants) > 1 else "smtplb"
+            cfg = os.path.join(work, f"{name}.toml")
+            smtplb_config(cfg, port, backends, workers, log)
+            targets.append(Target(name, port, [smtplb, "-f", cfg]))
+            port += 1
+        for t in targets:
+            t.start(work)
+        time.sleep(2.0)  # health checks settle
+
+        print(f"# {os.uname().nodename}: {os.cpu_count()} CPUs, kernel {os.uname().release}; "
+              f"{a.backends} smtp-sink backends; medians of {a.rounds} rounds")
+        hap = next((t for t in targets if t.name == "haproxy"), None)
+        ours = [t for t in targets if t.name.startswith("smtplb")]
+        for test in ("connect", "persistent"):
+            if test not in tests:
+                continue
+            persistent = test == "persistent"
+            res = {t.name: ([], []) for t in targets}
+            for _ in range(a.rounds):
+                for t in targets:
+                    r = run_load(t, a, persistent)
+                    if r:
+                        res[t.name][0].append(r[0])
+                        res[t.name][1].append(r[1])
+            if persistent:
+                print(f"\n## persistent: {a.messages} messages x {a.persistent_length} B over "
+                      f"{a.persistent_sessions} connections")
+            else:
+                print(f"\n## connect: {a.messages} messages x {a.length} B, one per connection, "
+                      f"{a.sessions} in parallel")
+            print(f"{'target':<16} {'msgs/s':>9} {'CPU us/msg':>11}")
+            med = {}
+            for t in targets:
+                rates, cpus = res[t.name]
+                med[t.name] = (statistics.median(rates) if rates else float("nan"),
+                               statistics.median(cpus) if cpus else float("nan"))
+                print(f"{t.name:<16} {med[t.name][0]:>9.0f} {med[t.name][1]:>11.1f}")
+            if hap:
+                for t in ours:
+                    print(f"ratio {t.name}/haproxy: rate {ratio(med[t.name][0], med['haproxy'][0])}, "
+                          f"CPU per message {ratio(med[t.name][1], med['haproxy'][1])}")
+        if "latency" in tests:
+            print(f"\n## latency: {a.latency_sessions} sequential sessions, connect to end of greeting (us)")
+            print(f"{'target':<16} {'p50':>7} {'p90':>7} {'p99':>7} {'p50 added':>10}")
+            lat = {}
+            for t in targets:
+                lat[t.name] = greeting_latency(t.port, a.latency_sessions)
+            for t in targets:
+                p = lat[t.name]
+                print(f"{t.name:<16} {p[0]:>7.0f} {p[1]:>7.0f} {p[2]:>7.0f} {p[0] - lat['direct'][0]:>10.0f}")
+        if "idle" in tests:
+            print(f"\n## idle: RSS growth per proxied session, {a.idle_sessions} sessions open after the greeting")
+            for t in targets:
+                if t.pid:
+                    print(f"{t.name:<16} {idle_memory(t, a.idle_sessions):>8.0f} bytes")
+    finally:
+        for t in targets:
+            t.stop()
+        for s in sinks:
+            s.terminate()
+        for s in sinks:
+            try:
+                s.wait(5)
+            except subprocess.TimeoutExpired:
+                s.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
