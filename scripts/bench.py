@@ -17,6 +17,7 @@ smtplb with the same shape (leastconn, SMTP checks every second, no access log u
 """
 import argparse
 import os
+import selectors
 import shutil
 import signal
 import socket
@@ -79,7 +80,9 @@ class Target:
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
         if not wait_port(self.port):
-            raise SystemExit(f"bench: {self.name} did not listen on {self.port}; see {workdir}/{self.name}.log")
+            log.close()
+            tail = open(os.path.join(workdir, f"{self.name}.log")).read()[-2000:]
+            raise SystemExit(f"bench: {self.name} did not listen on {self.port}:\n{tail}")
 
     @property
     def pid(self):
@@ -97,7 +100,7 @@ class Target:
 
 def haproxy_config(path, port, backends):
     with open(path, "w") as f:
-        f.write("global\n    maxconn 20000\n    nbthread 1\n")
+        f.write("global\n    maxconn 8000\n    nbthread 1\n")
         f.write("defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n")
         f.write(f"listen smtp\n    bind 127.0.0.1:{port}\n    balance leastconn\n    option smtpchk EHLO lb.example\n")
         for i, b in enumerate(backends, 1):
@@ -106,7 +109,7 @@ def haproxy_config(path, port, backends):
 
 def smtplb_config(path, port, backends, workers, access_log):
     with open(path, "w") as f:
-        f.write(f'[global]\nhostname = "lb.example"\nworkers = {workers}\nmax_connections = 20000\n\n')
+        f.write(f'[global]\nhostname = "lb.example"\nworkers = {workers}\nmax_connections = 8000\n\n')
         f.write(f'[log]\nlevel = "warn"\naccess_log = {"true" if access_log else "false"}\n\n')
         f.write(f'[listener.bench]\naddress = "127.0.0.1"\nport = {port}\npool = "sinks"\n\n')
         f.write('[pool.sinks]\nalgorithm = "leastconn"\n\n[pool.sinks.health_check]\ninterval = "1s"\n\n')
@@ -148,24 +151,41 @@ def greeting_latency(port, n):
 
 
 def idle_memory(target, k):
-    """RSS growth per session for k sessions held open after their greeting."""
+    """RSS growth per session for k sessions held open after their greeting.
+    Returns (bytes per session, sessions greeted)."""
     time.sleep(0.5)
     before = rss_bytes(target.pid)
-    socks = []
+    sel = selectors.DefaultSelector()
+    socks, greeted = [], 0
     try:
-        for _ in range(k):
-            s = socket.create_connection(("127.0.0.1", target.port), 5)
-            s.settimeout(10)
+        for i in range(k):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", target.port))
+            except BlockingIOError:
+                pass
+            sel.register(s, selectors.EVENT_READ)
             socks.append(s)
-        for s in socks:
-            read_greeting(s)
-        time.sleep(1.0)
+            if i % 200 == 199:
+                time.sleep(0.05)  # a steady arrival rate, not one burst at the backlog
+        end = time.monotonic() + 60
+        while greeted < k and time.monotonic() < end:
+            for key, _ in sel.select(1):
+                try:
+                    d = key.fileobj.recv(4096)
+                except OSError:
+                    d = b""
+                greeted += d.startswith(b"220")
+                sel.unregister(key.fileobj)
+        time.sleep(0.5)
         after = rss_bytes(target.pid)
     finally:
         for s in socks:
             s.close()
-    time.sleep(1.0)  # let the proxy close the backend sides before the next round
-    return (after - before) / k
+        sel.close()
+    time.sleep(1.0)  # let the proxy close the backend sides before the next target
+    return (after - before) / max(greeted, 1), greeted
 
 
 def ratio(x, y):
@@ -206,7 +226,7 @@ def main():
         for i in range(a.backends):
             port = a.base_port + i
             backends.append(f"127.0.0.1:{port}")
-            sinks.append(subprocess.Popen(["smtp-sink", "-u", "nobody", f"127.0.0.1:{port}", "4096"],
+            sinks.append(subprocess.Popen(["smtp-sink", "-u", "nobody", "-m", "5000", f"127.0.0.1:{port}", "4096"],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                           start_new_session=True))
             if not wait_port(port):
@@ -278,7 +298,8 @@ def main():
             print(f"\n## idle: RSS growth per proxied session, {a.idle_sessions} sessions open after the greeting")
             for t in targets:
                 if t.pid:
-                    print(f"{t.name:<16} {idle_memory(t, a.idle_sessions):>8.0f} bytes")
+                    per, greeted = idle_memory(t, a.idle_sessions)
+                    print(f"{t.name:<16} {per:>8.0f} bytes  ({greeted} of {a.idle_sessions} greeted)")
     finally:
         for t in targets:
             t.stop()
