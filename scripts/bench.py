@@ -210,6 +210,8 @@ def main():
     ap.add_argument("--workers", default="1",
                     help="comma list of smtplb worker counts, one target each (default 1, like nbthread 1)")
     ap.add_argument("--access-log", action="store_true", help="also run smtplb with its access log on")
+    ap.add_argument("--baseline", metavar="BINARY",
+                    help="another smtplb build (an older commit, say), run as target 'baseline' with the same config")
     ap.add_argument("--no-haproxy", action="store_true")
     a = ap.parse_args()
     tests = [t for t in a.tests.split(",") if t]
@@ -249,6 +251,11 @@ def main():
             smtplb_config(cfg, port, backends, workers, log)
             targets.append(Target(name, port, [smtplb, "-f", cfg]))
             port += 1
+        if a.baseline:
+            cfg = os.path.join(work, "baseline.toml")
+            smtplb_config(cfg, port, backends, variants[0][0], False)
+            targets.append(Target("baseline", port, [os.path.abspath(a.baseline), "-f", cfg]))
+            port += 1
         for t in targets:
             t.start(work)
         time.sleep(2.0)  # health checks settle
@@ -256,7 +263,7 @@ def main():
         print(f"# {os.uname().nodename}: {os.cpu_count()} CPUs, kernel {os.uname().release}; "
               f"{a.backends} smtp-sink backends; medians of {a.rounds} rounds")
         hap = next((t for t in targets if t.name == "haproxy"), None)
-        ours = [t for t in targets if t.name.startswith("smtplb")]
+        ours = [t for t in targets if t.name.startswith("smtplb") or t.name == "baseline"]
         for test in ("connect", "persistent"):
             if test not in tests:
                 continue

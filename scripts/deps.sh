@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages smtplb needs, only those missing (idempotent).
-# usage: scripts/deps.sh build|demo|package|test
+# usage: scripts/deps.sh build|demo|bench|package|test
 #   build: compiler, CMake and the libraries
 #   package: build + what CPack needs for the .deb and .rpm (scripts/package.sh)
 #   demo:  build + smtp-sink (postfix) and swaks
+#   bench: build + smtp-sink/smtp-source (postfix), haproxy (the comparison) and python3
 #   test:  demo + haproxy (a PROXY protocol peer), prometheus (promtool checks /metrics), python3 and clang's
 #          libFuzzer runtime for the fuzz targets; package + lintian, debootstrap, systemd
 #          (systemd-analyze), binutils (objdump), cpio and man-db for the package tests
@@ -13,10 +14,11 @@ want=(g++ cmake ninja-build pkg-config libuv1-dev libssl-dev libtomlplusplus-dev
 case "${1:-build}" in
   build) ;;
   demo) want+=(postfix swaks) ;;
+  bench) want+=(postfix haproxy python3) ;;
   package) want+=(rpm dpkg-dev file xz-utils) ;;
   test) want+=(postfix swaks haproxy prometheus python3 clang libclang-rt-14-dev procps iproute2
         rpm dpkg-dev file xz-utils lintian debootstrap systemd binutils cpio man-db) ;;
-  *) echo "usage: $0 build|demo|package|test" >&2; exit 64 ;;
+  *) echo "usage: $0 build|demo|bench|package|test" >&2; exit 64 ;;
 esac
 
 missing=()

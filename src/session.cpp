@@ -91,8 +91,7 @@ void Session::start(int fd, const SocketAddress& peer) {
     finish({'R', 'C'});  // not counted: no access line, no term counter
     return;
   }
-  set_nodelay(fd);
-  delay_acks(fd);
+  delay_acks(fd);  // TCP_NODELAY comes from the listening socket
 
   counted_ = true;
   bump(listener_.state->per_worker[worker_.index()].connections);
