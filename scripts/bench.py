@@ -14,6 +14,13 @@ all its threads, from /proc), as medians over the rounds, and the ratios of smtp
 HAProxy. HAProxy runs with nbthread 1, mode tcp, balance leastconn and option smtpchk;
 smtplb with the same shape (leastconn, SMTP checks every second, no access log unless
 --access-log). Only loopback addresses are used; every process started is stopped.
+
+Scheduling layout: the backends and the load generator stay in this script's session and
+each proxy gets a session of its own (as ../shared/bench/smtpbench.py does). With
+autogroup scheduling (kernel.sched_autogroup_enabled=1, the Debian default) that makes
+"the load side" and each proxy separate scheduling groups, like separate machines sharing
+two CPUs. The layout changes the results (notably for 2 worker threads); see
+docs/performance.md.
 """
 import argparse
 import os
@@ -229,8 +236,7 @@ def main():
             port = a.base_port + i
             backends.append(f"127.0.0.1:{port}")
             sinks.append(subprocess.Popen(["smtp-sink", "-u", "nobody", "-m", "5000", f"127.0.0.1:{port}", "4096"],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                          start_new_session=True))
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             if not wait_port(port):
                 raise SystemExit(f"bench: smtp-sink did not start on {port}")
         port = a.base_port + 100
