@@ -5,7 +5,8 @@
 #   package: build + what CPack needs for the .deb and .rpm (scripts/package.sh)
 #   demo:  build + smtp-sink (postfix) and swaks
 #   bench: build + smtp-sink/smtp-source (postfix), haproxy (the comparison) and python3
-#   test:  demo + haproxy (a PROXY protocol peer), prometheus (promtool checks /metrics), python3 and clang's
+#   test:  demo + haproxy (a PROXY protocol peer), prometheus (promtool checks /metrics), strace (system
+#          calls per session), python3 and clang's
 #          libFuzzer runtime for the fuzz targets; package + lintian, debootstrap, systemd
 #          (systemd-analyze), binutils (objdump), cpio and man-db for the package tests
 set -euo pipefail
@@ -16,7 +17,7 @@ case "${1:-build}" in
   demo) want+=(postfix swaks) ;;
   bench) want+=(postfix haproxy python3) ;;
   package) want+=(rpm dpkg-dev file xz-utils) ;;
-  test) want+=(postfix swaks haproxy prometheus python3 clang libclang-rt-14-dev procps iproute2
+  test) want+=(postfix swaks haproxy prometheus python3 clang libclang-rt-14-dev procps iproute2 strace
         rpm dpkg-dev file xz-utils lintian debootstrap systemd binutils cpio man-db) ;;
   *) echo "usage: $0 build|demo|bench|package|test" >&2; exit 64 ;;
 esac
