@@ -766,7 +766,9 @@ ConfigLoad Loader::run(std::string_view text) {
     errors_.push_back({file_, 1, 1, "no [listener.NAME] section: smtplb would accept nothing"});
   std::map<std::string, std::string> binds;
   for (const auto& l : c->listeners) {
-    if (!l.pool.empty() && !c->find_pool(l.pool)) {
+    // Checked whenever the key was given, an empty name included (a missing key is
+    // reported on its own).
+    if (listener_pool_refs_.count(l.name) && !c->find_pool(l.pool)) {
       auto it = listener_pool_refs_.find(l.name);
       errors_.push_back({file_, it->second.begin.line, it->second.begin.column,
                          "listener '" + l.name + "' names pool '" + l.pool + "', which is not defined"});

@@ -359,6 +359,9 @@ TEST_CASE("config: listener problems") {
   expect_ok("[listener.mx]\naddress = \"::1\"\npool = \"pf\"\n" + kPool);
   expect_one_error("[listener.mx]\naddress = \"127.0.0.1\"\npool = \"postfix\"\n" + kPool, 3, 8,
                    "listener 'mx' names pool 'postfix', which is not defined");
+  // Found by fuzz_config: an empty name slipped past the check and the listener had no pool.
+  expect_one_error("[listener.mx]\naddress = \"127.0.0.1\"\npool = \"\"\n" + kPool, 3, 8,
+                   "listener 'mx' names pool '', which is not defined");
   expect_one_error("listener = 1\n" + kListener + kPool, 3, 1, "redefine");  // a TOML error
   expect_one_error("[[listener.mx]]\naddress = \"127.0.0.1\"\npool = \"pf\"\n" + kPool, 1, 1,
                    "[listener.mx] must be a table");
