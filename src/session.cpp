@@ -47,10 +47,13 @@ void set_nodelay(int fd) {
 }
 
 // SMTP is lockstep: whatever smtplb reads, it answers soon (it forwards the command, then
-// the reply comes back the other way). Delayed-ACK ("pingpong") mode from the start lets
-// the ACK ride on that answer instead of costing a packet of its own; Linux enters the
-// mode by itself only after a few exchanges. Set once the connection is established:
-// a delayed final handshake ACK would stall a server that speaks first.
+// the reply comes back the other way). Delayed-ACK ("pingpong") mode lets the ACK ride on
+// that answer instead of costing a packet of its own; Linux enters the mode by itself only
+// after the first exchange. Set on the client's socket at the handoff, and on the
+// server's when the first client bytes go to it (where Linux itself starts counting): not
+// before connect (a delayed final handshake ACK would stall a server that speaks first),
+// and not while the greeting may still come (a server that writes a multi-line greeting
+// in pieces with Nagle on would wait for our delayed ACK).
 void delay_acks(int fd) {
   const int zero = 0;
   ::setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &zero, sizeof zero);
@@ -88,10 +91,14 @@ void Session::start(int fd, const SocketAddress& peer) {
   peer_ = peer;  // from accept4: no getpeername call
   client_.fd = fd;
   if (!worker_.watch(client_)) {
+    // The epoll set is full (fs.epoll.max_user_watches): say so, best effort, and close.
+    const std::string text =
+        "421 4.3.2 " + snap_->config->global.hostname + " Service not available, try again later\r\n";
+    (void)!::send(fd, text.data(), text.size(), MSG_NOSIGNAL);
     finish({'R', 'C'});  // not counted: no access line, no term counter
     return;
   }
-  delay_acks(fd);  // TCP_NODELAY comes from the listening socket
+  // TCP_NODELAY comes from the listening socket.
 
   counted_ = true;
   bump(listener_.state->per_worker[worker_.index()].connections);
@@ -194,7 +201,7 @@ void Session::io(Conn& c, uint32_t events) {
     flush(c);
     if (state_ == State::closing || c.owner != this) return;
   }
-  if (c.reading && (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP))) read_from(c, events);
+  if (c.reading && (events & (EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLERR | EPOLLHUP))) read_from(c, events);
 }
 
 void Session::read_from(Conn& c, uint32_t events) {
@@ -203,9 +210,10 @@ void Session::read_from(Conn& c, uint32_t events) {
   for (int i = 0; i < kReadBurst; ++i) {
     const ssize_t n = ::read(c.fd, buf, Worker::kScratchSize);
     if (n > 0) {
-      // A short read emptied the socket; with RDHUP in the event the FIN is next.
-      const bool drained = size_t(n) < Worker::kScratchSize;
-      const bool eof = drained && (events & EPOLLRDHUP);
+      // A short read emptied the socket (unless urgent data cut it short); with RDHUP in
+      // the event the FIN is next (unless an error came too: then read on and report it).
+      const bool drained = size_t(n) < Worker::kScratchSize && !(events & EPOLLPRI);
+      const bool eof = drained && (events & EPOLLRDHUP) && !(events & EPOLLERR);
       if (upstream) upstream_data(buf, size_t(n), eof);
       else client_data(buf, size_t(n), eof);
       if (state_ == State::closing || c.owner != this || !c.reading) return;
@@ -283,8 +291,9 @@ void Session::client_end(ssize_t status) {
         finish({'C', 'D'});
         return;
       }
-      // The server closed already: the FIN would only precede our close().
-      if (!upstream_eof_) half_close(false);
+      // The server closed already: when the session ends right now, close() sends the
+      // FIN (after any bytes still corked by MSG_MORE).
+      if (!upstream_eof_ || !done_when_flushed()) half_close(false);
       maybe_done();
       break;
     case State::replying:
@@ -365,7 +374,7 @@ void Session::connect_to(size_t index) {
     up_->conn.fd = fd;
     set_nodelay(fd);
     if (::connect(fd, sa, server->cfg.addr.len) != 0 && errno != EINPROGRESS) rc = uv_code(errno);
-    else if (!worker_.watch(up_->conn)) rc = uv_code(errno);
+    else if (!worker_.watch(up_->conn)) rc = UV_ENOMEM;  // epoll set full: ours, not the server's
   }
   if (rc == UV_EMFILE || rc == UV_ENFILE || rc == UV_ENOBUFS || rc == UV_ENOMEM || rc == UV_EADDRNOTAVAIL) {
     // Out of descriptors, memory or source ports here: not the server's fault, so no
@@ -392,7 +401,6 @@ void Session::connected(int status) {
     return;
   }
   tc_ = int64_t(uv_now(worker_.loop()) - t_attempt_);
-  delay_acks(up_->conn.fd);
   if (pool_.proxy_protocol != ProxyOut::none) {
     // Written before anything else; a PROXY-aware server reads it before it greets.
     if (local_.len == 0) {  // looked up only when needed (and unless a PROXY header gave it)
@@ -477,9 +485,10 @@ void Session::upstream_end(ssize_t status) {
         finish({'S', 'D'});
         return;
       }
-      // When the client has closed too, close() itself sends the FIN (after the last
-      // bytes, in the same segment when they are still queued).
-      if (!client_eof_ || client_.blocked()) half_close(true);
+      // When the client has closed too and nothing waits to be sent, the session ends
+      // right now and close() itself sends the FIN (in the same segment as the last bytes
+      // when they are still corked).
+      if (!client_eof_ || !done_when_flushed()) half_close(true);
       maybe_done();
       // The server has ended the SMTP session; give the client a short while to read the
       // rest and close, rather than its whole idle timeout.
@@ -532,6 +541,7 @@ void Session::handoff(const char* data, size_t len) {
   state_ = State::relaying;
   term_ = {'-', '-'};
   relayed_ = up_->server.get();
+  delay_acks(client_.fd);
   ServerWorkerCounters& sc = relayed_->per_worker[worker_.index()];
   bump(sc.sessions);
   sc.connect.observe(kLatencyBounds, double(tc_ + tb_) / 1000.0);
@@ -608,6 +618,10 @@ void Session::note_refusal(TermCode term) {
 bool Session::forward(bool to_client, const char* data, size_t len, bool more) {
   client_turn_ = to_client;
   Conn& c = to_client ? client_ : up_->conn;
+  if (!to_client && !upstream_acks_delayed_ && state_ == State::relaying) {
+    upstream_acks_delayed_ = true;
+    delay_acks(c.fd);
+  }
   size_t done = 0;
   if (!c.blocked()) {
     const ssize_t r = ::send(c.fd, data, len, MSG_NOSIGNAL | (more ? MSG_MORE : 0));
@@ -703,9 +717,12 @@ void Session::half_close(bool to_client) {
   else ::shutdown(c.fd, SHUT_WR);
 }
 
+bool Session::done_when_flushed() const {
+  return client_eof_ && upstream_eof_ && !client_.blocked() && !(up_ && up_->conn.blocked());
+}
+
 void Session::maybe_done() {
-  if (state_ == State::relaying && client_eof_ && upstream_eof_ && !client_.blocked() && !(up_ && up_->conn.blocked()))
-    finish({'-', '-'});
+  if (state_ == State::relaying && done_when_flushed()) finish({'-', '-'});
 }
 
 // ---- timers -----------------------------------------------------------------------------

@@ -122,6 +122,8 @@ class Session {
   void resume_upstream();
   void half_close(bool to_client);
   void maybe_done();
+  // Both sides have closed and nothing is left to send: maybe_done() ends the session.
+  bool done_when_flushed() const;
   void arm_timer(uint64_t ms);
   void arm_idle_timer();
 
@@ -151,6 +153,7 @@ class Session {
   bool upstream_paused_ = true;   // not reading the server
   bool client_shut_ = false;      // FIN sent to the client
   bool upstream_shut_ = false;    // FIN sent to the server
+  bool upstream_acks_delayed_ = false;  // TCP_QUICKACK 0 set on the server's socket
 
   std::string held_;              // client bytes received before the handoff
   std::string greeting_;          // partial first greeting line

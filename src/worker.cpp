@@ -21,7 +21,9 @@ namespace {
 constexpr uint64_t kAcceptPauseMs = 100;
 // Events taken from the sessions' epoll set per epoll_wait.
 constexpr int kEventBatch = 128;
-constexpr uint32_t kConnEvents = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+// EPOLLPRI: urgent data makes read() stop short of the mark with more queued behind it,
+// so a short read no longer means "drained" (see Session::read_from).
+constexpr uint32_t kConnEvents = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET;
 }
 
 void ControlLink::report(PassiveDown event) {
@@ -111,6 +113,10 @@ Worker::~Worker() {
 }
 
 bool Worker::open_listeners(std::string& error) {
+  if (!ep_open_) {
+    error = "worker " + std::to_string(index_) + ": cannot create its epoll set";
+    return false;
+  }
   for (const auto& lr : snapshot_->listeners)
     if (!add_listener(lr, error)) return false;
   return true;

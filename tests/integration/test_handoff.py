@@ -52,6 +52,26 @@ class GreetingTest(TestCase):
         """The first greeting line itself arrives in two pieces 200 ms apart."""
         self.check_greeting([(b"22", 0.2), (b"0 split.test ESMTP\r\n", 0)])
 
+    def test_greeting_in_pieces_with_nagle_is_not_held(self):
+        """A server that writes its greeting lines one by one with Nagle on (the fake
+        server's sockets keep it on) can send a piece only once the previous one is ACKed.
+        smtplb delays its ACKs only once the client talks, so the greeting is not held
+        for the 40 ms delayed-ACK timer per piece. Median of 5 sessions, so one slow
+        moment on a busy machine does not decide."""
+        pieces = [(b"220-nagle.test one\r\n", 0), (b"220-two\r\n", 0), (b"220-three\r\n", 0), (b"220 four\r\n", 0)]
+        expected = b"".join(p for p, _ in pieces)
+        srv = self.fake("n", Behaviour(greeting=pieces))
+        lb = self.smtplb(make_config([srv]), up=["p/n"])
+        times = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            c = self.client(lb.port())
+            self.assertEqual(recv_exact(c.sock, len(expected)), expected)
+            times.append(time.monotonic() - t0)
+            self.assertEqual(c.quit(), b"221 2.0.0 Bye\r\n")
+        times.sort()
+        self.assertLess(times[2], 0.030, "greeting times %s" % ["%.1f ms" % (t * 1000) for t in times])
+
     def test_bare_lf_greeting(self):
         self.check_greeting(b"220 lf.test ESMTP\n")
 

@@ -13,7 +13,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (Behaviour, TestCase, client_label, main, make_config, recv_exact,  # noqa: E402
-                     recv_until_eof)
+                     recv_until_eof, wait_until)
 
 
 def binary_blob(seed: int, size: int) -> bytes:
@@ -57,6 +57,36 @@ class RelayTest(TestCase):
         self.assertEqual(a["tries"], 1)
         self.assertEqual(a["bytes_in"], len(to_server))
         self.assertEqual(a["bytes_out"], len(greeting) + len(to_client))
+
+    def urgent_case(self, then_fin: bool):
+        """TCP urgent data makes read() stop short of the mark with bytes still queued:
+        a short read is then no proof the socket is drained (edge-triggered events).
+        Everything but the out-of-band byte reaches the server, FIN or not."""
+        greeting = b"220 urg.test ESMTP\r\n"
+        srv = self.fake("urg", Behaviour(greeting=greeting, mode="raw"))
+        lb = self.smtplb(make_config([srv]), up=["p/urg"])
+        s = self.sock(lb.port())
+        self.assertEqual(recv_exact(s, len(greeting)), greeting)
+        s.sendall(b"AAAA")
+        s.send(b"X", socket.MSG_OOB)
+        s.sendall(b"BBBB\r\n")
+        if then_fin:
+            s.shutdown(socket.SHUT_WR)
+        wait_until(lambda: srv.sessions() and bytes(srv.sessions()[0].received) == b"AAAABBBB\r\n", 5,
+                   "all ordinary bytes at the server (got %r)" %
+                   (bytes(srv.sessions()[0].received) if srv.sessions() else b""))
+        if then_fin:
+            conn = srv.sessions()[0]
+            self.assertTrue(conn.done.wait(10))
+            self.assertEqual(bytes(conn.received), b"AAAABBBB\r\n")
+            self.assertEqual(recv_until_eof(s), b"")
+            self.assertEqual(lb.wait_access(client=s)[0]["term"], "--")
+
+    def test_urgent_data_without_fin(self):
+        self.urgent_case(then_fin=False)
+
+    def test_urgent_data_then_fin(self):
+        self.urgent_case(then_fin=True)
 
     def test_echo_many_small_writes(self):
         """Many small writes in both directions interleave correctly (echo server)."""
