@@ -266,8 +266,7 @@ void Session::client_data(const char* data, size_t len, bool eof_follows) {
 
 void Session::client_end(ssize_t status) {
   client_eof_ = true;
-  client_paused_ = true;  // nothing more to read
-  client_.reading = false;
+  client_.reading = false;  // nothing more to read
   // A client that half-closes after talking first (`printf ... | nc -N`) still wants its
   // answers: deliver what it sent after the greeting, then forward the FIN.
   if (status == UV_EOF && !held_.empty() && state_ != State::proxy_header &&
@@ -416,7 +415,6 @@ void Session::connected(int status) {
     if (!forward(false, header.data(), header.size())) return;
   }
   up_->conn.reading = true;
-  upstream_paused_ = false;
   last_activity_ = uv_now(worker_.loop());
   if (pool_.handoff == Handoff::connect) {
     handoff(nullptr, 0);
@@ -479,7 +477,6 @@ void Session::upstream_end(ssize_t status) {
       break;
     case State::relaying:
       upstream_eof_ = true;
-      upstream_paused_ = true;
       if (up_) up_->conn.reading = false;
       if (status != UV_EOF) {
         finish({'S', 'D'});
@@ -679,30 +676,22 @@ void Session::flush(Conn& c) {
   }
 }
 
-void Session::pause_client() {
-  if (client_paused_) return;
-  client_.reading = false;
-  client_paused_ = true;
-}
+void Session::pause_client() { client_.reading = false; }
 
 void Session::resume_client() {
-  if (!client_paused_ || client_eof_ || state_ == State::closing) return;
+  if (client_.reading || client_eof_ || state_ == State::closing) return;
   if (state_ != State::replying && held_.size() >= kHoldLimit) return;
   client_.reading = true;
-  client_paused_ = false;
   worker_.rearm(client_);  // edge-triggered: what arrived meanwhile raised no new edge
 }
 
 void Session::pause_upstream() {
-  if (upstream_paused_ || !up_) return;
-  up_->conn.reading = false;
-  upstream_paused_ = true;
+  if (up_) up_->conn.reading = false;
 }
 
 void Session::resume_upstream() {
-  if (!upstream_paused_ || upstream_eof_ || !up_ || state_ != State::relaying) return;
+  if (!up_ || up_->conn.reading || upstream_eof_ || state_ != State::relaying) return;
   up_->conn.reading = true;
-  upstream_paused_ = false;
   worker_.rearm(up_->conn);
 }
 

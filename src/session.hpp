@@ -30,7 +30,8 @@ struct OutChunk {
 // its worker's edge-triggered epoll set and removed by close(). See Worker::dispatch.
 struct Conn {
   int fd = -1;
-  bool reading = false;       // events lead to reads (false: paused, or not yet / no more)
+  bool reading = false;       // events lead to reads; false while paused (backpressure,
+                              // hold limit), before the connect completes, and after EOF
   bool shut_pending = false;  // shutdown(SHUT_WR) once the output queue is flushed
   Session* owner = nullptr;   // cleared when the session lets go of it
   OutChunk* out_head = nullptr;
@@ -149,8 +150,6 @@ class Session {
   bool proxy_local_ = false;      // the inbound PROXY header carried no client address
   bool client_eof_ = false;
   bool upstream_eof_ = false;
-  bool client_paused_ = false;    // not reading the client (backpressure, hold limit, EOF)
-  bool upstream_paused_ = true;   // not reading the server
   bool client_shut_ = false;      // FIN sent to the client
   bool upstream_shut_ = false;    // FIN sent to the server
   bool upstream_acks_delayed_ = false;  // TCP_QUICKACK 0 set on the server's socket
