@@ -124,5 +124,6 @@ port = {sink.port}
         total = sum(c for c, _ in counts.values()) / SESSIONS
         sys.stderr.write("%.1f system calls per session in all\n" % total)
 
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
