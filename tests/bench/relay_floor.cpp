@@ -1,0 +1,439 @@
+// relay_floor: the cheapest correct TCP relay we know how to write, as a yardstick.
+//
+// Not part of smtplb and never installed. scripts/bench.py runs it next to smtplb and
+// HAProxy (--floor) to show how much of a proxy's cost per session is the kernel's TCP
+// work on the two connections, which no relaying proxy can avoid, and how much is the
+// proxy's own. It has none of smtplb's features: no SMTP (no greeting check, no retry),
+// no health checks, no timeouts, no limits, no log, no metrics, no reload. Backends are
+// taken in turn (round robin), and a backend that is down costs the client its session.
+//
+//   relay_floor PORT BACKEND[,BACKEND...] [plain|splice|sockmap]
+//
+// BACKEND is IPv4 ADDRESS:PORT. It listens on 127.0.0.1:PORT with one thread and one
+// edge-triggered epoll set, and relays each client to a backend:
+//   plain    read() and send() through a 16 KiB stack buffer (what smtplb and HAProxy do)
+//   splice   splice() through a pipe per direction, no copy to user space
+//   sockmap  a BPF sk_skb verdict program redirects each socket's bytes to its peer inside
+//            the kernel (a SOCKHASH keyed by the 4-tuple); user space only sets it up and
+//            passes FIN on once everything received has been written. Needs root
+//            (CAP_BPF and CAP_NET_ADMIN).
+// A client's FIN is passed to the backend (and the other way) only after the bytes before
+// it, so a half-closing peer is served correctly.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <linux/bpf.h>
+#include <linux/sockios.h>
+#include <linux/tcp.h>
+#include <netinet/in.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+enum class Mode { plain, splice, sockmap };
+
+struct Conn {
+  int fd = -1;
+  Conn* peer = nullptr;
+  std::string pending;  // plain: bytes for this fd that it would not take yet
+  size_t pending_off = 0;
+  int pipe_r = -1, pipe_w = -1;  // splice: the pipe that feeds this fd
+  size_t piped = 0;              // bytes in that pipe
+  bool connected = false;
+  bool active = false;  // we connected it (the backend side)
+  bool eof_in = false;    // read EOF from this fd
+  bool shut_out = false;  // shut down this fd's write side
+  bool blocked = false;   // not reading: the peer has bytes waiting
+  bool in_map = false;
+  bool draining = false;  // sockmap: EOF seen, waiting for the kernel to write out the rest
+  bool closed = false;
+};
+
+Mode mode = Mode::plain;
+int map_fd = -1;
+std::vector<sockaddr_in> backends;
+size_t next_backend = 0;
+std::vector<Conn*> graveyard;  // closed this batch; freed after it
+std::vector<Conn*> draining;
+
+struct Key {  // as the verdict program builds it from struct __sk_buff
+  uint32_t remote_ip4, local_ip4, remote_port, local_port;
+};
+
+long bpf(int cmd, bpf_attr* attr) { return syscall(__NR_bpf, cmd, attr, sizeof *attr); }
+
+[[noreturn]] void die(const char* what) {
+  std::perror(what);
+  std::exit(1);
+}
+
+void setup_sockmap() {
+  bpf_attr a{};
+  a.map_type = BPF_MAP_TYPE_SOCKHASH;
+  a.key_size = sizeof(Key);
+  a.value_size = sizeof(uint32_t);
+  a.max_entries = 65536;
+  map_fd = static_cast<int>(bpf(BPF_MAP_CREATE, &a));
+  if (map_fd < 0) die("bpf(BPF_MAP_CREATE)");
+  auto ins = [](uint8_t code, uint8_t dst, uint8_t src, int16_t off, int32_t imm) {
+    bpf_insn i{};
+    i.code = code;
+    i.dst_reg = dst & 0xf;
+    i.src_reg = src & 0xf;
+    i.off = off;
+    i.imm = imm;
+    return i;
+  };
+  // An empty skb (a FIN after the data) stays on its socket: redirected, it fails the peer's
+  // transmit with EPIPE. Otherwise key = {remote_ip4, local_ip4, remote_port, local_port} of
+  // the socket the bytes came in on; return bpf_sk_redirect_hash(skb, map, &key, 0): out
+  // through the peer stored there.
+  const bpf_insn prog[] = {
+      ins(BPF_ALU64 | BPF_MOV | BPF_X, 6, 1, 0, 0),
+      ins(BPF_LDX | BPF_MEM | BPF_W, 2, 6, offsetof(__sk_buff, len), 0),
+      ins(BPF_JMP | BPF_JNE | BPF_K, 2, 0, 2, 0),
+      ins(BPF_ALU64 | BPF_MOV | BPF_K, 0, 0, 0, SK_PASS),
+      ins(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+      ins(BPF_LDX | BPF_MEM | BPF_W, 2, 6, offsetof(__sk_buff, remote_ip4), 0),
+      ins(BPF_STX | BPF_MEM | BPF_W, 10, 2, -16, 0),
+      ins(BPF_LDX | BPF_MEM | BPF_W, 2, 6, offsetof(__sk_buff, local_ip4), 0),
+      ins(BPF_STX | BPF_MEM | BPF_W, 10, 2, -12, 0),
+      ins(BPF_LDX | BPF_MEM | BPF_W, 2, 6, offsetof(__sk_buff, remote_port), 0),
+      ins(BPF_STX | BPF_MEM | BPF_W, 10, 2, -8, 0),
+      ins(BPF_LDX | BPF_MEM | BPF_W, 2, 6, offsetof(__sk_buff, local_port), 0),
+      ins(BPF_STX | BPF_MEM | BPF_W, 10, 2, -4, 0),
+      ins(BPF_ALU64 | BPF_MOV | BPF_X, 1, 6, 0, 0),
+      ins(BPF_LD | BPF_DW | BPF_IMM, 2, BPF_PSEUDO_MAP_FD, 0, map_fd),
+      ins(0, 0, 0, 0, 0),
+      ins(BPF_ALU64 | BPF_MOV | BPF_X, 3, 10, 0, 0),
+      ins(BPF_ALU64 | BPF_ADD | BPF_K, 3, 0, 0, -16),
+      ins(BPF_ALU64 | BPF_MOV | BPF_K, 4, 0, 0, 0),
+      ins(BPF_JMP | BPF_CALL, 0, 0, 0, BPF_FUNC_sk_redirect_hash),
+      ins(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+  };
+  static char log[16384];
+  a = bpf_attr{};
+  a.prog_type = BPF_PROG_TYPE_SK_SKB;
+  a.insns = reinterpret_cast<uintptr_t>(prog);
+  a.insn_cnt = sizeof prog / sizeof prog[0];
+  a.license = reinterpret_cast<uintptr_t>("GPL");
+  a.log_buf = reinterpret_cast<uintptr_t>(log);
+  a.log_size = sizeof log;
+  a.log_level = 1;
+  const int prog_fd = static_cast<int>(bpf(BPF_PROG_LOAD, &a));
+  if (prog_fd < 0) {
+    std::fprintf(stderr, "%s\n", log);
+    die("bpf(BPF_PROG_LOAD)");
+  }
+  a = bpf_attr{};
+  a.target_fd = static_cast<uint32_t>(map_fd);
+  a.attach_bpf_fd = static_cast<uint32_t>(prog_fd);
+  a.attach_type = BPF_SK_SKB_VERDICT;
+  if (bpf(BPF_PROG_ATTACH, &a) != 0) die("bpf(BPF_PROG_ATTACH)");
+}
+
+bool key_of(int fd, Key& k) {
+  sockaddr_in local{}, remote{};
+  socklen_t ll = sizeof local, rl = sizeof remote;
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &ll) != 0 ||
+      getpeername(fd, reinterpret_cast<sockaddr*>(&remote), &rl) != 0 || local.sin_family != AF_INET)
+    return false;
+  k.remote_ip4 = remote.sin_addr.s_addr;  // network order, as __sk_buff has it
+  k.local_ip4 = local.sin_addr.s_addr;
+  k.remote_port = static_cast<uint32_t>(remote.sin_port) << 16;  // network order, upper half
+  k.local_port = ntohs(local.sin_port);                           // host order
+  return true;
+}
+
+void map_put(const Key& k, int fd) {
+  const uint32_t value = static_cast<uint32_t>(fd);
+  bpf_attr a{};
+  a.map_fd = static_cast<uint32_t>(map_fd);
+  a.key = reinterpret_cast<uintptr_t>(&k);
+  a.value = reinterpret_cast<uintptr_t>(&value);
+  a.flags = BPF_ANY;
+  if (bpf(BPF_MAP_UPDATE_ELEM, &a) != 0) std::perror("bpf(BPF_MAP_UPDATE_ELEM)");
+}
+
+void add_to_map(Conn* c) {
+  Key kc{}, kp{};
+  if (!key_of(c->fd, kc) || !key_of(c->peer->fd, kp)) return;
+  map_put(kc, c->peer->fd);  // bytes arriving on c leave through its peer
+  map_put(kp, c->fd);
+  c->in_map = c->peer->in_map = true;
+}
+
+// sockmap: everything c received before its FIN has been written to its peer (acknowledged
+// or queued). tcpi_bytes_received counts the FIN, and tcpi_bytes_acked counts the SYN of the
+// side that connected: both are sequence numbers, not bytes.
+bool kernel_drained(const Conn* c) {
+  tcp_info in{}, out{};
+  socklen_t l1 = sizeof in, l2 = sizeof out;
+  int queued = 0;
+  if (getsockopt(c->fd, IPPROTO_TCP, TCP_INFO, &in, &l1) != 0 ||
+      getsockopt(c->peer->fd, IPPROTO_TCP, TCP_INFO, &out, &l2) != 0 ||
+      ioctl(c->peer->fd, SIOCOUTQ, &queued) != 0)
+    return true;
+  return in.tcpi_bytes_received - 1 == out.tcpi_bytes_acked + static_cast<uint64_t>(queued) - (c->peer->active ? 1 : 0);
+}
+
+void close_pair(Conn* c) {
+  if (c->closed) return;
+  for (Conn* x : {c, c->peer}) {
+    x->closed = true;
+    close(x->fd);
+    if (x->pipe_r >= 0) {
+      close(x->pipe_r);
+      close(x->pipe_w);
+    }
+    graveyard.push_back(x);
+  }
+}
+
+bool finished(const Conn* c) {
+  return c->eof_in && c->peer->eof_in && c->shut_out && c->peer->shut_out;
+}
+
+// c has read EOF: pass it on to the peer once the bytes before it are out.
+void pass_fin(Conn* c) {
+  Conn* p = c->peer;
+  if (p->shut_out || p->pending.size() > p->pending_off || p->piped) return;
+  if (c->in_map && !kernel_drained(c)) {
+    if (!c->draining) draining.push_back(c);
+    c->draining = true;
+    return;
+  }
+  shutdown(p->fd, SHUT_WR);
+  p->shut_out = true;
+}
+
+// Writes what waits for c. 1: all written, 0: would block, -1: error.
+int flush(Conn* c) {
+  while (c->piped) {
+    const ssize_t n = splice(c->pipe_r, nullptr, c->fd, nullptr, c->piped, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    if (n < 0) return errno == EAGAIN ? 0 : -1;
+    c->piped -= static_cast<size_t>(n);
+  }
+  while (c->pending_off < c->pending.size()) {
+    const ssize_t n = send(c->fd, c->pending.data() + c->pending_off, c->pending.size() - c->pending_off,
+                           MSG_NOSIGNAL);
+    if (n < 0) return errno == EAGAIN ? 0 : -1;
+    c->pending_off += static_cast<size_t>(n);
+  }
+  c->pending.clear();
+  c->pending_off = 0;
+  if (c->peer->eof_in) pass_fin(c->peer);
+  return 1;
+}
+
+// Moves bytes from c to its peer until c has none or the peer is full. `drain`: read until
+// EAGAIN; otherwise a short read ends it (edge-triggered: more bytes or a FIN make a new edge,
+// and a FIN that came with these bytes is in this event as EPOLLRDHUP).
+void pump(Conn* c, bool drain, bool rdhup) {
+  Conn* p = c->peer;
+  if (c->blocked || c->eof_in || c->closed) return;
+  if (mode == Mode::splice) {
+    if (p->pipe_w < 0) {
+      int fds[2];
+      if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) return close_pair(c);
+      p->pipe_r = fds[0];
+      p->pipe_w = fds[1];
+    }
+    for (;;) {
+      const ssize_t n = splice(c->fd, nullptr, p->pipe_w, nullptr, 1 << 16, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+      if (n < 0) {
+        if (errno != EAGAIN) close_pair(c);
+        return;
+      }
+      if (n == 0) {
+        c->eof_in = true;
+        return pass_fin(c);
+      }
+      p->piped += static_cast<size_t>(n);
+      const int r = flush(p);
+      if (r < 0) return close_pair(c);
+      if (r == 0) {
+        c->blocked = true;
+        return;
+      }
+    }
+  }
+  char buf[16384];
+  for (;;) {
+    const ssize_t n = read(c->fd, buf, sizeof buf);
+    if (n < 0) {
+      if (errno != EAGAIN) return close_pair(c);
+      // A socket in the sockmap reads EAGAIN, not 0, after its FIN: the event says it.
+      if (c->in_map && rdhup) {
+        c->eof_in = true;
+        pass_fin(c);
+      }
+      return;
+    }
+    if (n == 0) {
+      c->eof_in = true;
+      return pass_fin(c);
+    }
+    ssize_t sent = 0;
+    if (p->pending.empty()) {
+      sent = send(p->fd, buf, static_cast<size_t>(n), MSG_NOSIGNAL);
+      if (sent < 0) {
+        if (errno != EAGAIN) return close_pair(c);
+        sent = 0;
+      }
+    }
+    if (sent < n) {
+      p->pending.append(buf + sent, static_cast<size_t>(n - sent));
+      c->blocked = true;
+      return;
+    }
+    if (!drain && static_cast<size_t>(n) < sizeof buf) return;
+  }
+}
+
+void on_event(Conn* c, uint32_t events) {
+  if (c->closed) return;
+  if (!c->connected && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
+    int err = 0;
+    socklen_t len = sizeof err;
+    getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err != 0) return close_pair(c);
+    c->connected = true;
+    if (mode == Mode::sockmap) add_to_map(c);
+  }
+  if (events & EPOLLOUT) {
+    const int r = flush(c);
+    if (r < 0) return close_pair(c);
+    if (r == 1 && c->peer->blocked) {
+      c->peer->blocked = false;
+      pump(c->peer, true, false);
+    }
+  }
+  if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+    const bool rdhup = (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0;
+    pump(c, rdhup, rdhup);
+  }
+  if (!c->closed && finished(c)) close_pair(c);
+}
+
+sockaddr_in parse_ipv4(const std::string& s) {
+  sockaddr_in a{};
+  const size_t colon = s.rfind(':');
+  a.sin_family = AF_INET;
+  if (colon == std::string::npos || inet_pton(AF_INET, s.substr(0, colon).c_str(), &a.sin_addr) != 1) {
+    std::fprintf(stderr, "relay_floor: not IPV4:PORT: %s\n", s.c_str());
+    std::exit(2);
+  }
+  a.sin_port = htons(static_cast<uint16_t>(std::atoi(s.c_str() + colon + 1)));
+  return a;
+}
+
+void accept_all(int listen_fd, int ep) {
+  const int one = 1;
+  for (;;) {
+    const int cfd = accept4(listen_fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (cfd < 0) return;
+    const int sfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (sfd < 0) {
+      close(cfd);
+      continue;
+    }
+    setsockopt(sfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    const sockaddr_in& b = backends[next_backend++ % backends.size()];
+    if (connect(sfd, reinterpret_cast<const sockaddr*>(&b), sizeof b) != 0 && errno != EINPROGRESS) {
+      close(cfd);
+      close(sfd);
+      continue;
+    }
+    Conn* client = new Conn;
+    Conn* server = new Conn;
+    client->fd = cfd;
+    server->fd = sfd;
+    client->peer = server;
+    server->peer = client;
+    client->connected = true;
+    server->active = true;
+    epoll_event e{};
+    e.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    e.data.ptr = client;
+    epoll_ctl(ep, EPOLL_CTL_ADD, cfd, &e);
+    e.data.ptr = server;
+    epoll_ctl(ep, EPOLL_CTL_ADD, sfd, &e);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: relay_floor PORT BACKEND[,BACKEND...] [plain|splice|sockmap]\n");
+    return 2;
+  }
+  const std::string m = argc > 3 ? argv[3] : "plain";
+  if (m == "splice") mode = Mode::splice;
+  else if (m == "sockmap") mode = Mode::sockmap;
+  else if (m != "plain") {
+    std::fprintf(stderr, "relay_floor: unknown mode %s\n", m.c_str());
+    return 2;
+  }
+  std::string list = argv[2];
+  for (size_t start = 0; start <= list.size();) {
+    size_t comma = list.find(',', start);
+    if (comma == std::string::npos) comma = list.size();
+    backends.push_back(parse_ipv4(list.substr(start, comma - start)));
+    start = comma + 1;
+  }
+  if (mode == Mode::sockmap) setup_sockmap();
+
+  const int one = 1;
+  const int listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  setsockopt(listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  setsockopt(listen_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // accepted sockets inherit it
+  sockaddr_in la{};
+  la.sin_family = AF_INET;
+  la.sin_port = htons(static_cast<uint16_t>(std::atoi(argv[1])));
+  la.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (bind(listen_fd, reinterpret_cast<sockaddr*>(&la), sizeof la) != 0 || listen(listen_fd, 4096) != 0)
+    die("listen");
+  const int ep = epoll_create1(EPOLL_CLOEXEC);
+  epoll_event e{};
+  e.events = EPOLLIN;
+  e.data.ptr = nullptr;
+  epoll_ctl(ep, EPOLL_CTL_ADD, listen_fd, &e);
+
+  epoll_event events[256];
+  for (;;) {
+    const int n = epoll_wait(ep, events, 256, draining.empty() ? -1 : 1);
+    for (int i = 0; i < n; ++i) {
+      if (events[i].data.ptr == nullptr) accept_all(listen_fd, ep);
+      else on_event(static_cast<Conn*>(events[i].data.ptr), events[i].events);
+    }
+    // sockmap: pass on the FINs whose bytes the kernel has written out since.
+    std::vector<Conn*> still;
+    for (Conn* c : draining) {
+      if (c->closed) continue;
+      if (!kernel_drained(c)) {
+        still.push_back(c);
+        continue;
+      }
+      c->draining = false;
+      pass_fin(c);
+      if (finished(c)) close_pair(c);
+    }
+    draining.swap(still);
+    for (Conn* c : graveyard) delete c;
+    graveyard.clear();
+  }
+}
