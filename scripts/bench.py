@@ -9,9 +9,16 @@ Starts smtp-sink backends, then each target in front of them, and measures in on
   latency     sequential sessions: connect() to the end of the greeting, p50/p90/p99
   idle        RSS growth per idle proxied session (sessions held open after the greeting)
 
-Per target it prints messages/s and the proxy's own CPU time per message (user+sys of
-all its threads, from /proc), as medians over the rounds, and the ratios of smtplb to
-HAProxy. HAProxy runs with nbthread 1, mode tcp, balance leastconn and option smtpchk;
+Per target it prints messages/s, the proxy's own CPU time per message (user+sys of all
+its threads, from /proc/PID/stat) and the whole machine's busy CPU time per message (from
+/proc/stat: load generator and backends included), as medians over the rounds, and the
+ratios of smtplb to HAProxy.
+
+--floor MODES adds the yardstick relay (tests/bench/relay_floor.cpp: no SMTP, no checks,
+no timeouts, just a correct relay) as targets floor-plain, floor-splice, floor-sockmap:
+the cost any relaying proxy pays here, and what relaying inside the kernel costs.
+
+HAProxy runs with nbthread 1, mode tcp, balance leastconn and option smtpchk;
 smtplb with the same shape (leastconn, SMTP checks every second, no access log unless
 --access-log). Only loopback addresses are used; every process started is stopped.
 
@@ -45,6 +52,14 @@ def cpu_seconds(pid):
         return (int(fields[11]) + int(fields[12])) / TICK
     except OSError:
         return 0.0
+
+
+def machine_busy_seconds():
+    """CPU time the whole machine spent busy (user, nice, system, irq, softirq), all CPUs.
+    It also counts the load generator and the backends, and it is the honest total for a
+    proxy that moves work out of its own process (into kernel threads, say)."""
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:8]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / TICK
 
 
 def rss_bytes(pid):
@@ -133,14 +148,17 @@ def run_load(target, a, persistent):
         args.append("-d")
     args.append(f"127.0.0.1:{target.port}")
     c0 = cpu_seconds(target.pid) if target.pid else 0.0
+    m0 = machine_busy_seconds()
     t0 = time.monotonic()
     rc = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
     dt = time.monotonic() - t0
     c1 = cpu_seconds(target.pid) if target.pid else 0.0
+    m1 = machine_busy_seconds()
     if rc.returncode != 0:
         print(f"# {target.name}: smtp-source failed: {rc.stderr.strip()[:200]}", file=sys.stderr)
         return None
-    return a.messages / dt, ((c1 - c0) * 1e6 / a.messages) if target.pid else float("nan")
+    return (a.messages / dt, ((c1 - c0) * 1e6 / a.messages) if target.pid else float("nan"),
+            (m1 - m0) * 1e6 / a.messages)
 
 
 def greeting_latency(port, n):
@@ -220,6 +238,11 @@ def main():
     ap.add_argument("--baseline", metavar="BINARY",
                     help="another smtplb build (an older commit, say), run as target 'baseline' with the same config")
     ap.add_argument("--no-haproxy", action="store_true")
+    ap.add_argument("--floor", metavar="MODES", default="",
+                    help="also run the yardstick relay (tests/bench/relay_floor.cpp): comma list of "
+                         "plain,splice,sockmap (sockmap needs root)")
+    ap.add_argument("--floor-bin", metavar="BINARY",
+                    help="relay_floor binary (default: tests/bench/relay_floor next to --smtplb's build)")
     a = ap.parse_args()
     tests = [t for t in a.tests.split(",") if t]
     for tool in ("smtp-sink", "smtp-source"):
@@ -262,6 +285,13 @@ def main():
             smtplb_config(cfg, port, backends, variants[0][0], False)
             targets.append(Target("baseline", port, [os.path.abspath(a.baseline), "-f", cfg]))
             port += 1
+        for mode in [m for m in a.floor.split(",") if m]:
+            floor = os.path.abspath(a.floor_bin or os.path.join(os.path.dirname(smtplb), "tests", "bench",
+                                                                "relay_floor"))
+            if not os.access(floor, os.X_OK):
+                raise SystemExit(f"bench: no relay_floor binary at {floor} (scripts/build.sh builds one)")
+            targets.append(Target(f"floor-{mode}", port, [floor, str(port), ",".join(backends), mode]))
+            port += 1
         for t in targets:
             t.start(work)
         time.sleep(2.0)  # health checks settle
@@ -274,30 +304,34 @@ def main():
             if test not in tests:
                 continue
             persistent = test == "persistent"
-            res = {t.name: ([], []) for t in targets}
+            res = {t.name: ([], [], []) for t in targets}
             for _ in range(a.rounds):
                 for t in targets:
                     r = run_load(t, a, persistent)
                     if r:
-                        res[t.name][0].append(r[0])
-                        res[t.name][1].append(r[1])
+                        for i in range(3):
+                            res[t.name][i].append(r[i])
             if persistent:
                 print(f"\n## persistent: {a.messages} messages x {a.persistent_length} B over "
                       f"{a.persistent_sessions} connections")
             else:
                 print(f"\n## connect: {a.messages} messages x {a.length} B, one per connection, "
                       f"{a.sessions} in parallel")
-            print(f"{'target':<16} {'msgs/s':>9} {'CPU us/msg':>11}")
+            print(f"{'target':<16} {'msgs/s':>9} {'CPU us/msg':>11} {'machine us/msg':>15}")
             med = {}
             for t in targets:
-                rates, cpus = res[t.name]
-                med[t.name] = (statistics.median(rates) if rates else float("nan"),
-                               statistics.median(cpus) if cpus else float("nan"))
-                print(f"{t.name:<16} {med[t.name][0]:>9.0f} {med[t.name][1]:>11.1f}")
+                med[t.name] = tuple(statistics.median(v) if v else float("nan") for v in res[t.name])
+                print(f"{t.name:<16} {med[t.name][0]:>9.0f} {med[t.name][1]:>11.1f} {med[t.name][2]:>15.1f}")
+            floors = [t for t in targets if t.name.startswith("floor-")]
             if hap:
-                for t in ours:
+                for t in ours + floors:
                     print(f"ratio {t.name}/haproxy: rate {ratio(med[t.name][0], med['haproxy'][0])}, "
-                          f"CPU per message {ratio(med[t.name][1], med['haproxy'][1])}")
+                          f"CPU per message {ratio(med[t.name][1], med['haproxy'][1])}, "
+                          f"machine CPU per message {ratio(med[t.name][2], med['haproxy'][2])}")
+            if ours and any(t.name == "floor-plain" for t in floors):
+                t = ours[0]
+                print(f"ratio {t.name}/floor-plain: rate {ratio(med[t.name][0], med['floor-plain'][0])}, "
+                      f"CPU per message {ratio(med[t.name][1], med['floor-plain'][1])}")
         if "latency" in tests:
             print(f"\n## latency: {a.latency_sessions} sequential sessions, connect to end of greeting (us)")
             print(f"{'target':<16} {'p50':>7} {'p90':>7} {'p99':>7} {'p50 added':>10}")
