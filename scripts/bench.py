@@ -11,7 +11,7 @@ Starts smtp-sink backends, then each target in front of them, and measures in on
 
 Per target it prints messages/s, the proxy's own CPU time per message (user+sys of all
 its threads, from /proc/PID/stat) and the whole machine's busy CPU time per message (from
-/proc/stat: load generator and backends included), as medians over the rounds, and the
+/proc/stat: the load generator, the backends and anything else running on the machine), as medians over the rounds, and the
 ratios of smtplb to HAProxy.
 
 --floor MODES adds the yardstick relay (tests/bench/relay_floor.cpp: no SMTP, no checks,
@@ -245,6 +245,13 @@ def main():
                     help="relay_floor binary (default: tests/bench/relay_floor next to --smtplb's build)")
     a = ap.parse_args()
     tests = [t for t in a.tests.split(",") if t]
+    floor_modes = [m for m in a.floor.split(",") if m]
+    for m in floor_modes:
+        if m not in ("plain", "splice", "sockmap"):
+            raise SystemExit(f"bench: --floor takes plain, splice and sockmap, not {m!r}")
+    if "sockmap" in floor_modes and os.geteuid() != 0:
+        print("# floor-sockmap needs root (it loads a BPF program): left out", file=sys.stderr)
+        floor_modes.remove("sockmap")
     for tool in ("smtp-sink", "smtp-source"):
         if not shutil.which(tool):
             raise SystemExit(f"bench: {tool} is missing (Debian package postfix)")
@@ -285,7 +292,7 @@ def main():
             smtplb_config(cfg, port, backends, variants[0][0], False)
             targets.append(Target("baseline", port, [os.path.abspath(a.baseline), "-f", cfg]))
             port += 1
-        for mode in [m for m in a.floor.split(",") if m]:
+        for mode in floor_modes:
             floor = os.path.abspath(a.floor_bin or os.path.join(os.path.dirname(smtplb), "tests", "bench",
                                                                 "relay_floor"))
             if not os.access(floor, os.X_OK):
@@ -328,10 +335,11 @@ def main():
                     print(f"ratio {t.name}/haproxy: rate {ratio(med[t.name][0], med['haproxy'][0])}, "
                           f"CPU per message {ratio(med[t.name][1], med['haproxy'][1])}, "
                           f"machine CPU per message {ratio(med[t.name][2], med['haproxy'][2])}")
-            if ours and any(t.name == "floor-plain" for t in floors):
-                t = ours[0]
-                print(f"ratio {t.name}/floor-plain: rate {ratio(med[t.name][0], med['floor-plain'][0])}, "
-                      f"CPU per message {ratio(med[t.name][1], med['floor-plain'][1])}")
+            if any(t.name == "floor-plain" for t in floors):
+                for t in ours:
+                    print(f"ratio {t.name}/floor-plain: rate {ratio(med[t.name][0], med['floor-plain'][0])}, "
+                          f"CPU per message {ratio(med[t.name][1], med['floor-plain'][1])}, "
+                          f"machine CPU per message {ratio(med[t.name][2], med['floor-plain'][2])}")
         if "latency" in tests:
             print(f"\n## latency: {a.latency_sessions} sequential sessions, connect to end of greeting (us)")
             print(f"{'target':<16} {'p50':>7} {'p90':>7} {'p99':>7} {'p50 added':>10}")

@@ -13,10 +13,10 @@
 // edge-triggered epoll set, and relays each client to a backend:
 //   plain    read() and send() through a 16 KiB stack buffer (what smtplb and HAProxy do)
 //   splice   splice() through a pipe per direction, no copy to user space
-//   sockmap  a BPF sk_skb verdict program redirects each socket's bytes to its peer inside
-//            the kernel (a SOCKHASH keyed by the 4-tuple); user space only sets it up and
-//            passes FIN on once everything received has been written. Needs root
-//            (CAP_BPF and CAP_NET_ADMIN).
+//   sockmap  after the greeting, a BPF sk_skb verdict program redirects each socket's
+//            bytes to its peer inside the kernel (a SOCKHASH keyed by the 4-tuple); user
+//            space only passes FIN on once everything received has been written. Needs
+//            root (CAP_BPF and CAP_NET_ADMIN).
 // A client's FIN is passed to the backend (and the other way) only after the bytes before
 // it, so a half-closing peer is served correctly.
 #include <arpa/inet.h>
@@ -32,6 +32,8 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <csignal>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -52,13 +54,20 @@ struct Conn {
   int pipe_r = -1, pipe_w = -1;  // splice: the pipe that feeds this fd
   size_t piped = 0;              // bytes in that pipe
   bool connected = false;
-  bool active = false;  // we connected it (the backend side)
+  bool active = false;    // we connected it (the backend side)
+  bool fin_seen = false;  // an event said EPOLLRDHUP: the peer's FIN is in
+  bool greeted = false;   // backend side: bytes from it went to the client from user space
   bool eof_in = false;    // read EOF from this fd
   bool shut_out = false;  // shut down this fd's write side
   bool blocked = false;   // not reading: the peer has bytes waiting
   bool in_map = false;
+  bool map_refused = false;
   bool draining = false;  // sockmap: EOF seen, waiting for the kernel to write out the rest
+  std::chrono::steady_clock::time_point draining_since;
   bool closed = false;
+  // sockmap: the 4-tuple key, filled when the socket is made (no extra calls later).
+  uint32_t remote_ip4 = 0, local_ip4 = 0;
+  uint16_t remote_port = 0, local_port = 0;  // network order, as in sockaddr_in
 };
 
 Mode mode = Mode::plain;
@@ -67,6 +76,7 @@ std::vector<sockaddr_in> backends;
 size_t next_backend = 0;
 std::vector<Conn*> graveyard;  // closed this batch; freed after it
 std::vector<Conn*> draining;
+constexpr auto kDrainLimit = std::chrono::seconds(10);  // a peer that takes nothing more
 
 struct Key {  // as the verdict program builds it from struct __sk_buff
   uint32_t remote_ip4, local_ip4, remote_port, local_port;
@@ -98,8 +108,9 @@ void setup_sockmap() {
   };
   // An empty skb (a FIN after the data) stays on its socket: redirected, it fails the peer's
   // transmit with EPIPE. Otherwise key = {remote_ip4, local_ip4, remote_port, local_port} of
-  // the socket the bytes came in on; return bpf_sk_redirect_hash(skb, map, &key, 0): out
-  // through the peer stored there.
+  // the socket the bytes came in on, and bpf_sk_redirect_hash(skb, map, &key, 0) sends them
+  // out through the peer stored there. SK_PASS either way: where the lookup fails, the bytes
+  // stay on their socket for read() instead of being dropped.
   const bpf_insn prog[] = {
       ins(BPF_ALU64 | BPF_MOV | BPF_X, 6, 1, 0, 0),
       ins(BPF_LDX | BPF_MEM | BPF_W, 2, 6, offsetof(__sk_buff, len), 0),
@@ -121,6 +132,7 @@ void setup_sockmap() {
       ins(BPF_ALU64 | BPF_ADD | BPF_K, 3, 0, 0, -16),
       ins(BPF_ALU64 | BPF_MOV | BPF_K, 4, 0, 0, 0),
       ins(BPF_JMP | BPF_CALL, 0, 0, 0, BPF_FUNC_sk_redirect_hash),
+      ins(BPF_ALU64 | BPF_MOV | BPF_K, 0, 0, 0, SK_PASS),
       ins(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
   };
   static char log[16384];
@@ -144,35 +156,54 @@ void setup_sockmap() {
   if (bpf(BPF_PROG_ATTACH, &a) != 0) die("bpf(BPF_PROG_ATTACH)");
 }
 
-bool key_of(int fd, Key& k) {
-  sockaddr_in local{}, remote{};
-  socklen_t ll = sizeof local, rl = sizeof remote;
-  if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &ll) != 0 ||
-      getpeername(fd, reinterpret_cast<sockaddr*>(&remote), &rl) != 0 || local.sin_family != AF_INET)
-    return false;
-  k.remote_ip4 = remote.sin_addr.s_addr;  // network order, as __sk_buff has it
-  k.local_ip4 = local.sin_addr.s_addr;
-  k.remote_port = static_cast<uint32_t>(remote.sin_port) << 16;  // network order, upper half
-  k.local_port = ntohs(local.sin_port);                           // host order
-  return true;
+Key key_of(const Conn* c) {
+  Key k{};
+  k.remote_ip4 = c->remote_ip4;  // network order, as __sk_buff has it
+  k.local_ip4 = c->local_ip4;
+  k.remote_port = static_cast<uint32_t>(c->remote_port) << 16;  // network order, upper half
+  k.local_port = ntohs(c->local_port);                           // host order
+  return k;
 }
 
-void map_put(const Key& k, int fd) {
+bool map_put(const Key& k, int fd) {
   const uint32_t value = static_cast<uint32_t>(fd);
   bpf_attr a{};
   a.map_fd = static_cast<uint32_t>(map_fd);
   a.key = reinterpret_cast<uintptr_t>(&k);
   a.value = reinterpret_cast<uintptr_t>(&value);
   a.flags = BPF_ANY;
-  if (bpf(BPF_MAP_UPDATE_ELEM, &a) != 0) std::perror("bpf(BPF_MAP_UPDATE_ELEM)");
+  return bpf(BPF_MAP_UPDATE_ELEM, &a) == 0;
 }
 
-void add_to_map(Conn* c) {
-  Key kc{}, kp{};
-  if (!key_of(c->fd, kc) || !key_of(c->peer->fd, kp)) return;
-  map_put(kc, c->peer->fd);  // bytes arriving on c leave through its peer
-  map_put(kp, c->fd);
-  c->in_map = c->peer->in_map = true;
+void map_delete(const Key& k) {
+  bpf_attr a{};
+  a.map_fd = static_cast<uint32_t>(map_fd);
+  a.key = reinterpret_cast<uintptr_t>(&k);
+  bpf(BPF_MAP_DELETE_ELEM, &a);
+}
+
+// Hands the pair to the kernel after the server's greeting has gone through user space
+// (as smtplb's handoff does), while no bytes wait in user space, so the kernel's bytes
+// cannot overtake ours, and while neither side has sent its FIN. Joined any earlier, a
+// client that sent QUIT and its FIN before the greeting sometimes never got the greeting:
+// the kernel failed its redirect to the client with EPOLLERR. A client that speaks before
+// the greeting is left in user space; SMTP clients wait for it.
+void join_map(Conn* c) {
+  Conn* p = c->peer;
+  Conn* server = c->active ? c : p;
+  if (mode != Mode::sockmap || c->in_map || c->map_refused || !server->greeted || !c->connected ||
+      !p->connected || c->pending.size() > c->pending_off || p->pending.size() > p->pending_off || c->fin_seen ||
+      p->fin_seen || c->eof_in || p->eof_in)
+    return;
+  const Key kc = key_of(c), kp = key_of(p);
+  if (map_put(kc, p->fd)) {  // bytes arriving on c leave through its peer
+    if (map_put(kp, c->fd)) {
+      c->in_map = p->in_map = true;
+      return;
+    }
+    map_delete(kc);
+  }
+  c->map_refused = p->map_refused = true;
 }
 
 // sockmap: everything c received before its FIN has been written to its peer (acknowledged
@@ -207,11 +238,16 @@ bool finished(const Conn* c) {
 }
 
 // c has read EOF: pass it on to the peer once the bytes before it are out.
+// A backend still connecting gets it from flush() once connected: shutdown() in SYN_SENT
+// would abort the connection.
 void pass_fin(Conn* c) {
   Conn* p = c->peer;
-  if (p->shut_out || p->pending.size() > p->pending_off || p->piped) return;
+  if (p->shut_out || !p->connected || p->pending.size() > p->pending_off || p->piped) return;
   if (c->in_map && !kernel_drained(c)) {
-    if (!c->draining) draining.push_back(c);
+    if (!c->draining) {
+      draining.push_back(c);
+      c->draining_since = std::chrono::steady_clock::now();
+    }
     c->draining = true;
     return;
   }
@@ -239,11 +275,17 @@ int flush(Conn* c) {
 }
 
 // Moves bytes from c to its peer until c has none or the peer is full. `drain`: read until
-// EAGAIN; otherwise a short read ends it (edge-triggered: more bytes or a FIN make a new edge,
-// and a FIN that came with these bytes is in this event as EPOLLRDHUP).
-void pump(Conn* c, bool drain, bool rdhup) {
+// EAGAIN. Otherwise a short read ends it: edge-triggered, more bytes or a FIN make a new
+// edge, and after a short read with the FIN already in (EPOLLRDHUP), EOF is next, so the
+// read that would return 0 is skipped (as smtplb does). Urgent data makes a read short with
+// bytes still queued, so EPOLLPRI asks for `drain`.
+void pump(Conn* c, bool drain) {
   Conn* p = c->peer;
   if (c->blocked || c->eof_in || c->closed) return;
+  auto eof = [&] {
+    c->eof_in = true;
+    pass_fin(c);
+  };
   if (mode == Mode::splice) {
     if (p->pipe_w < 0) {
       int fds[2];
@@ -251,16 +293,14 @@ void pump(Conn* c, bool drain, bool rdhup) {
       p->pipe_r = fds[0];
       p->pipe_w = fds[1];
     }
+    // Always to EAGAIN: a short splice may only mean the pipe's 16 slots are full.
     for (;;) {
       const ssize_t n = splice(c->fd, nullptr, p->pipe_w, nullptr, 1 << 16, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
       if (n < 0) {
         if (errno != EAGAIN) close_pair(c);
         return;
       }
-      if (n == 0) {
-        c->eof_in = true;
-        return pass_fin(c);
-      }
+      if (n == 0) return eof();
       p->piped += static_cast<size_t>(n);
       const int r = flush(p);
       if (r < 0) return close_pair(c);
@@ -275,17 +315,11 @@ void pump(Conn* c, bool drain, bool rdhup) {
     const ssize_t n = read(c->fd, buf, sizeof buf);
     if (n < 0) {
       if (errno != EAGAIN) return close_pair(c);
-      // A socket in the sockmap reads EAGAIN, not 0, after its FIN: the event says it.
-      if (c->in_map && rdhup) {
-        c->eof_in = true;
-        pass_fin(c);
-      }
+      // A socket in the sockmap reads EAGAIN, not 0, after its FIN: the event said it.
+      if (c->in_map && c->fin_seen) eof();
       return;
     }
-    if (n == 0) {
-      c->eof_in = true;
-      return pass_fin(c);
-    }
+    if (n == 0) return eof();
     ssize_t sent = 0;
     if (p->pending.empty()) {
       sent = send(p->fd, buf, static_cast<size_t>(n), MSG_NOSIGNAL);
@@ -294,38 +328,40 @@ void pump(Conn* c, bool drain, bool rdhup) {
         sent = 0;
       }
     }
+    c->greeted = c->greeted || c->active;
     if (sent < n) {
       p->pending.append(buf + sent, static_cast<size_t>(n - sent));
       c->blocked = true;
       return;
     }
-    if (!drain && static_cast<size_t>(n) < sizeof buf) return;
+    if (!drain && static_cast<size_t>(n) < sizeof buf) {
+      if (c->fin_seen) eof();
+      return;
+    }
   }
 }
 
 void on_event(Conn* c, uint32_t events) {
   if (c->closed) return;
-  if (!c->connected && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
-    int err = 0;
-    socklen_t len = sizeof err;
-    getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
-    if (err != 0) return close_pair(c);
+  if (events & EPOLLRDHUP) c->fin_seen = true;
+  if (!c->connected) {
+    // Connected when writable without an error; the error itself is not needed here.
+    if (events & (EPOLLERR | EPOLLHUP)) return close_pair(c);
+    if (!(events & EPOLLOUT)) return;
     c->connected = true;
-    if (mode == Mode::sockmap) add_to_map(c);
   }
   if (events & EPOLLOUT) {
     const int r = flush(c);
     if (r < 0) return close_pair(c);
     if (r == 1 && c->peer->blocked) {
       c->peer->blocked = false;
-      pump(c->peer, true, false);
+      pump(c->peer, true);
     }
   }
-  if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
-    const bool rdhup = (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0;
-    pump(c, rdhup, rdhup);
-  }
+  if (!c->closed && (events & (EPOLLIN | EPOLLRDHUP | EPOLLPRI | EPOLLHUP | EPOLLERR)))
+    pump(c, (events & (EPOLLPRI | EPOLLHUP | EPOLLERR)) != 0);
   if (!c->closed && finished(c)) close_pair(c);
+  if (!c->closed) join_map(c);
 }
 
 sockaddr_in parse_ipv4(const std::string& s) {
@@ -340,10 +376,12 @@ sockaddr_in parse_ipv4(const std::string& s) {
   return a;
 }
 
-void accept_all(int listen_fd, int ep) {
+void accept_all(int listen_fd, const sockaddr_in& listen_addr, int ep) {
   const int one = 1;
   for (;;) {
-    const int cfd = accept4(listen_fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    sockaddr_in peer{};
+    socklen_t peer_len = sizeof peer;
+    const int cfd = accept4(listen_fd, reinterpret_cast<sockaddr*>(&peer), &peer_len, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (cfd < 0) return;
     const int sfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (sfd < 0) {
@@ -359,6 +397,19 @@ void accept_all(int listen_fd, int ep) {
     }
     Conn* client = new Conn;
     Conn* server = new Conn;
+    if (mode == Mode::sockmap) {
+      sockaddr_in local{};
+      socklen_t len = sizeof local;
+      getsockname(sfd, reinterpret_cast<sockaddr*>(&local), &len);  // the port connect() chose
+      server->remote_ip4 = b.sin_addr.s_addr;
+      server->remote_port = b.sin_port;
+      server->local_ip4 = local.sin_addr.s_addr;
+      server->local_port = local.sin_port;
+      client->remote_ip4 = peer.sin_addr.s_addr;
+      client->remote_port = peer.sin_port;
+      client->local_ip4 = listen_addr.sin_addr.s_addr;
+      client->local_port = listen_addr.sin_port;
+    }
     client->fd = cfd;
     server->fd = sfd;
     client->peer = server;
@@ -366,7 +417,7 @@ void accept_all(int listen_fd, int ep) {
     client->connected = true;
     server->active = true;
     epoll_event e{};
-    e.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    e.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET;
     e.data.ptr = client;
     epoll_ctl(ep, EPOLL_CTL_ADD, cfd, &e);
     e.data.ptr = server;
@@ -396,6 +447,7 @@ int main(int argc, char** argv) {
     start = comma + 1;
   }
   if (mode == Mode::sockmap) setup_sockmap();
+  std::signal(SIGPIPE, SIG_IGN);  // splice() to a closed peer has no MSG_NOSIGNAL
 
   const int one = 1;
   const int listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -417,15 +469,17 @@ int main(int argc, char** argv) {
   for (;;) {
     const int n = epoll_wait(ep, events, 256, draining.empty() ? -1 : 1);
     for (int i = 0; i < n; ++i) {
-      if (events[i].data.ptr == nullptr) accept_all(listen_fd, ep);
+      if (events[i].data.ptr == nullptr) accept_all(listen_fd, la, ep);
       else on_event(static_cast<Conn*>(events[i].data.ptr), events[i].events);
     }
     // sockmap: pass on the FINs whose bytes the kernel has written out since.
     std::vector<Conn*> still;
+    const auto now = std::chrono::steady_clock::now();
     for (Conn* c : draining) {
       if (c->closed) continue;
       if (!kernel_drained(c)) {
-        still.push_back(c);
+        if (now - c->draining_since > kDrainLimit) close_pair(c);
+        else still.push_back(c);
         continue;
       }
       c->draining = false;
