@@ -11,8 +11,8 @@ Starts smtp-sink backends, then each target in front of them, and measures in on
 
 Per target it prints messages/s, the proxy's own CPU time per message (user+sys of all
 its threads, from /proc/PID/stat) and the whole machine's busy CPU time per message (from
-/proc/stat: the load generator, the backends and anything else running on the machine), as medians over the rounds, and the
-ratios of smtplb to HAProxy.
+/proc/stat: the load generator, the backends and anything else running on the machine),
+as medians over the rounds, and the ratios of smtplb to HAProxy.
 
 --floor MODES adds the yardstick relay (tests/bench/relay_floor.cpp: no SMTP, no checks,
 no timeouts, just a correct relay) as targets floor-plain, floor-splice, floor-sockmap:
@@ -213,6 +213,13 @@ def idle_memory(target, k):
     return (after - before) / max(greeted, 1), greeted
 
 
+def print_ratios(name, ref, med):
+    """rate, CPU and machine CPU per message of target `name` over target `ref`."""
+    print(f"ratio {name}/{ref}: rate {ratio(med[name][0], med[ref][0])}, "
+          f"CPU per message {ratio(med[name][1], med[ref][1])}, "
+          f"machine CPU per message {ratio(med[name][2], med[ref][2])}")
+
+
 def ratio(x, y):
     return f"{x / y:.2f}x" if y and y == y and x == x else "-"
 
@@ -292,11 +299,10 @@ def main():
             smtplb_config(cfg, port, backends, variants[0][0], False)
             targets.append(Target("baseline", port, [os.path.abspath(a.baseline), "-f", cfg]))
             port += 1
+        floor = os.path.abspath(a.floor_bin or os.path.join(os.path.dirname(smtplb), "tests", "bench", "relay_floor"))
+        if floor_modes and not os.access(floor, os.X_OK):
+            raise SystemExit(f"bench: no relay_floor binary at {floor} (scripts/build.sh builds one)")
         for mode in floor_modes:
-            floor = os.path.abspath(a.floor_bin or os.path.join(os.path.dirname(smtplb), "tests", "bench",
-                                                                "relay_floor"))
-            if not os.access(floor, os.X_OK):
-                raise SystemExit(f"bench: no relay_floor binary at {floor} (scripts/build.sh builds one)")
             targets.append(Target(f"floor-{mode}", port, [floor, str(port), ",".join(backends), mode]))
             port += 1
         for t in targets:
@@ -332,14 +338,10 @@ def main():
             floors = [t for t in targets if t.name.startswith("floor-")]
             if hap:
                 for t in ours + floors:
-                    print(f"ratio {t.name}/haproxy: rate {ratio(med[t.name][0], med['haproxy'][0])}, "
-                          f"CPU per message {ratio(med[t.name][1], med['haproxy'][1])}, "
-                          f"machine CPU per message {ratio(med[t.name][2], med['haproxy'][2])}")
+                    print_ratios(t.name, "haproxy", med)
             if any(t.name == "floor-plain" for t in floors):
                 for t in ours:
-                    print(f"ratio {t.name}/floor-plain: rate {ratio(med[t.name][0], med['floor-plain'][0])}, "
-                          f"CPU per message {ratio(med[t.name][1], med['floor-plain'][1])}, "
-                          f"machine CPU per message {ratio(med[t.name][2], med['floor-plain'][2])}")
+                    print_ratios(t.name, "floor-plain", med)
         if "latency" in tests:
             print(f"\n## latency: {a.latency_sessions} sequential sessions, connect to end of greeting (us)")
             print(f"{'target':<16} {'p50':>7} {'p90':>7} {'p99':>7} {'p50 added':>10}")

@@ -324,9 +324,10 @@ void pump(Conn* c, bool drain) {
       return;
     }
     if (n == 0) return eof();
+    const bool drained = !drain && static_cast<size_t>(n) < sizeof buf;
     // A short read with the FIN in: these are the last bytes, and MSG_MORE lets the FIN
     // that pass_fin() sends next ride in the same segment.
-    const bool last = !drain && static_cast<size_t>(n) < sizeof buf && c->fin_seen;
+    const bool last = drained && c->fin_seen;
     if (!c->active && !p->acks_delayed) {
       // Delayed ACKs towards the backend from the first client bytes on, as smtplb does
       // (not before: a backend writing its greeting in pieces with Nagle would wait).
@@ -348,8 +349,8 @@ void pump(Conn* c, bool drain) {
       c->blocked = true;
       return;
     }
-    if (!drain && static_cast<size_t>(n) < sizeof buf) {
-      if (c->fin_seen) eof();
+    if (drained) {
+      if (last) eof();
       return;
     }
   }
