@@ -160,6 +160,8 @@ AdminResponse Server::change_server(std::string_view pool, std::string_view serv
       return text(400, "weight must be a number from 0 to 256\n");
     const unsigned before = s->weight.exchange(w);
     spdlog::info("server {} weight {} -> {} (cause: admin)", s->label, before, w);
+    if (w > before)
+      for (auto& wk : workers_) wk->kick();  // capacity for queued sessions
     return text(200, s->label + " weight " + std::to_string(w) + "\n");
   }
   AdminState st;

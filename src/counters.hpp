@@ -49,25 +49,6 @@ struct alignas(64) ServerWorkerCounters {
   Histogram connect;                   // connect -> accepted greeting
 };
 
-// Why a health check failed (server_check_failures_total).
-inline constexpr std::array<const char*, 8> kCheckFailureNames = {"connect", "timeout",  "greeting", "ehlo",
-                                                                  "starttls", "tls", "quit", "proxy"};
-// Classifies a failure reason as written by the health checker ("connect: ...",
-// "timeout after 10s waiting for ehlo", "greeting 421 ...", "tls verify: ...").
-inline size_t check_failure_index(std::string_view reason) {
-  if (reason.find("PROXY protocol mismatch") != std::string_view::npos) return 7;
-  if (reason.starts_with("connect")) return 0;
-  if (reason.starts_with("timeout")) return 1;
-  const std::string_view closed = "connection closed during ";
-  if (reason.starts_with(closed)) reason.remove_prefix(closed.size());
-  if (reason.starts_with("greeting")) return 2;
-  if (reason.starts_with("ehlo")) return 3;
-  if (reason.starts_with("starttls")) return 4;
-  if (reason.starts_with("tls")) return 5;
-  if (reason.starts_with("quit")) return 6;
-  return 2;
-}
-
 // Termination codes are counted per (cause, phase): 9 causes x 8 phases.
 inline constexpr char kTermCauses[] = "-CSPLRcsK";
 inline constexpr char kTermPhases[] = "-QCHDLR";

@@ -70,28 +70,14 @@ HealthChecker::~HealthChecker() {
   if (probe_) probe_->owner = nullptr;
 }
 
-const char* HealthChecker::step_name(Step s) {
-  switch (s) {
-    case Step::connect: return "connect";
-    case Step::greeting: return "greeting";
-    case Step::ehlo: return "ehlo";
-    case Step::starttls: return "starttls";
-    case Step::tls_handshake: return "tls handshake";
-    case Step::ehlo_tls: return "ehlo-tls";
-    case Step::quit: return "quit";
-    case Step::idle: break;
-  }
-  return "idle";
-}
-
 void HealthChecker::start(uint64_t first_delay_ms) { schedule(first_delay_ms); }
 
 void HealthChecker::schedule(uint64_t ms) {
   uv_timer_start(&timer_, [](uv_timer_t* t) {
     auto* self = static_cast<HealthChecker*>(t->data);
     if (self->step_ == Step::idle) self->begin();
-    else self->done(false, "timeout after " + format_duration(self->cfg_.timeout) + " waiting for " +
-                               step_name(self->step_));
+    else self->fail(CheckFailure::timeout, "timeout after " + format_duration(self->cfg_.timeout) +
+                                               " waiting for " + step_name(self->step_));
   }, ms, 0);
 }
 
@@ -105,8 +91,19 @@ void HealthChecker::stop() {
   step_ = Step::idle;
   if (!timer_closed_) {
     timer_closed_ = true;
-    uv_close(as_handle(&timer_), nullptr);
+    uv_close(as_handle(&timer_), [](uv_handle_t* h) {
+      auto* self = static_cast<HealthChecker*>(h->data);
+      self->timer_gone_ = true;
+      if (self->disposed_) delete self;
+    });
   }
+}
+
+void HealthChecker::dispose(std::unique_ptr<HealthChecker> checker) {
+  HealthChecker* self = checker.release();
+  self->stop();
+  if (self->timer_gone_) delete self;
+  else self->disposed_ = true;
 }
 
 void HealthChecker::reconfigure(const HealthCheckConfig& cfg, ProxyOut proxy) {
@@ -139,7 +136,7 @@ void HealthChecker::force_down(const std::string& reason) {
   const Health before = state_.health();
   if (!state_.force_down(std::chrono::steady_clock::now())) return;
   server_->health.store(Health::down, std::memory_order_relaxed);
-  on_transition_(*this, before, Health::down, CheckResult{false, reason, {}, true});
+  on_transition_(*this, before, Health::down, CheckResult{false, CheckFailure::connect, reason, {}, true});
 }
 
 void HealthChecker::begin() {
@@ -151,7 +148,7 @@ void HealthChecker::begin() {
     tls_ctx_ = shared_tls_context(cfg_, error);
     if (!tls_ctx_) {
       step_ = Step::connect;
-      return done(false, error);
+      return fail(CheckFailure::tls, error);
     }
   }
   probe_ = new Probe;
@@ -171,18 +168,17 @@ void HealthChecker::begin() {
     // skipped rather than counted as a failure.
     spdlog::warn("server {} check skipped: connect: {} (local resources)", server_->label, uv_strerror(rc));
     skip_ = true;
-    done(false, "");
+    fail(CheckFailure::connect, "");
     return;
   }
-  if (rc < 0) done(false, std::string("connect: ") + uv_strerror(rc));
+  if (rc < 0) fail(CheckFailure::connect, std::string("connect: ") + uv_strerror(rc));
 }
 
 void HealthChecker::connected(int status) {
   if (status < 0) {
-    done(false, std::string("connect: ") + uv_strerror(status));
+    fail(CheckFailure::connect, std::string("connect: ") + uv_strerror(status));
     return;
   }
-  step_ = Step::greeting;
   if (proxy_ != ProxyOut::none) {
     // Written at once: a PROXY-aware server reads the header before it greets, and
     // Postfix treats a connection without one as broken (it may even exit).
@@ -197,9 +193,11 @@ void HealthChecker::connected(int status) {
     } else {
       h.local = true;  // v2 LOCAL: the balancer's own connection
     }
+    // Still the connect step: a header that cannot be written fails the connection.
     write_raw(proxy::encode(proxy_ == ProxyOut::v1 ? proxy::Version::v1 : proxy::Version::v2, h));
-    if (step_ != Step::greeting) return;  // the write failed
+    if (step_ != Step::connect) return;  // the write failed
   }
+  step_ = Step::greeting;
   uv_read_start(
       as_stream(&probe_->tcp),
       [](uv_handle_t* h, size_t, uv_buf_t* b) {
@@ -215,7 +213,7 @@ void HealthChecker::connected(int status) {
         } else if (n == UV_EOF) {
           self->closed_by_peer();
         } else if (n < 0) {
-          self->done(false, std::string(step_name(self->step_)) + ": " + uv_strerror(int(n)) + self->mismatch_hint());
+          self->fail_step(step_name(self->step_) + ": " + uv_strerror(int(n)));
         }
       });
 }
@@ -229,15 +227,15 @@ void HealthChecker::received(const char* data, size_t len) {
     // small writes in a row would wait for a delayed ACK (Nagle).
     if (st == TlsClient::Status::ok) return tls_established();
     flush_tls();  // the next flight, or an alert
-    if (st != TlsClient::Status::want_read) done(false, tls_->error());
+    if (st != TlsClient::Status::want_read) fail(CheckFailure::tls, tls_->error());
     return;
   }
   std::string plain;
   const TlsClient::Status st = tls_->read(plain);
   flush_tls();
-  if (st == TlsClient::Status::error) return done(false, tls_->error());
+  if (st == TlsClient::Status::error) return fail(CheckFailure::tls, tls_->error());
   if (st == TlsClient::Status::closed)
-    return done(false, std::string("tls: close_notify from the server during ") + step_name(step_));
+    return fail(CheckFailure::tls, "tls: close_notify from the server during " + step_name(step_));
   if (!plain.empty()) reply_bytes(plain);
 }
 
@@ -245,16 +243,24 @@ void HealthChecker::closed_by_peer() {
   if (tls_ && step_ == Step::tls_handshake) {
     // Let OpenSSL name it ("unexpected eof while reading"), like any other handshake failure.
     tls_->feed_eof();
-    if (tls_->handshake() == TlsClient::Status::error) return done(false, tls_->error());
+    if (tls_->handshake() == TlsClient::Status::error) return fail(CheckFailure::tls, tls_->error());
   }
-  done(false, std::string("connection closed during ") + step_name(step_) + mismatch_hint());
+  fail_step("connection closed during " + step_name(step_));
+}
+
+bool HealthChecker::looks_like_proxy_mismatch() const {
+  // A backend that does not expect the header greets, then answers it as a command (500)
+  // or hangs up; one that does expect it fails differently than a broken server.
+  return proxy_ != ProxyOut::none && (step_ == Step::greeting || step_ == Step::ehlo);
 }
 
 std::string HealthChecker::mismatch_hint() const {
-  // A backend that does not expect the header greets, then answers it as a command (500)
-  // or hangs up; one that does expect it fails differently than a broken server.
-  const bool early = step_ == Step::greeting || step_ == Step::ehlo;
-  return proxy_ != ProxyOut::none && early ? " (PROXY protocol mismatch?)" : "";
+  return looks_like_proxy_mismatch() ? " (PROXY protocol mismatch?)" : "";
+}
+
+void HealthChecker::fail_step(std::string reason) {
+  const CheckFailure kind = failure_of(step_, looks_like_proxy_mismatch());
+  fail(kind, std::move(reason) + mismatch_hint());
 }
 
 void HealthChecker::reply_bytes(std::string_view data) {
@@ -262,11 +268,11 @@ void HealthChecker::reply_bytes(std::string_view data) {
   auto status = parser_.feed(data, consumed);
   if (status == SmtpReplyParser::Status::need_more) return;
   if (status == SmtpReplyParser::Status::error) {
-    done(false, std::string(step_name(step_)) + ": " + parser_.error());
+    fail_step(step_name(step_) + ": " + parser_.error());
     return;
   }
   const int code = parser_.code();
-  const std::string what = std::string(step_name(step_)) + " " + std::to_string(code) +
+  const std::string what = step_name(step_) + " " + std::to_string(code) +
                            (parser_.text().empty() ? "" : " " + printable(parser_.text()));
   // Bytes after a complete reply were sent before we spoke: a well-behaved server sends
   // none. A server that does not expect the PROXY header answers it as a command right
@@ -275,30 +281,30 @@ void HealthChecker::reply_bytes(std::string_view data) {
   // protected (start_tls() begins with an empty engine).
   parser_.reset();
   if (consumed < data.size() && step_ != Step::quit && step_ != Step::starttls)
-    return done(false, std::string(step_name(step_)) + " " + std::to_string(code) + " followed by unsolicited data \"" +
-                           printable(data.substr(consumed), 60) + "\"" + mismatch_hint());
+    return fail_step(step_name(step_) + " " + std::to_string(code) + " followed by unsolicited data \"" +
+                     printable(data.substr(consumed), 60) + "\"");
   switch (step_) {
     case Step::greeting:
-      if (code != 220) return done(false, what + mismatch_hint());
+      if (code != 220) return fail_step(what);
       step_ = Step::ehlo;
       send("EHLO " + cfg_.ehlo_name + "\r\n");
       break;
     case Step::ehlo:
-      if (code != 250) return done(false, what + mismatch_hint());
+      if (code != 250) return fail_step(what);
       step_ = cfg_.starttls ? Step::starttls : Step::quit;
       send(cfg_.starttls ? "STARTTLS\r\n" : "QUIT\r\n");
       break;
     case Step::starttls:
-      if (code != 220) return done(false, what);
+      if (code != 220) return fail_step(what);
       start_tls();
       break;
     case Step::ehlo_tls:
-      if (code != 250) return done(false, what);
+      if (code != 250) return fail_step(what);
       step_ = Step::quit;
       send("QUIT\r\n");
       break;
     case Step::quit:
-      if (code != 221) return done(false, what);
+      if (code != 221) return fail_step(what);
       if (tls_) {
         // close_notify, best effort: the socket is closed right after, which would
         // cancel a queued write.
@@ -307,7 +313,7 @@ void HealthChecker::reply_bytes(std::string_view data) {
         uv_buf_t b = uv_buf_init(bye.data(), unsigned(bye.size()));
         if (!bye.empty()) uv_try_write(as_stream(&probe_->tcp), &b, 1);
       }
-      done(true, "");
+      done(true, CheckFailure::connect, "");
       break;
     default:
       break;
@@ -316,13 +322,13 @@ void HealthChecker::reply_bytes(std::string_view data) {
 
 void HealthChecker::start_tls() {
   std::string error;
-  if (!tls_ctx_ && !(tls_ctx_ = shared_tls_context(cfg_, error))) return done(false, error);
+  if (!tls_ctx_ && !(tls_ctx_ = shared_tls_context(cfg_, error))) return fail(CheckFailure::tls, error);
   tls_ = TlsClient::create(tls_ctx_, tls_name_, cfg_.tls_server_name, error);
-  if (!tls_) return done(false, error);
+  if (!tls_) return fail(CheckFailure::tls, error);
   step_ = Step::tls_handshake;
   const TlsClient::Status st = tls_->handshake();  // the ClientHello
   flush_tls();
-  if (st == TlsClient::Status::error) done(false, tls_->error());
+  if (st == TlsClient::Status::error) fail(CheckFailure::tls, tls_->error());
 }
 
 void HealthChecker::tls_established() {
@@ -334,7 +340,7 @@ void HealthChecker::tls_established() {
   // Plaintext that came with the server's last flight was sent before our EHLO: dropped,
   // as after any reply.
   std::string early;
-  if (tls_->read(early) == TlsClient::Status::error) return done(false, tls_->error());
+  if (tls_->read(early) == TlsClient::Status::error) return fail(CheckFailure::tls, tls_->error());
   step_ = Step::ehlo_tls;
   send("EHLO " + cfg_.ehlo_name + "\r\n");
 }
@@ -358,7 +364,7 @@ void HealthChecker::warn_expiry(int64_t not_after) {
 
 void HealthChecker::send(std::string_view text) {
   if (!tls_) return write_raw(std::string(text));
-  if (tls_->write(text) != TlsClient::Status::ok) return done(false, tls_->error());
+  if (tls_->write(text) != TlsClient::Status::ok) return fail(CheckFailure::tls, tls_->error());
   flush_tls();
 }
 
@@ -376,17 +382,18 @@ void HealthChecker::write_raw(std::string data) {
     // Runs before the handle's close callback, so the probe is still there.
     auto* p = static_cast<Probe*>(req->handle->data);
     delete static_cast<Write*>(req->data);
-    if (st < 0 && st != UV_ECANCELED && p->owner) p->owner->done(false, std::string("write: ") + uv_strerror(st));
+    // A failed write fails the step whose command (or PROXY header) it carried.
+    if (st < 0 && st != UV_ECANCELED && p->owner) p->owner->fail_step(std::string("write: ") + uv_strerror(st));
   });
   if (rc < 0) {
     delete w;
-    done(false, std::string("write: ") + uv_strerror(rc));
+    fail_step(std::string("write: ") + uv_strerror(rc));
   }
 }
 
-void HealthChecker::done(bool ok, std::string reason) {
+void HealthChecker::done(bool ok, CheckFailure kind, std::string reason) {
   if (step_ == Step::idle) return;
-  CheckResult r{ok, std::move(reason), std::chrono::milliseconds(uv_now(loop_) - started_)};
+  CheckResult r{ok, kind, std::move(reason), std::chrono::milliseconds(uv_now(loop_) - started_)};
   if (probe_) {
     probe_->owner = nullptr;
     uv_close(as_handle(&probe_->tcp), [](uv_handle_t* h) { delete static_cast<Probe*>(h->data); });
@@ -404,7 +411,7 @@ void HealthChecker::done(bool ok, std::string reason) {
   const bool skipped = std::exchange(skip_, false);
   if (!skipped) {
     server_->check_duration.observe(kLatencyBounds, double(r.duration.count()) / 1000.0);
-    if (!ok) bump(server_->check_failures[check_failure_index(r.reason)]);
+    if (!ok) bump(server_->check_failures[size_t(r.failure)]);
     server_->last_check_ms.store(std::chrono::duration_cast<std::chrono::milliseconds>(
                                      std::chrono::system_clock::now().time_since_epoch())
                                      .count());

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "server_pool.hpp"
+#include "smtplb/check_failure.hpp"
 #include "smtplb/health_state.hpp"
 #include "smtplb/smtp_reply.hpp"
 #include "tls.hpp"
@@ -21,7 +22,8 @@ namespace smtplb {
 
 struct CheckResult {
   bool ok = false;
-  std::string reason;  // why it failed, e.g. "greeting 421 4.3.2 All server ports are busy"
+  CheckFailure failure = CheckFailure::connect;  // what failed, when !ok
+  std::string reason;  // why, in words: e.g. "greeting 421 4.3.2 All server ports are busy"
   std::chrono::milliseconds duration{0};
   bool passive = false;  // from the data path (failed sessions), not from a check
 };
@@ -41,8 +43,12 @@ class HealthChecker {
 
   void start(uint64_t first_delay_ms);
   // Aborts any check in progress and closes the handles; the loop must run once more
-  // before the object is destroyed.
+  // before the object is destroyed (see dispose()).
   void stop();
+  // Stops the checker and frees it once libuv has let go of its handles: in the timer's
+  // close callback, or now if that already ran. Never free a checker any other way while
+  // its loop runs (a reload may retire one whose close is still pending).
+  static void dispose(std::unique_ptr<HealthChecker> checker);
 
   // Passive ejection reported by the workers: DOWN at once; checks bring it back.
   void force_down(const std::string& reason);
@@ -64,10 +70,15 @@ class HealthChecker {
     uv_write_t req{};
     std::string data;
   };
-  enum class Step : uint8_t { idle, connect, greeting, ehlo, starttls, tls_handshake, ehlo_tls, quit };
+  using Step = CheckStep;
 
-  static const char* step_name(Step s);
+  static std::string step_name(Step s) { return std::string(to_string(s)); }
+  // The step in progress fails the way a server that does not expect the PROXY header
+  // would (the pool sends one, and the greeting or EHLO step failed).
+  bool looks_like_proxy_mismatch() const;
   std::string mismatch_hint() const;
+  // Fails the step in progress (a bad reply, the server leaving, a read or write error).
+  void fail_step(std::string reason);
   void apply_config(const HealthCheckConfig& cfg);
   void begin();
   void connected(int status);
@@ -80,7 +91,8 @@ class HealthChecker {
   void send(std::string_view text);
   void write_raw(std::string data);
   void flush_tls();
-  void done(bool ok, std::string reason);
+  void fail(CheckFailure kind, std::string reason) { done(false, kind, std::move(reason)); }
+  void done(bool ok, CheckFailure kind, std::string reason);
   void schedule(uint64_t ms);
 
   uv_loop_t* loop_;
@@ -91,7 +103,9 @@ class HealthChecker {
   std::optional<HealthCheckConfig> pending_cfg_;  // from a reload during a check
   OnTransition on_transition_;
   uv_timer_t timer_{};
-  bool timer_closed_ = false;
+  bool timer_closed_ = false;  // uv_close called on timer_
+  bool timer_gone_ = false;    // its close callback ran: libuv no longer refers to us
+  bool disposed_ = false;      // dispose() was called: the close callback frees us
   Probe* probe_ = nullptr;
   Step step_ = Step::idle;
   SmtpReplyParser parser_;

@@ -8,8 +8,10 @@
 #include <set>
 #include <thread>
 
+#include "cpu_probe.hpp"
 #include "listener.hpp"
 #include "log.hpp"
+#include "smtplb/cpus.hpp"
 #include "smtplb/version.hpp"
 #include "uv_util.hpp"
 
@@ -24,7 +26,6 @@ Server::~Server() {
   // Handles are all closed by the time run() returns; workers join in their destructors.
   workers_.clear();
   checkers_.clear();
-  retired_.clear();
   if (snapshot_)
     for (auto& l : snapshot_->listeners) close_listener_fds(*l);
   uv_loop_close(&loop_);
@@ -55,7 +56,19 @@ int Server::run() {
   raise_fd_limit();
   snapshot_ = build_snapshot(config_, generation_);
   worker_count_ = config_->global.workers;
-  if (worker_count_ == 0) worker_count_ = std::max(1u, std::thread::hardware_concurrency());
+  if (worker_count_ == 0) {
+    // One per CPU this process may really use; never more than the per-worker counter
+    // slots (a 128-CPU machine must not overrun them).
+    const CpuBudget cpus = probe_cpus();
+    worker_count_ = workers_for_cpus(cpus.affinity, cpus.quota, unsigned(kMaxWorkers));
+    spdlog::info("workers = 0: running {} workers ({} CPUs in the affinity mask; {}{})", worker_count_,
+                 cpus.affinity,
+                 cpus.quota ? fmt::format("cgroup CPU quota {:.2f} CPUs in {}", *cpus.quota, cpus.quota_source)
+                            : std::string("no cgroup CPU quota"),
+                 worker_count_ == kMaxWorkers && cpus.affinity > kMaxWorkers
+                     ? fmt::format("; capped at {}", kMaxWorkers)
+                     : std::string());
+  }
 
   std::string error;
   for (auto& l : snapshot_->listeners) {
@@ -142,15 +155,13 @@ void Server::start_checker(const std::shared_ptr<ServerRuntime>& s, const PoolCo
 void Server::retire_checker(ServerRuntime* s) {
   auto it = checkers_.find(s);
   if (it == checkers_.end()) return;
-  it->second->stop();
-  retired_.push_back(std::move(it->second));
+  HealthChecker::dispose(std::move(it->second));
   checkers_.erase(it);
 }
 
 Server::ReloadResult Server::reload() {
   ReloadResult result;
   result.generation = generation_;
-  retired_.clear();  // their handles finished closing long ago
   notifier_.reloading();
   spdlog::info("reloading configuration from {}", config_->path);
   auto fail = [&](std::vector<std::string> errors) {
@@ -284,8 +295,7 @@ void Server::begin_stop() {
   spdlog::info("stopping: listeners closed, {} open sessions may finish within shutdown_grace {}",
                link_.connections.load(), format_duration(grace));
   for (auto& w : workers_) w->request_drain();
-  for (auto& [s, c] : checkers_) c->stop();
-  for (auto& [s, c] : checkers_) retired_.push_back(std::move(c));
+  for (auto& [s, c] : checkers_) HealthChecker::dispose(std::move(c));
   checkers_.clear();
   uv_timer_start(
       &grace_timer_,

@@ -76,8 +76,6 @@ class Server {
   SystemdNotifier notifier_;
   std::vector<std::unique_ptr<Worker>> workers_;
   std::unordered_map<ServerRuntime*, std::unique_ptr<HealthChecker>> checkers_;
-  // Stopped checkers whose handles may still be closing; freed with the loop.
-  std::vector<std::unique_ptr<HealthChecker>> retired_;
   std::minstd_rand rng_{std::random_device{}()};
   std::unique_ptr<AdminServer> admin_;
   int64_t start_time_ms_ = 0;           // wall clock at start, for start_time_seconds

@@ -1,5 +1,7 @@
 #include "server_pool.hpp"
 
+#include <unistd.h>
+
 #include <cstring>
 
 namespace smtplb {
@@ -45,7 +47,27 @@ bool ServerRuntime::try_acquire() {
 
 bool ServerRuntime::release() {
   active.fetch_sub(1, std::memory_order_relaxed);
-  return max_connections.load(std::memory_order_relaxed) && pool_state->queued.load(std::memory_order_relaxed) > 0;
+  if (!max_connections.load(std::memory_order_relaxed)) return false;
+  // Store (active) then load (queued), against the waiter's store (queued) then load
+  // (active): without a full fence on both sides each could miss the other's store and
+  // the waiter would sleep until queue_timeout next to a free slot.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  return pool_state->queued.load(std::memory_order_relaxed) > 0;
+}
+
+ServerView ServerRuntime::view(int64_t now_ms) const {
+  const int64_t ramp = ramp_start_ms.load(std::memory_order_relaxed);
+  return {usable(),
+          backup.load(std::memory_order_relaxed),
+          full(),
+          weight.load(std::memory_order_relaxed),
+          ramp < 0 ? -1 : now_ms - ramp,
+          active.load(std::memory_order_relaxed)};
+}
+
+ListenerRuntime::~ListenerRuntime() {
+  for (int fd : fds)
+    if (fd >= 0) ::close(fd);
 }
 
 void apply_settings(const Snapshot& snap) {

@@ -8,16 +8,31 @@
 #include <vector>
 
 #include "counters.hpp"
+#include "smtplb/check_failure.hpp"
 #include "smtplb/config.hpp"
 #include "smtplb/health_state.hpp"
+#include "smtplb/select.hpp"
 
 namespace smtplb {
 
-// Counters and the queue length of one pool, shared by all workers.
+class Session;
+
+// What one worker keeps per pool: its balancer state and its queue of sessions waiting
+// for a free slot (first come first served). Only that worker touches its slot.
+struct alignas(64) PoolWorkerState {
+  PoolBalancer balancer;
+  Session* head = nullptr;  // intrusive list through Session::q_next_ / q_prev_
+  Session* tail = nullptr;
+};
+
+// One pool, kept across reloads while a pool of that name exists: counters, the queue
+// length shared by all workers and each worker's own slot. Identity is this object: a
+// new pool gets a new one, so no state is inherited from a pool that went away.
 struct PoolState {
   std::atomic<uint32_t> queued{0};          // sessions waiting for a free server slot
   std::atomic<uint64_t> no_server{0};       // clients answered 421: no usable server
   std::atomic<uint64_t> queue_timeouts{0};  // clients answered 421: queue_timeout passed
+  std::unique_ptr<PoolWorkerState[]> per_worker{new PoolWorkerState[kMaxWorkers]};
 };
 
 // One backend, identified by (pool, name, address, port); a reload that keeps those keeps
@@ -54,7 +69,7 @@ struct ServerRuntime {
   // Metrics. Per worker (data path):
   std::unique_ptr<ServerWorkerCounters[]> per_worker{new ServerWorkerCounters[kMaxWorkers]};
   // Control loop (checks):
-  std::array<std::atomic<uint64_t>, kCheckFailureNames.size()> check_failures{};
+  std::array<std::atomic<uint64_t>, kCheckFailureCount> check_failures{};
   std::atomic<uint64_t> transitions_up{0}, transitions_down{0};
   Histogram check_duration;
   std::atomic<int64_t> last_check_ms{0};        // wall clock (Unix ms) of the last check
@@ -75,8 +90,12 @@ struct ServerRuntime {
   }
   // Takes a connection slot unless max_connections is reached (exact across workers).
   bool try_acquire();
-  // Gives the slot back; true when a queued session may now take it.
+  // Gives the slot back; true when a queued session may now take it. Pairs with the
+  // fence a worker issues after queueing a session (Worker::enqueue): either this sees
+  // the waiter, or the waiter's second look sees the freed slot.
   bool release();
+  // This server as the chooser sees it now (`now_ms`: loop time, for slow start).
+  ServerView view(int64_t now_ms) const;
 };
 
 struct PoolRuntime {
@@ -97,16 +116,27 @@ struct ListenerState {
 };
 
 struct ListenerRuntime {
+  ListenerRuntime() = default;
+  ListenerRuntime(const ListenerRuntime&) = delete;
+  ListenerRuntime& operator=(const ListenerRuntime&) = delete;
+  // Closes the sockets no worker adopted (a failed reload, a worker that was stopping).
+  ~ListenerRuntime();
+
   const ListenerConfig* cfg = nullptr;  // owned by Snapshot::config
   size_t pool = 0;                      // index into Snapshot::pools
   SocketAddress bound;                  // the address actually bound (port 0 resolved)
-  // One SO_REUSEPORT socket per worker, freshly bound; a worker sets its entry to -1 when
-  // it adopts it. A listener kept by a reload has none: the workers keep their handles.
+  // One SO_REUSEPORT socket per worker, freshly bound. Owned here until worker i adopts
+  // fds[i] (it sets the entry to -1 and closes the socket when it stops listening);
+  // whatever is left is closed with this object, so every socket has one owner. A
+  // listener kept by a reload has none: the workers keep theirs.
   std::vector<int> fds;
   std::shared_ptr<ListenerState> state = std::make_shared<ListenerState>();
 };
 
-// What a worker needs to serve sessions. Never modified once published.
+// What a worker needs to serve sessions. Its structure (pools, servers, listeners,
+// config) is fixed once published; what changes at run time lives in the atomics of the
+// runtime objects it points to (health, admin state, weights, counts), and a worker
+// takes the listening sockets meant for it out of `ListenerRuntime::fds`.
 struct Snapshot {
   std::shared_ptr<const Config> config;
   uint64_t generation = 1;

@@ -90,25 +90,18 @@ void Session::start(int fd, const SocketAddress& peer) {
   t_accept_ = last_activity_ = now;
   peer_ = peer;  // from accept4: no getpeername call
   client_.fd = fd;
+  counted_ = true;  // the worker counted it against the limits (Worker::on_readable)
+  bump(listener_.state->per_worker[worker_.index()].connections);
   if (!worker_.watch(client_)) {
     // The epoll set is full (fs.epoll.max_user_watches): say so, best effort, and close.
     const std::string text =
         "421 4.3.2 " + snap_->config->global.hostname + " Service not available, try again later\r\n";
     (void)!::send(fd, text.data(), text.size(), MSG_NOSIGNAL);
-    finish({'R', 'C'});  // not counted: no access line, no term counter
+    finish({'R', 'C'});
     return;
   }
   // TCP_NODELAY comes from the listening socket.
-
-  counted_ = true;
-  bump(listener_.state->per_worker[worker_.index()].connections);
-  const uint32_t process = worker_.link().connections.fetch_add(1, std::memory_order_relaxed) + 1;
-  const uint32_t here = listener_.state->current.fetch_add(1, std::memory_order_relaxed) + 1;
   client_.reading = true;
-  if (process > snap_->config->global.max_connections || here > listener_.cfg->max_connections) {
-    reply_unavailable({'R', 'C'});
-    return;
-  }
   if (listener_.cfg->proxy_protocol != ProxyIn::none) {
     const auto& trusted = listener_.cfg->trusted_proxies;
     if (std::none_of(trusted.begin(), trusted.end(), [&](const Cidr& c) { return c.contains(peer_); })) {
@@ -280,6 +273,14 @@ void Session::client_end(ssize_t status) {
       finish({'C', 'Q'});
       break;
     case State::connecting:
+      if (up_ && pool_.proxy_protocol != ProxyOut::none) {
+        // The backend may already have accepted us: a PROXY server that then reads EOF
+        // before the header warns about a broken upstream (Postfix: "haproxy read: EOF").
+        // Finish the connect, send the header and close, so it ends like any client that
+        // left after connecting. connect_timeout still bounds the wait.
+        client_gone_ = true;
+        return;
+      }
       finish({'C', 'C'});
       break;
     case State::greeting:
@@ -311,7 +312,7 @@ void Session::next_attempt() {
     reply_unavailable(term_);
     return;
   }
-  Worker::Pick p = worker_.pick(snap_->pools[pool_index_], std::span<const uint32_t>(tried_.data(), tries_));
+  const Selection p = worker_.pick(snap_->pools[pool_index_], std::span<const uint32_t>(tried_.data(), tries_));
   if (p.index) {
     leave_queue();
     connect_to(*p.index);
@@ -322,8 +323,9 @@ void Session::next_attempt() {
       in_queue_ = true;
       state_ = State::queued;
       t_queued_ = uv_now(worker_.loop());
-      worker_.enqueue(this, snap_->pools[pool_index_].state.get());
       arm_timer(uint64_t(pool_.queue_timeout.count()));
+      // May hand this session (or an older waiter) a slot freed meanwhile, right away.
+      worker_.enqueue(this, snap_->pools[pool_index_].state);
     }
     return;
   }
@@ -345,12 +347,12 @@ bool Session::retry_from_queue() {
 void Session::leave_queue() {
   if (!in_queue_) return;
   in_queue_ = false;
-  worker_.dequeue(this, snap_->pools[pool_index_].state.get());
+  worker_.dequeue(this, *snap_->pools[pool_index_].state);
   tw_ += int64_t(uv_now(worker_.loop()) - t_queued_);
 }
 
 void Session::release_server(const std::shared_ptr<ServerRuntime>& server) {
-  if (server->release()) worker_.slot_freed(server->pool_state.get());
+  if (server->release()) worker_.slot_freed(*server->pool_state);
 }
 
 void Session::connect_to(size_t index) {
@@ -412,7 +414,13 @@ void Session::connected(int status) {
     h.destination = local_;
     const std::string header =
         proxy::encode(pool_.proxy_protocol == ProxyOut::v1 ? proxy::Version::v1 : proxy::Version::v2, h);
+    // A failed write fails this attempt (forward() says so), not the session.
     if (!forward(false, header.data(), header.size())) return;
+    if (client_gone_) {
+      // Header out, then our FIN (close() sends it after the queued bytes, if any).
+      finish({'C', 'C'});
+      return;
+    }
   }
   up_->conn.reading = true;
   last_activity_ = uv_now(worker_.loop());
@@ -500,6 +508,12 @@ void Session::upstream_end(ssize_t status) {
 }
 
 void Session::attempt_failed(char cause, char phase, ConnError kind, const std::string& why) {
+  if (client_gone_) {
+    // Nobody to retry for: the attempt only went on to end cleanly for the backend.
+    if (up_) worker_.report_failure(up_->server, pool_.health_check.fall, why);
+    finish({'C', 'C'});
+    return;
+  }
   if (up_) bump(up_->server->per_worker[worker_.index()].errors[size_t(kind)]);
   spdlog::debug("client {}: server {} failed ({}), try {} of {}", peer_.to_string(), up_ ? up_->server->label : "?",
                 why, tries_, pool_.retries + 1);
@@ -593,11 +607,8 @@ void Session::note_refusal(TermCode term) {
   const int64_t now = int64_t(uv_now(worker_.loop()));
   int64_t last = listener_.state->last_refusal_log_ms.load(std::memory_order_relaxed);
   if (now - last < 1000 || !listener_.state->last_refusal_log_ms.compare_exchange_strong(last, now)) return;
-  if (term.cause == 'R' && tries_ > 0)
+  if (term.cause == 'R')
     why = "out of local resources (" + last_failure_ + ")";
-  else if (term.cause == 'R')
-    why = "connection limit reached (listener max_connections " + std::to_string(listener_.cfg->max_connections) +
-          ", global max_connections " + std::to_string(snap_->config->global.max_connections) + ")";
   else if (term.phase == 'Q')
     why = "every server of pool " + pool_.name + " stayed full for queue_timeout " +
           format_duration(pool_.queue_timeout);
@@ -624,7 +635,7 @@ bool Session::forward(bool to_client, const char* data, size_t len, bool more) {
     const ssize_t r = ::send(c.fd, data, len, MSG_NOSIGNAL | (more ? MSG_MORE : 0));
     if (r == ssize_t(len)) return true;
     if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
-      finish(to_client ? TermCode{'C', 'D'} : TermCode{'S', 'D'});
+      write_failed(to_client, errno);
       return false;
     }
     done = r > 0 ? size_t(r) : 0;
@@ -635,7 +646,7 @@ bool Session::forward(bool to_client, const char* data, size_t len, bool more) {
   const size_t rest = len - done;
   auto* o = static_cast<OutChunk*>(std::malloc(offsetof(OutChunk, data) + rest));
   if (!o) {
-    finish(to_client ? TermCode{'C', 'D'} : TermCode{'S', 'D'});
+    finish({'R', state_ == State::relaying ? 'D' : 'C'});
     return false;
   }
   o->next = nullptr;
@@ -656,7 +667,7 @@ void Session::flush(Conn& c) {
     const ssize_t r = ::send(c.fd, o->data + o->off, o->len - o->off, MSG_NOSIGNAL);
     if (r < 0) {
       if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
-      finish(to_client ? TermCode{'C', 'D'} : TermCode{'S', 'D'});
+      write_failed(to_client, errno);
       return;
     }
     o->off += size_t(r);
@@ -674,6 +685,17 @@ void Session::flush(Conn& c) {
     else resume_client();
     maybe_done();
   }
+}
+
+void Session::write_failed(bool to_client, int err) {
+  if (!to_client && (state_ == State::connecting || state_ == State::greeting)) {
+    // Only the PROXY header is written before the handoff: this server is broken for
+    // us, the client has lost nothing yet. Try the next one.
+    attempt_failed('S', state_ == State::connecting ? 'C' : 'H', err == ECONNRESET ? ConnError::reset : ConnError::refused,
+                   std::string("PROXY header: ") + std::strerror(err));
+    return;
+  }
+  finish(to_client ? TermCode{'C', 'D'} : TermCode{'S', 'D'});
 }
 
 void Session::pause_client() { client_.reading = false; }
@@ -817,7 +839,7 @@ void Session::log_access() {
   r.bytes_in = bytes_in_;
   r.bytes_out = bytes_out_;
   r.term = term_;
-  spdlog::info("{}", worker_.log_json() ? format_access_json(r) : format_access_text(r));
+  worker_.log_access(r);
 }
 
 }  // namespace smtplb

@@ -116,6 +116,8 @@ class Session {
   // Sends to the other side; on a short write queues the rest and pauses the sender.
   // `more`: a FIN follows at once, so the kernel may send both in one segment.
   bool forward(bool to_client, const char* data, size_t len, bool more = false);
+  // A send to one side failed with `err` (not EAGAIN).
+  void write_failed(bool to_client, int err);
   void close_conn(Conn& c);
   void pause_client();
   void resume_client();
@@ -148,6 +150,7 @@ class Session {
   bool counted_ = false;          // counted in listener/process connection totals
   bool in_queue_ = false;
   bool proxy_local_ = false;      // the inbound PROXY header carried no client address
+  bool client_gone_ = false;      // the client left while a PROXY backend was connecting
   bool client_eof_ = false;
   bool upstream_eof_ = false;
   bool client_shut_ = false;      // FIN sent to the client

@@ -22,6 +22,17 @@ constexpr int kEventBatch = 128;
 // EPOLLPRI: urgent data makes read() stop short of the mark with more queued behind it,
 // so a short read no longer means "drained" (see Session::read_from).
 constexpr uint32_t kConnEvents = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET;
+// A refused client's socket stays open this long after the 421 and our FIN, unless more
+// than kMaxLingering are waiting (then the oldest closes early): a flood of refused
+// connections costs a bounded number of descriptors for a bounded time.
+constexpr uint64_t kRefusalLingerMs = 1000;
+constexpr size_t kMaxLingering = 1024;
+
+// Reads and drops what a refused client has sent, so closing sends a FIN, not a reset.
+void discard_input(int fd, char* buf, size_t size) {
+  for (int i = 0; i < 4; ++i)
+    if (::recv(fd, buf, size, MSG_DONTWAIT) <= 0) return;
+}
 }
 
 void ControlLink::report(PassiveDown event) {
@@ -43,6 +54,9 @@ Worker::Worker(unsigned index, std::shared_ptr<const Snapshot> snapshot, Control
   loop_.data = this;
   uv_async_init(&loop_, &wake_, [](uv_async_t* a) { static_cast<Worker*>(a->data)->on_wake(); });
   wake_.data = this;
+  uv_timer_init(&loop_, &linger_timer_);
+  linger_timer_.data = this;
+  linger_timer_open_ = true;
   access_log_ = snapshot_->config->log.access_log;
   log_json_ = snapshot_->config->log.format == LogFormat::json;
   epfd_ = ::epoll_create1(EPOLL_CLOEXEC);
@@ -143,6 +157,12 @@ bool Worker::add_listener(const std::shared_ptr<ListenerRuntime>& lr, std::strin
   return true;
 }
 
+std::vector<std::string> Worker::listening() const {
+  std::vector<std::string> names;
+  for (const Listener* l : listeners_) names.push_back(l->runtime->cfg->name);
+  return names;
+}
+
 void Worker::close_listener(Listener* l) {
   listeners_.erase(std::find(listeners_.begin(), listeners_.end(), l));
   l->closing = 2;
@@ -179,7 +199,7 @@ void Worker::send_wake() {
 void Worker::publish(std::shared_ptr<const Snapshot> snapshot) {
   {
     std::lock_guard<std::mutex> lock(pending_mu_);
-    pending_ = std::move(snapshot);
+    pending_.push_back(std::move(snapshot));
   }
   send_wake();
 }
@@ -201,20 +221,24 @@ void Worker::kick() {
 }
 
 void Worker::on_wake() {
-  std::shared_ptr<const Snapshot> next;
+  std::vector<std::shared_ptr<const Snapshot>> next;
   {
     std::lock_guard<std::mutex> lock(pending_mu_);
     next.swap(pending_);
   }
-  if (next && !draining_) apply(std::move(next));
+  // A stopping worker adopts nothing: the sockets stay with their ListenerRuntime,
+  // which closes them.
+  for (auto& snap : next)
+    if (!draining_) apply(std::move(snap));
   const int mode = stop_mode_.load();
   if (mode == 2) {
     stop_now();
     return;
   }
   if (mode == 1 && !draining_) drain_now();
-  if (kicked_.exchange(false))
-    for (auto& [state, pp] : pools_) serve_queue(pp);
+  // A reload may have added capacity (max_connections, weights, states), and a kick says
+  // some appeared: queued sessions look again.
+  if (kicked_.exchange(false) || !next.empty()) serve_all_queues();
   maybe_finish();
 }
 
@@ -231,22 +255,12 @@ void Worker::apply(std::shared_ptr<const Snapshot> snapshot) {
       continue;
     }
     std::string error;
-    if (!add_listener(lr, error)) {
-      spdlog::error("{}", error);
-      close_listener(listeners_.back());
-    }
+    if (!add_listener(lr, error)) spdlog::error("{}", error);  // nothing was opened
   }
   for (size_t i = 0; i < old.size(); ++i)
     if (!kept[i]) close_listener(old[i]);
   access_log_ = snapshot->config->log.access_log;
   snapshot_ = std::move(snapshot);
-  // Forget pools that left the configuration and have nobody waiting.
-  for (auto it = pools_.begin(); it != pools_.end();) {
-    const bool present = std::any_of(snapshot_->pools.begin(), snapshot_->pools.end(),
-                                     [&](const PoolRuntime& p) { return p.state.get() == it->first; });
-    if (!present && !it->second.head) it = pools_.erase(it);
-    else ++it;
-  }
 }
 
 void Worker::drain_now() {
@@ -278,6 +292,11 @@ void Worker::maybe_finish() {
     wake_open_ = false;
   }
   uv_close(as_handle(&wake_), nullptr);
+  close_expired_refusals(true);
+  if (linger_timer_open_) {
+    linger_timer_open_ = false;
+    uv_close(as_handle(&linger_timer_), nullptr);
+  }
   if (ep_open_) {
     ep_open_ = false;
     uv_close(as_handle(&ep_poll_), [](uv_handle_t* h) {
@@ -316,97 +335,132 @@ void Worker::on_readable(Listener& l) {
       }
       return;
     }
-    auto* s = new Session(*this, snapshot_, *l.runtime);
+    // Counted before anything else, so the limits hold exactly across workers.
+    ListenerRuntime& lr = *l.runtime;
+    const uint32_t process = link_.connections.fetch_add(1, std::memory_order_relaxed) + 1;
+    const uint32_t here = lr.state->current.fetch_add(1, std::memory_order_relaxed) + 1;
+    if (process > snapshot_->config->global.max_connections || here > lr.cfg->max_connections) {
+      link_.connections.fetch_sub(1, std::memory_order_relaxed);
+      lr.state->current.fetch_sub(1, std::memory_order_relaxed);
+      refuse(fd, peer, lr);
+      continue;
+    }
+    auto* s = new Session(*this, snapshot_, lr);
     s->start(fd, peer);
   }
 }
 
-Worker::Pick Worker::pick(const PoolRuntime& pr, std::span<const uint32_t> exclude) {
-  const auto& servers = pr.servers;
-  const size_t n = servers.size();
-  candidates_.resize(n);
-  // Backup servers only stand in while no regular server is usable (full ones count as
-  // usable: their clients queue rather than spill over to the backups).
-  bool regular_usable = false;
-  for (const auto& s : servers) regular_usable |= !s->backup.load(std::memory_order_relaxed) && s->usable();
-  const int64_t ramp_ms = pr.cfg->slow_start.count();
-  const int64_t now = ramp_ms ? int64_t(uv_now(&loop_)) : 0;
-  auto in_tier = [&](const ServerRuntime& s) {
-    return s.usable() && s.backup.load(std::memory_order_relaxed) != regular_usable;
-  };
-  bool any_usable = false, any_free = false, untried_usable = false;
-  for (size_t i = 0; i < n; ++i) {
-    const ServerRuntime& s = *servers[i];
-    const bool usable = in_tier(s);
-    const bool free = usable && !s.full();
-    const bool untried = std::find(exclude.begin(), exclude.end(), i) == exclude.end();
-    any_usable |= usable;
-    any_free |= free;
-    untried_usable |= usable && untried;
-    const int64_t ramp = s.ramp_start_ms.load(std::memory_order_relaxed);
-    candidates_[i] = {effective_weight(s.weight.load(std::memory_order_relaxed), ramp < 0 ? -1 : now - ramp, ramp_ms),
-                      s.active.load(std::memory_order_relaxed),
-                      free && untried};
+void Worker::refuse(int fd, const SocketAddress& peer, ListenerRuntime& lr) {
+  const uint64_t now = uv_now(&loop_);
+  const auto& global = snapshot_->config->global;
+  const std::string text = "421 4.3.2 " + global.hostname + " Service not available, try again later\r\n";
+  discard_input(fd, scratch_.get(), kScratchSize);
+  const ssize_t sent = ::send(fd, text.data(), text.size(), MSG_NOSIGNAL);
+  ::shutdown(fd, SHUT_WR);
+
+  ListenerState& st = *lr.state;
+  ListenerWorkerCounters& lc = st.per_worker[index_];
+  bump(lc.connections);
+  bump(lc.terms[term_index('R', 'C')]);
+  lc.duration.observe(kDurationBounds, 0);
+  st.rejected_limit.fetch_add(1, std::memory_order_relaxed);
+  int64_t last = st.last_refusal_log_ms.load(std::memory_order_relaxed);
+  if (int64_t(now) - last >= 1000 && st.last_refusal_log_ms.compare_exchange_strong(last, int64_t(now)))
+    spdlog::warn(
+        "listener {}: client {} answered 421 4.3.2: connection limit reached (listener max_connections {}, global "
+        "max_connections {}) (further refusals within a second are only counted)",
+        lr.cfg->name, peer.to_string(), lr.cfg->max_connections, global.max_connections);
+  if (access_log_) {
+    const std::string client = peer.to_string();
+    AccessRecord r;
+    r.client = client;
+    r.listener = lr.cfg->name;
+    r.pool = lr.cfg->pool;
+    r.server = "-";
+    r.bytes_out = sent > 0 ? uint64_t(sent) : 0;
+    r.term = {'R', 'C'};
+    log_access(r);
   }
-  Pick result;
-  if (!any_free) {
-    result.all_full = any_usable;
-    return result;
+
+  if (lingering_.size() >= kMaxLingering) {
+    discard_input(lingering_.front().fd, scratch_.get(), kScratchSize);
+    ::close(lingering_.front().fd);
+    lingering_.pop_front();
   }
-  PerPool& pp = pools_[pr.state.get()];
-  const bool lc = pr.cfg->algorithm == Algorithm::leastconn;
-  bool widened = false;
-  for (size_t round = 0; round <= n; ++round) {
-    auto picked = lc ? pp.lc.pick(candidates_) : pp.rr.pick(candidates_);
-    if (!picked) {
-      // An untried server that is only full is worth waiting for rather than going back
-      // to one that just failed.
-      if (widened || untried_usable) break;
-      // Every usable server was tried already: a retry may go back to one of them.
-      widened = true;
-      for (size_t i = 0; i < n; ++i) candidates_[i].eligible = in_tier(*servers[i]) && !servers[i]->full();
-      continue;
-    }
-    if (servers[*picked]->try_acquire()) {
-      result.index = picked;
-      return result;
-    }
-    // Another worker took the last slot in the meantime.
-    candidates_[*picked].eligible = false;
-  }
-  result.all_full = true;
-  return result;
+  lingering_.push_back({fd, now + kRefusalLingerMs});
+  if (!uv_is_active(as_handle(&linger_timer_)))
+    uv_timer_start(&linger_timer_, [](uv_timer_t* t) { static_cast<Worker*>(t->data)->close_expired_refusals(false); },
+                   kRefusalLingerMs, 0);
 }
 
-void Worker::enqueue(Session* s, PoolState* pool) {
-  PerPool& q = pools_[pool];
+void Worker::close_expired_refusals(bool all) {
+  const uint64_t now = uv_now(&loop_);
+  while (!lingering_.empty() && (all || lingering_.front().deadline <= now)) {
+    discard_input(lingering_.front().fd, scratch_.get(), kScratchSize);
+    ::close(lingering_.front().fd);
+    lingering_.pop_front();
+  }
+  if (!lingering_.empty() && linger_timer_open_)
+    uv_timer_start(&linger_timer_, [](uv_timer_t* t) { static_cast<Worker*>(t->data)->close_expired_refusals(false); },
+                   lingering_.front().deadline - now, 0);
+}
+
+void Worker::log_access(const AccessRecord& r) {
+  spdlog::info("{}", log_json_ ? format_access_json(r) : format_access_text(r));
+}
+
+Selection Worker::pick(const PoolRuntime& pr, std::span<const uint32_t> exclude) {
+  const auto& servers = pr.servers;
+  const int64_t now = int64_t(uv_now(&loop_));
+  views_.resize(servers.size());
+  for (size_t i = 0; i < servers.size(); ++i) views_[i] = servers[i]->view(now);
+  PoolBalancer& balancer = pr.state->per_worker[index_].balancer;
+  return balancer.pick(pr.cfg->algorithm, views_, exclude, pr.cfg->slow_start.count(),
+                       [&](size_t i) { return servers[i]->try_acquire(); });
+}
+
+void Worker::enqueue(Session* s, const std::shared_ptr<PoolState>& pool) {
+  PoolWorkerState& q = pool->per_worker[index_];
+  if (!q.head) waiting_pools_.push_back(pool);
   s->q_prev_ = q.tail;
   s->q_next_ = nullptr;
   if (q.tail) q.tail->q_next_ = s;
   else q.head = s;
   q.tail = s;
   pool->queued.fetch_add(1, std::memory_order_relaxed);
+  // Pairs with the fence in ServerRuntime::release: a slot freed before this point is
+  // seen by the look below, one freed after it sees `queued` and wakes a worker.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  serve_queue(*pool);
 }
 
-void Worker::dequeue(Session* s, PoolState* pool) {
-  PerPool& q = pools_[pool];
+void Worker::dequeue(Session* s, PoolState& pool) {
+  PoolWorkerState& q = pool.per_worker[index_];
   if (s->q_prev_) s->q_prev_->q_next_ = s->q_next_;
   else q.head = s->q_next_;
   if (s->q_next_) s->q_next_->q_prev_ = s->q_prev_;
   else q.tail = s->q_prev_;
   s->q_prev_ = s->q_next_ = nullptr;
-  pool->queued.fetch_sub(1, std::memory_order_relaxed);
+  pool.queued.fetch_sub(1, std::memory_order_relaxed);
+  if (!q.head)
+    std::erase_if(waiting_pools_, [&](const std::shared_ptr<PoolState>& p) { return p.get() == &pool; });
 }
 
-void Worker::serve_queue(PerPool& pp) {
-  while (Session* s = pp.head)
+void Worker::serve_queue(PoolState& pool) {
+  PoolWorkerState& q = pool.per_worker[index_];
+  while (Session* s = q.head)
     if (!s->retry_from_queue()) break;
 }
 
-void Worker::slot_freed(const PoolState* pool) {
-  auto it = pools_.find(pool);
-  if (it != pools_.end() && it->second.head) {
-    serve_queue(it->second);
+void Worker::serve_all_queues() {
+  // Serving a queue may empty it and drop the pool from waiting_pools_: walk a copy.
+  const std::vector<std::shared_ptr<PoolState>> pools = waiting_pools_;
+  for (const auto& p : pools) serve_queue(*p);
+}
+
+void Worker::slot_freed(PoolState& pool) {
+  if (pool.per_worker[index_].head) {
+    serve_queue(pool);
     return;
   }
   // The waiters are on other workers.

@@ -5,17 +5,17 @@
 #include <uv.h>
 
 #include <atomic>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <span>
 #include <string>
 #include <thread>
-#include <unordered_map>
 #include <vector>
 
 #include "server_pool.hpp"
-#include "smtplb/balancer.hpp"
+#include "smtplb/access_log.hpp"
 
 namespace smtplb {
 
@@ -68,25 +68,25 @@ class Worker {
   void kick();
 
   uv_loop_t* loop() { return &loop_; }
+  // Names of the listeners this worker accepts on, in adoption order.
+  std::vector<std::string> listening() const;
   unsigned index() const { return index_; }
   ControlLink& link() { return link_; }
   bool access_log() const { return access_log_; }
   bool log_json() const { return log_json_; }
   bool draining() const { return draining_; }
 
-  struct Pick {
-    std::optional<size_t> index;  // chosen server (its slot is already taken)
-    bool all_full = false;        // usable servers exist but all are at max_connections
-  };
-  // Picks a usable server of `pool`, preferring ones not in `exclude` and using backup
-  // servers only when no other server is usable, and takes a slot on it.
-  Pick pick(const PoolRuntime& pool, std::span<const uint32_t> exclude);
+  // Picks a usable server of `pool` for a session that already tried `exclude` and takes
+  // a slot on it (the choice itself: smtplb/select.hpp).
+  Selection pick(const PoolRuntime& pool, std::span<const uint32_t> exclude);
 
-  // Queue of sessions waiting for a free slot in a pool, first come first served.
-  void enqueue(Session* s, PoolState* pool);
-  void dequeue(Session* s, PoolState* pool);
+  // The worker's queue of sessions waiting for a free slot in a pool (in the pool's
+  // per-worker slot), first come first served. enqueue() then looks once more: a slot
+  // freed between the session's pick and its enqueue woke nobody.
+  void enqueue(Session* s, const std::shared_ptr<PoolState>& pool);
+  void dequeue(Session* s, PoolState& pool);
   // A session released a slot of a server with max_connections in `pool`.
-  void slot_freed(const PoolState* pool);
+  void slot_freed(PoolState& pool);
 
   // A session attempt on `server` failed; `fall` in a row eject it (via the control loop).
   void report_failure(const std::shared_ptr<ServerRuntime>& server, unsigned fall, const std::string& reason);
@@ -107,6 +107,9 @@ class Worker {
   void link(Session* s);
   void unlink(Session* s);
 
+  // Writes one access line (sessions and refusals alike).
+  void log_access(const AccessRecord& r);
+
   static constexpr size_t kScratchSize = 64 * 1024;
 
  private:
@@ -121,14 +124,6 @@ class Worker {
     Worker* worker;
     std::shared_ptr<ListenerRuntime> runtime;
   };
-  // Per pool (by identity, so it survives reloads): balancer state and the queue.
-  struct PerPool {
-    SmoothRoundRobin rr;
-    LeastConnections lc;
-    Session* head = nullptr;
-    Session* tail = nullptr;
-  };
-
   void run();
   void on_wake();
   void apply(std::shared_ptr<const Snapshot> snapshot);
@@ -138,8 +133,14 @@ class Worker {
   void stop_now();
   void maybe_finish();
   void send_wake();
-  void serve_queue(PerPool& pp);
+  void serve_queue(PoolState& pool);
+  void serve_all_queues();
   void on_readable(Listener& l);
+  // A client over global or listener max_connections: 421, FIN, and the socket kept only
+  // for a short linger (so unread client bytes do not turn our close into a reset that
+  // destroys the reply). Not a session: no Session object, not counted in the limits.
+  void refuse(int fd, const SocketAddress& peer, ListenerRuntime& lr);
+  void close_expired_refusals(bool all);
   void dispatch();
 
   unsigned index_;
@@ -153,7 +154,9 @@ class Worker {
   std::atomic<int> stop_mode_{0};         // 0 run, 1 drain, 2 stop now
   std::atomic<bool> kicked_{false};
   std::mutex pending_mu_;
-  std::shared_ptr<const Snapshot> pending_;  // guarded by pending_mu_
+  // Every published snapshot, applied in order: a listener added by one reload and kept
+  // by the next must be adopted from the first (only it carries the sockets).
+  std::vector<std::shared_ptr<const Snapshot>> pending_;  // guarded by pending_mu_
   std::shared_ptr<const Snapshot> snapshot_;
   bool access_log_ = true;
   bool log_json_ = false;
@@ -161,8 +164,9 @@ class Worker {
   uint64_t last_accept_error_ms_ = 0;     // accept errors are logged once per burst
   std::vector<Worker*> peers_;
   std::vector<Listener*> listeners_;      // freed in their close callbacks
-  std::unordered_map<const PoolState*, PerPool> pools_;
-  std::vector<Candidate> candidates_;     // reused by pick()
+  // Pools in which this worker has queued sessions (kept alive while they wait).
+  std::vector<std::shared_ptr<PoolState>> waiting_pools_;
+  std::vector<ServerView> views_;         // reused by pick()
   std::unique_ptr<char[]> scratch_;
   int epfd_ = -1;                         // the sessions' epoll set
   uv_poll_t ep_poll_{};                   // the loop's watch on it
@@ -170,6 +174,14 @@ class Worker {
   bool in_dispatch_ = false;
   std::vector<Upstream*> retired_;        // freed at the end of the batch
   Session* sessions_ = nullptr;           // intrusive list of live sessions
+  // Refused clients waiting out their linger, oldest first (all lingers are equal).
+  struct Lingering {
+    int fd;
+    uint64_t deadline;  // loop time (ms)
+  };
+  std::deque<Lingering> lingering_;
+  uv_timer_t linger_timer_{};
+  bool linger_timer_open_ = false;
 };
 
 }  // namespace smtplb
