@@ -512,5 +512,24 @@ class OpenFilesTest(LifecycleTestCase):
         self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE), (soft, hard))
 
 
+
+class WorkerCountTest(LifecycleTestCase):
+
+    def test_workers_0_follows_the_affinity_mask(self):
+        """workers = 0 runs one worker per CPU the process may use: started on one CPU of
+        a larger machine, it runs one worker (it took every CPU of the machine before)."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            self.skipTest("needs 2 CPUs to tell the affinity mask from the machine")
+        srv = self.fake("s1")
+        lb = self.env_smtplb(make_config([srv], global_={"workers": 0}), up=["p/s1"],
+                             preexec_fn=lambda: os.sched_setaffinity(0, {cpus[0]}))
+        lb.wait_log(r"info: workers = 0: running 1 workers \(1 CPUs in the affinity mask; ")
+        threads = os.listdir("/proc/%d/task" % lb.pid)
+        # The control loop, one worker, and libuv's pool threads if any ran (not at start).
+        self.assertEqual(len(threads), 2, threads)
+        self.assertEqual(set(os.sched_getaffinity(0)), set(cpus), "this test's own mask is untouched")
+
+
 if __name__ == "__main__":
     main()
