@@ -10,7 +10,7 @@ std::string format_access_text(const AccessRecord& r) {
       "bytes_out={} term={}{}",
       r.client, r.listener, r.pool.empty() ? std::string_view("-") : r.pool,
       r.server.empty() ? std::string_view("-") : r.server, r.tries, r.tw_ms, r.tc_ms, r.tb_ms,
-      r.tt_ms, r.bytes_in, r.bytes_out, r.term.cause, r.term.phase);
+      r.tt_ms, r.bytes_in, r.bytes_out, r.term.cause_char(), r.term.phase_char());
 }
 
 std::string json_quote(std::string_view s) {
@@ -34,7 +34,7 @@ std::string json_quote(std::string_view s) {
 }
 
 std::string format_access_json(const AccessRecord& r) {
-  const char term[3] = {r.term.cause, r.term.phase, '\0'};
+  const char term[3] = {r.term.cause_char(), r.term.phase_char(), '\0'};
   return fmt::format(
       "{{\"client\":{},\"listener\":{},\"pool\":{},\"server\":{},\"tries\":{},\"Tw\":{},\"Tc\":{},\"Tb\":{},"
       "\"Tt\":{},\"bytes_in\":{},\"bytes_out\":{},\"term\":{}}}",

@@ -343,15 +343,13 @@ std::string Server::render_metrics() const {
   }
   m.family("smtplb_sessions_terminated_total", "counter", "Finished sessions by termination code (docs/logging.md).");
   for (const auto& l : snapshot_->listeners)
-    for (size_t c = 0; c < 9; ++c)
-      for (size_t ph = 0; ph < 7; ++ph) {
-        const size_t idx = c * 8 + ph;
-        const uint64_t v = sum(l->state->per_worker,
-                               [idx](const ListenerWorkerCounters& lc) -> const auto& { return lc.terms[idx]; });
-        if (v == 0) continue;  // 63 codes per listener: only the ones seen
-        const char code[3] = {kTermCauses[c], kTermPhases[ph], '\0'};
-        m.sample("smtplb_sessions_terminated_total", {{"listener", l->cfg->name}, {"term", code}}, v);
-      }
+    for (size_t idx = 0; idx < kTermSlots; ++idx) {
+      const uint64_t v =
+          sum(l->state->per_worker, [idx](const ListenerWorkerCounters& lc) -> const auto& { return lc.terms[idx]; });
+      if (v == 0) continue;  // 63 codes per listener: only the ones seen
+      m.sample("smtplb_sessions_terminated_total", {{"listener", l->cfg->name}, {"term", TermCode::from_index(idx).text()}},
+               v);
+    }
 
   m.family("process_cpu_seconds_total", "counter", "User and system CPU time spent, seconds.");
   m.sample("process_cpu_seconds_total", {}, ps.cpu_seconds);

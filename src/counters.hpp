@@ -9,6 +9,8 @@
 #include <memory>
 #include <string_view>
 
+#include "smtplb/term_code.hpp"
+
 namespace smtplb {
 
 inline constexpr size_t kMaxWorkers = 64;  // global.workers is capped at 64 by the config
@@ -48,17 +50,6 @@ struct alignas(64) ServerWorkerCounters {
   std::array<std::atomic<uint64_t>, 4> errors{};
   Histogram connect;                   // connect -> accepted greeting
 };
-
-// Termination codes are counted per (cause, phase): 9 causes x 8 phases.
-inline constexpr char kTermCauses[] = "-CSPLRcsK";
-inline constexpr char kTermPhases[] = "-QCHDLR";
-inline constexpr size_t kTermSlots = 9 * 8;
-inline size_t term_index(char cause, char phase) {
-  size_t c = 0, p = 0;
-  while (kTermCauses[c] && kTermCauses[c] != cause) ++c;
-  while (kTermPhases[p] && kTermPhases[p] != phase) ++p;
-  return (c < 9 ? c : 8) * 8 + (p < 7 ? p : 7);
-}
 
 struct alignas(64) ListenerWorkerCounters {
   std::atomic<uint64_t> connections{0};

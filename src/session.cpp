@@ -97,7 +97,7 @@ void Session::start(int fd, const SocketAddress& peer) {
     const std::string text =
         "421 4.3.2 " + snap_->config->global.hostname + " Service not available, try again later\r\n";
     (void)!::send(fd, text.data(), text.size(), MSG_NOSIGNAL);
-    finish({'R', 'C'});
+    finish({Cause::resource, Phase::connect});
     return;
   }
   // TCP_NODELAY comes from the listening socket.
@@ -105,7 +105,7 @@ void Session::start(int fd, const SocketAddress& peer) {
   if (listener_.cfg->proxy_protocol != ProxyIn::none) {
     const auto& trusted = listener_.cfg->trusted_proxies;
     if (std::none_of(trusted.begin(), trusted.end(), [&](const Cidr& c) { return c.contains(peer_); })) {
-      refuse_proxy("sender is not in trusted_proxies", {'P', 'R'});
+      refuse_proxy("sender is not in trusted_proxies", {Cause::proxy, Phase::proxy_header});
       return;
     }
     state_ = State::proxy_header;
@@ -121,7 +121,7 @@ void Session::proxy_header_data() {
   proxy::ParseResult r = proxy::parse(held_, accept);
   if (r.status == proxy::ParseResult::Status::need_more) return;
   if (r.status == proxy::ParseResult::Status::error) {
-    refuse_proxy("malformed PROXY header: " + r.error, {'P', 'R'});
+    refuse_proxy("malformed PROXY header: " + r.error, {Cause::proxy, Phase::proxy_header});
     return;
   }
   held_.erase(0, r.consumed);
@@ -148,23 +148,25 @@ void Session::refuse_proxy(const std::string& why, TermCode term) {
 }
 
 void Session::kill() {
-  const char phase = state_ == State::relaying       ? 'D'
-                     : state_ == State::greeting     ? 'H'
-                     : state_ == State::queued       ? 'Q'
-                     : state_ == State::proxy_header ? 'R'
-                                                     : 'C';
-  finish({'K', phase});
+  const Phase phase = state_ == State::relaying       ? Phase::data
+                      : state_ == State::greeting     ? Phase::greeting
+                      : state_ == State::queued       ? Phase::queue
+                      : state_ == State::proxy_header ? Phase::proxy_header
+                                                      : Phase::connect;
+  finish({Cause::killed, phase});
 }
 
 void Session::drain() {
   switch (state_) {
     case State::proxy_header:
-      finish({'K', 'R'});
+      finish({Cause::killed, Phase::proxy_header});
       break;
     case State::queued:
     case State::connecting:
     case State::greeting:
-      reply_unavailable({'K', state_ == State::queued ? 'Q' : state_ == State::greeting ? 'H' : 'C'});
+      reply_unavailable({Cause::killed, state_ == State::queued     ? Phase::queue
+                                        : state_ == State::greeting ? Phase::greeting
+                                                                    : Phase::connect});
       break;
     case State::relaying:
     case State::replying:
@@ -267,10 +269,10 @@ void Session::client_end(ssize_t status) {
     return;
   switch (state_) {
     case State::proxy_header:
-      finish({'C', 'R'});
+      finish({Cause::client, Phase::proxy_header});
       break;
     case State::queued:
-      finish({'C', 'Q'});
+      finish({Cause::client, Phase::queue});
       break;
     case State::connecting:
       if (up_ && pool_.proxy_protocol != ProxyOut::none) {
@@ -281,14 +283,14 @@ void Session::client_end(ssize_t status) {
         client_gone_ = true;
         return;
       }
-      finish({'C', 'C'});
+      finish({Cause::client, Phase::connect});
       break;
     case State::greeting:
-      finish({'C', 'H'});
+      finish({Cause::client, Phase::greeting});
       break;
     case State::relaying:
       if (status != UV_EOF) {
-        finish({'C', 'D'});
+        finish({Cause::client, Phase::data});
         return;
       }
       // The server closed already: when the session ends right now, close() sends the
@@ -331,10 +333,10 @@ void Session::next_attempt() {
   }
   leave_queue();
   if (p.all_full) {
-    term_ = {'s', 'Q'};
+    term_ = {Cause::server_timeout, Phase::queue};
     snap_->pools[pool_index_].state->queue_timeouts.fetch_add(1, std::memory_order_relaxed);
   } else if (tries_ == 0) {
-    term_ = {'S', 'C'};
+    term_ = {Cause::server, Phase::connect};
   }
   reply_unavailable(term_);
 }
@@ -382,11 +384,11 @@ void Session::connect_to(size_t index) {
     // passive failure and no retry on another server that would fail the same way.
     last_failure_ = std::string("connect: ") + uv_strerror(rc);
     abandon_upstream();
-    reply_unavailable({'R', 'C'});
+    reply_unavailable({Cause::resource, Phase::connect});
     return;
   }
   if (rc < 0) {
-    attempt_failed('S', 'C', ConnError::refused, std::string("connect: ") + uv_strerror(rc));
+    attempt_failed({Cause::server, Phase::connect}, ConnError::refused, std::string("connect: ") + uv_strerror(rc));
     return;
   }
   arm_timer(uint64_t(pool_.connect_timeout.count()));
@@ -398,7 +400,8 @@ void Session::connected(int status) {
     const ConnError kind = status == UV_ETIMEDOUT ? ConnError::timeout
                            : status == UV_ECONNRESET ? ConnError::reset
                                                      : ConnError::refused;
-    attempt_failed(status == UV_ETIMEDOUT ? 's' : 'S', 'C', kind, std::string("connect: ") + uv_strerror(status));
+    attempt_failed({status == UV_ETIMEDOUT ? Cause::server_timeout : Cause::server, Phase::connect}, kind,
+                   std::string("connect: ") + uv_strerror(status));
     return;
   }
   tc_ = int64_t(uv_now(worker_.loop()) - t_attempt_);
@@ -418,7 +421,7 @@ void Session::connected(int status) {
     if (!forward(false, header.data(), header.size())) return;
     if (client_gone_) {
       // Header out, then our FIN (close() sends it after the queued bytes, if any).
-      finish({'C', 'C'});
+      finish({Cause::client, Phase::connect});
       return;
     }
   }
@@ -446,7 +449,7 @@ void Session::upstream_data(const char* data, size_t len, bool eof_follows) {
   size_t nl = chunk.find('\n');
   if (nl == std::string_view::npos) {
     if (greeting_.size() + len > kGreetingLineLimit) {
-      attempt_failed('S', 'H', ConnError::banner,
+      attempt_failed({Cause::server, Phase::greeting}, ConnError::banner,
                      "greeting line longer than " + std::to_string(kGreetingLineLimit) + " bytes");
       return;
     }
@@ -463,7 +466,7 @@ void Session::upstream_data(const char* data, size_t len, bool eof_follows) {
   }
   if (!ok) {
     std::string line = greeting_.empty() ? std::string(chunk.substr(0, nl)) : greeting_.substr(0, greeting_.find('\n'));
-    attempt_failed('S', 'H', ConnError::banner, "greeting " + printable(line));
+    attempt_failed({Cause::server, Phase::greeting}, ConnError::banner, "greeting " + printable(line));
     return;
   }
   if (greeting_.empty()) {
@@ -479,7 +482,7 @@ void Session::upstream_end(ssize_t status) {
   switch (state_) {
     case State::connecting:
     case State::greeting:
-      attempt_failed('S', 'H', status == UV_ECONNRESET ? ConnError::reset : ConnError::banner,
+      attempt_failed({Cause::server, Phase::greeting}, status == UV_ECONNRESET ? ConnError::reset : ConnError::banner,
                      status == UV_EOF ? std::string("closed before greeting")
                                       : std::string("greeting: ") + uv_strerror(int(status)));
       break;
@@ -487,7 +490,7 @@ void Session::upstream_end(ssize_t status) {
       upstream_eof_ = true;
       if (up_) up_->conn.reading = false;
       if (status != UV_EOF) {
-        finish({'S', 'D'});
+        finish({Cause::server, Phase::data});
         return;
       }
       // When the client has closed too and nothing waits to be sent, the session ends
@@ -507,17 +510,17 @@ void Session::upstream_end(ssize_t status) {
   }
 }
 
-void Session::attempt_failed(char cause, char phase, ConnError kind, const std::string& why) {
+void Session::attempt_failed(TermCode term, ConnError kind, const std::string& why) {
   if (client_gone_) {
     // Nobody to retry for: the attempt only went on to end cleanly for the backend.
     if (up_) worker_.report_failure(up_->server, pool_.health_check.fall, why);
-    finish({'C', 'C'});
+    finish({Cause::client, Phase::connect});
     return;
   }
   if (up_) bump(up_->server->per_worker[worker_.index()].errors[size_t(kind)]);
   spdlog::debug("client {}: server {} failed ({}), try {} of {}", peer_.to_string(), up_ ? up_->server->label : "?",
                 why, tries_, pool_.retries + 1);
-  term_ = {cause, phase};
+  term_ = term;
   last_failure_ = why;
   if (up_) worker_.report_failure(up_->server, pool_.health_check.fall, why);
   abandon_upstream();
@@ -550,7 +553,7 @@ void Session::handoff(const char* data, size_t len) {
   const uint64_t now = uv_now(worker_.loop());
   tb_ = int64_t(now - t_attempt_) - tc_;
   state_ = State::relaying;
-  term_ = {'-', '-'};
+  term_ = {Cause::none, Phase::none};
   relayed_ = up_->server.get();
   delay_acks(client_.fd);
   ServerWorkerCounters& sc = relayed_->per_worker[worker_.index()];
@@ -595,21 +598,21 @@ void Session::reply_unavailable(TermCode term) {
 }
 
 void Session::note_refusal(TermCode term) {
-  if (term.cause == 'K') return;  // stopping: not a refusal of this client
+  if (term.cause == Cause::killed) return;  // stopping: not a refusal of this client
   PoolState& ps = *snap_->pools[pool_index_].state;
   std::string why;
-  if (term.cause == 'R') {
+  if (term.cause == Cause::resource) {
     listener_.state->rejected_limit.fetch_add(1, std::memory_order_relaxed);
   } else {
     listener_.state->rejected_no_server.fetch_add(1, std::memory_order_relaxed);
-    if (term.phase != 'Q') ps.no_server.fetch_add(1, std::memory_order_relaxed);
+    if (term.phase != Phase::queue) ps.no_server.fetch_add(1, std::memory_order_relaxed);
   }
   const int64_t now = int64_t(uv_now(worker_.loop()));
   int64_t last = listener_.state->last_refusal_log_ms.load(std::memory_order_relaxed);
   if (now - last < 1000 || !listener_.state->last_refusal_log_ms.compare_exchange_strong(last, now)) return;
-  if (term.cause == 'R')
+  if (term.cause == Cause::resource)
     why = "out of local resources (" + last_failure_ + ")";
-  else if (term.phase == 'Q')
+  else if (term.phase == Phase::queue)
     why = "every server of pool " + pool_.name + " stayed full for queue_timeout " +
           format_duration(pool_.queue_timeout);
   else if (tries_ == 0)
@@ -646,7 +649,7 @@ bool Session::forward(bool to_client, const char* data, size_t len, bool more) {
   const size_t rest = len - done;
   auto* o = static_cast<OutChunk*>(std::malloc(offsetof(OutChunk, data) + rest));
   if (!o) {
-    finish({'R', state_ == State::relaying ? 'D' : 'C'});
+    finish({Cause::resource, state_ == State::relaying ? Phase::data : Phase::connect});
     return false;
   }
   o->next = nullptr;
@@ -691,11 +694,12 @@ void Session::write_failed(bool to_client, int err) {
   if (!to_client && (state_ == State::connecting || state_ == State::greeting)) {
     // Only the PROXY header is written before the handoff: this server is broken for
     // us, the client has lost nothing yet. Try the next one.
-    attempt_failed('S', state_ == State::connecting ? 'C' : 'H', err == ECONNRESET ? ConnError::reset : ConnError::refused,
+    attempt_failed({Cause::server, state_ == State::connecting ? Phase::connect : Phase::greeting},
+                   err == ECONNRESET ? ConnError::reset : ConnError::refused,
                    std::string("PROXY header: ") + std::strerror(err));
     return;
   }
-  finish(to_client ? TermCode{'C', 'D'} : TermCode{'S', 'D'});
+  finish(to_client ? TermCode{Cause::client, Phase::data} : TermCode{Cause::server, Phase::data});
 }
 
 void Session::pause_client() { client_.reading = false; }
@@ -733,7 +737,7 @@ bool Session::done_when_flushed() const {
 }
 
 void Session::maybe_done() {
-  if (state_ == State::relaying && done_when_flushed()) finish({'-', '-'});
+  if (state_ == State::relaying && done_when_flushed()) finish({Cause::none, Phase::none});
 }
 
 // ---- timers -----------------------------------------------------------------------------
@@ -745,24 +749,24 @@ void Session::on_timer(uv_timer_t* t) { owner_of<Session>(t)->timer_fired(); }
 void Session::timer_fired() {
   switch (state_) {
     case State::proxy_header:
-      refuse_proxy("no complete PROXY header within " + format_duration(Millis(kProxyHeaderTimeoutMs)), {'c', 'R'});
+      refuse_proxy("no complete PROXY header within " + format_duration(Millis(kProxyHeaderTimeoutMs)), {Cause::client_timeout, Phase::proxy_header});
       break;
     case State::queued:
       leave_queue();
-      term_ = {'s', 'Q'};
+      term_ = {Cause::server_timeout, Phase::queue};
       snap_->pools[pool_index_].state->queue_timeouts.fetch_add(1, std::memory_order_relaxed);
       reply_unavailable(term_);
       break;
     case State::connecting:
-      attempt_failed('s', 'C', ConnError::timeout, "connect timeout after " + format_duration(pool_.connect_timeout));
+      attempt_failed({Cause::server_timeout, Phase::connect}, ConnError::timeout, "connect timeout after " + format_duration(pool_.connect_timeout));
       break;
     case State::greeting:
-      attempt_failed('s', 'H', ConnError::banner, "no greeting within " + format_duration(pool_.banner_timeout));
+      attempt_failed({Cause::server_timeout, Phase::greeting}, ConnError::banner, "no greeting within " + format_duration(pool_.banner_timeout));
       break;
     case State::relaying:
       if (upstream_eof_) {
         // Server gone, client still open after the linger: normal if everything reached it.
-        finish(client_.blocked() ? TermCode{'c', 'D'} : TermCode{'-', '-'});
+        finish(client_.blocked() ? TermCode{Cause::client_timeout, Phase::data} : TermCode{Cause::none, Phase::none});
         return;
       }
       arm_idle_timer();
@@ -787,7 +791,7 @@ void Session::arm_idle_timer() {
       uint64_t(client_turn ? listener_.cfg->client_idle_timeout.count() : pool_.server_idle_timeout.count());
   const uint64_t idle = now - last;
   if (idle >= limit) {
-    finish(client_turn ? TermCode{'c', 'D'} : TermCode{'s', 'D'});
+    finish(client_turn ? TermCode{Cause::client_timeout, Phase::data} : TermCode{Cause::server_timeout, Phase::data});
     return;
   }
   arm_timer(limit - idle);
@@ -803,7 +807,7 @@ void Session::finish(TermCode term) {
   log_access();
   if (counted_) {
     ListenerWorkerCounters& lc = listener_.state->per_worker[worker_.index()];
-    bump(lc.terms[term_index(term_.cause, term_.phase)]);
+    bump(lc.terms[term_.index()]);
     lc.duration.observe(kDurationBounds, double(uv_now(worker_.loop()) - t_accept_) / 1000.0);
   }
   if (relayed_) {

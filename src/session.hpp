@@ -100,7 +100,7 @@ class Session {
   void connect_to(size_t index);
   void leave_queue();
   void release_server(const std::shared_ptr<ServerRuntime>& server);
-  void attempt_failed(char cause, char phase, ConnError kind, const std::string& why);
+  void attempt_failed(TermCode term, ConnError kind, const std::string& why);
   void abandon_upstream();
   // The server greeted with 220 (or handoff = connect): forward and start relaying.
   void handoff(const char* data, size_t len);

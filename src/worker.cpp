@@ -361,7 +361,7 @@ void Worker::refuse(int fd, const SocketAddress& peer, ListenerRuntime& lr) {
   ListenerState& st = *lr.state;
   ListenerWorkerCounters& lc = st.per_worker[index_];
   bump(lc.connections);
-  bump(lc.terms[term_index('R', 'C')]);
+  bump(lc.terms[TermCode{Cause::resource, Phase::connect}.index()]);
   lc.duration.observe(kDurationBounds, 0);
   st.rejected_limit.fetch_add(1, std::memory_order_relaxed);
   int64_t last = st.last_refusal_log_ms.load(std::memory_order_relaxed);
@@ -378,7 +378,7 @@ void Worker::refuse(int fd, const SocketAddress& peer, ListenerRuntime& lr) {
     r.pool = lr.cfg->pool;
     r.server = "-";
     r.bytes_out = sent > 0 ? uint64_t(sent) : 0;
-    r.term = {'R', 'C'};
+    r.term = {Cause::resource, Phase::connect};
     log_access(r);
   }
 

@@ -1,18 +1,12 @@
 #pragma once
-// The per-session access line (DESIGN section 6) as a pure formatter.
+// The access line of a finished session (or a refused client) as a pure formatter.
 #include <cstdint>
 #include <string>
 #include <string_view>
 
-namespace smtplb {
+#include "smtplb/term_code.hpp"
 
-// HAProxy-style two-character termination code: who ended the session, then in which
-// phase. See docs/logging.md for the full table.
-struct TermCode {
-  char cause = '-';  // '-' normal, C client, S server, P proxy, L local reply, R resource,
-                     // c client timeout, s server timeout, K killed (shutdown)
-  char phase = '-';  // '-' normal, Q queue, C connect, H greeting, D data, L closing
-};
+namespace smtplb {
 
 struct AccessRecord {
   std::string_view client;    // "203.0.113.9:40122"
@@ -20,7 +14,7 @@ struct AccessRecord {
   std::string_view pool;
   std::string_view server;    // "-" when none was reached
   unsigned tries = 0;         // backend connection attempts
-  int64_t tw_ms = -1;         // queue wait; -1 = never queued
+  int64_t tw_ms = 0;          // time queued for a free server slot; 0 when not queued
   int64_t tc_ms = -1;         // connect time of the final attempt; -1 = not connected
   int64_t tb_ms = -1;         // connect -> greeting accepted; -1 = no greeting
   int64_t tt_ms = 0;          // whole session
