@@ -22,6 +22,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ import postfix  # noqa: E402
 from harness import Smtplb, log_time, parse_access, wait_until  # noqa: E402
 
 CLIENT_IP = "127.0.0.5"  # on lo with the rest of 127.0.0.0/8; not the balancer's address
+SCANNER_IP = "127.0.0.6"  # clients that connect and leave at once (their lost connections are expected)
 CHECK_INTERVAL = 1.0
 CHECK_ROUNDS = 5         # check rounds every server must pass while the test watches
 GREET_WAIT = "2s"        # postscreen_greet_wait; the check timeout (5 s) must exceed it
@@ -206,10 +208,33 @@ class PostfixProxyProtocol(unittest.TestCase):
                          % (re.escape(CLIENT_IP), port, to_port))
 
     def assert_postfix_log_clean(self):
-        bad = [ln for ln in self.pf.log().splitlines() if BAD_WORDS.search(ln)]
+        # The scanner test's clients leave on purpose: Postfix rightly logs them as lost.
+        bad = [ln for ln in self.pf.log().splitlines() if BAD_WORDS.search(ln) and "[%s]" % SCANNER_IP not in ln]
         self.assertEqual(bad, [], "Postfix logged trouble")
 
     # -- tests --------------------------------------------------------------------------
+
+    def test_port_scanner_leaves_no_proxy_warning_in_postfix(self):
+        """Clients that connect and close at once (a port scanner on port 25): smtplb is
+        still connecting to Postfix when the client's FIN arrives. Postfix must see a PROXY
+        header and then the end, an ordinary lost client, never a broken upstream
+        ("warning: haproxy read: EOF")."""
+        self.wait_first_checks()
+        since = self.lb.log_offset()
+        n = 20
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((SCANNER_IP, 0))
+            s.connect(("127.0.0.1", self.lb.port("v2")))
+            s.close()
+        self.lb.wait_log(r"client=%s:\d+ listener=v2 " % re.escape(SCANNER_IP), since=since, count=n, timeout=15)
+        # smtpd logs each as a disconnect, postscreen as a HANGUP or DISCONNECT, both by the
+        # scanner's address (which only a PROXY header can have told them).
+        self.pf.wait_log(r"(disconnect from unknown|DISCONNECT|HANGUP after \S+ from) \[%s\]"
+                         % re.escape(SCANNER_IP), count=1, timeout=15)
+        time.sleep(1)  # a late warning would follow the last disconnect within moments
+        warnings = [ln for ln in self.pf.log().splitlines() if "warning: haproxy" in ln]
+        self.assertEqual(warnings, [], "Postfix took smtplb for a broken upstream")
 
     def test_v2_pool_passes_the_client_to_smtpd_and_postscreen(self):
         self.wait_first_checks()
