@@ -188,7 +188,8 @@ Server::ReloadResult Server::reload() {
       cfg->log.format != config_->log.format)
     spdlog::warn("reload: log.target, log.file and log.format take effect at the next restart");
 
-  auto next = build_snapshot(cfg, generation_ + 1, snapshot_.get());
+  const ReloadPlan plan = plan_reload(*config_, *cfg);
+  auto next = build_snapshot(cfg, generation_ + 1, snapshot_.get(), &plan);
   // New listeners get their sockets now; a failure leaves everything as it was.
   std::vector<ListenerRuntime*> bound;
   for (auto& lr : next->listeners) {

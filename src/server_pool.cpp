@@ -27,11 +27,6 @@ void ServerRuntime::apply(const ServerConfig& server) {
     admin.store(server.state, std::memory_order_relaxed);
 }
 
-bool ServerRuntime::same_identity(const ServerConfig& server) const {
-  return server.name == cfg.name && server.address == cfg.address && server.port == cfg.port &&
-         server.addr.len == cfg.addr.len && std::memcmp(&server.addr.storage, &cfg.addr.storage, cfg.addr.len) == 0;
-}
-
 bool ServerRuntime::try_acquire() {
   const uint32_t max = max_connections.load(std::memory_order_relaxed);
   if (!max) {
@@ -75,46 +70,36 @@ void apply_settings(const Snapshot& snap) {
     for (size_t i = 0; i < p.servers.size(); ++i) p.servers[i]->apply(p.cfg->servers[i]);
 }
 
-bool same_listener(const ListenerConfig& a, const ListenerConfig& b) {
-  return a.name == b.name && a.address == b.address && a.port == b.port;
-}
-
 std::shared_ptr<Snapshot> build_snapshot(std::shared_ptr<const Config> config, uint64_t generation,
-                                         const Snapshot* previous) {
+                                         const Snapshot* previous, const ReloadPlan* plan) {
   auto snap = std::make_shared<Snapshot>();
   snap->config = config;
   snap->generation = generation;
-  for (const auto& p : config->pools) {
-    const PoolRuntime* old = nullptr;
-    if (previous)
-      for (const auto& op : previous->pools)
-        if (op.cfg->name == p.name) old = &op;
+  for (size_t pi = 0; pi < config->pools.size(); ++pi) {
+    const PoolConfig& p = config->pools[pi];
+    const PoolRuntime* old = previous && plan && plan->pools[pi] ? &previous->pools[*plan->pools[pi]] : nullptr;
     PoolRuntime pr;
     pr.cfg = &p;
     pr.state = old ? old->state : std::make_shared<PoolState>();
-    for (const auto& s : p.servers) {
-      std::shared_ptr<ServerRuntime> kept;
-      if (old)
-        for (const auto& os : old->servers)
-          if (os->same_identity(s)) kept = os;
+    for (size_t si = 0; si < p.servers.size(); ++si) {
+      const auto& same = old ? plan->servers[pi][si] : std::nullopt;
       // A kept server takes its new settings in apply_settings(), once the reload is sure.
-      if (!kept) kept = std::make_shared<ServerRuntime>(p, s, pr.state);
-      pr.servers.push_back(std::move(kept));
+      pr.servers.push_back(same ? old->servers[*same] : std::make_shared<ServerRuntime>(p, p.servers[si], pr.state));
     }
     snap->pools.push_back(std::move(pr));
   }
-  for (const auto& l : config->listeners) {
+  for (size_t li = 0; li < config->listeners.size(); ++li) {
+    const ListenerConfig& l = config->listeners[li];
     auto lr = std::make_shared<ListenerRuntime>();
     lr->cfg = &l;
     for (size_t i = 0; i < config->pools.size(); ++i)
       if (config->pools[i].name == l.pool) lr->pool = i;
     lr->bound = l.bind;
-    if (previous)
-      for (const auto& ol : previous->listeners)
-        if (same_listener(*ol->cfg, l)) {
-          lr->state = ol->state;
-          lr->bound = ol->bound;
-        }
+    if (previous && plan && plan->listeners[li]) {
+      const ListenerRuntime& old = *previous->listeners[*plan->listeners[li]];
+      lr->state = old.state;  // the workers recognise a kept listener by this object
+      lr->bound = old.bound;
+    }
     snap->listeners.push_back(std::move(lr));
   }
   return snap;

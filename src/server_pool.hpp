@@ -11,6 +11,7 @@
 #include "smtplb/check_failure.hpp"
 #include "smtplb/config.hpp"
 #include "smtplb/health_state.hpp"
+#include "smtplb/reload_plan.hpp"
 #include "smtplb/select.hpp"
 
 namespace smtplb {
@@ -46,8 +47,6 @@ struct ServerRuntime {
   // weight change only when the configured value changed, so a runtime drain or weight
   // (admin API) survives an unrelated reload.
   void apply(const ServerConfig& server);
-  // Same server for a reload: same name, address and port.
-  bool same_identity(const ServerConfig& server) const;
 
   const ServerConfig cfg;   // as configured when created; identity fields only are used
   const std::string label;  // "pool/server", for logs
@@ -144,17 +143,15 @@ struct Snapshot {
   std::vector<std::shared_ptr<ListenerRuntime>> listeners;
 };
 
-// Builds pools, servers and listeners for a config. With `previous`, pools, servers and
-// listeners of the same identity are carried over (state, counters, bound address);
-// listener sockets of new listeners are bound by the caller (fds empty).
+// Builds pools, servers and listeners for a config. For a reload, `previous` is the
+// running snapshot and `plan` says which of its pools, servers and listeners the new
+// config keeps (plan_reload): those carry over their state, counters and bound address;
+// the caller binds the sockets of new listeners (fds empty).
 std::shared_ptr<Snapshot> build_snapshot(std::shared_ptr<const Config> config, uint64_t generation,
-                                         const Snapshot* previous = nullptr);
+                                         const Snapshot* previous = nullptr, const ReloadPlan* plan = nullptr);
 
 // Gives every server of the snapshot its configured weight, limits, backup flag and
 // admin state (for servers carried over from an earlier snapshot).
 void apply_settings(const Snapshot& snap);
-
-// A listener is kept across a reload when its name, address and port are unchanged.
-bool same_listener(const ListenerConfig& a, const ListenerConfig& b);
 
 }  // namespace smtplb

@@ -41,7 +41,8 @@ const std::string kSubmission = "[listener.sub]\naddress = \"127.0.0.1\"\nport =
 
 // What a reload does for its new listeners: bind them (one socket, one worker).
 std::shared_ptr<Snapshot> next_snapshot(std::shared_ptr<const Config> cfg, const Snapshot& previous) {
-  auto snap = build_snapshot(cfg, previous.generation + 1, &previous);
+  const ReloadPlan plan = plan_reload(*previous.config, *cfg);
+  auto snap = build_snapshot(cfg, previous.generation + 1, &previous, &plan);
   for (auto& lr : snap->listeners) {
     const bool kept = std::any_of(previous.listeners.begin(), previous.listeners.end(),
                                   [&](const auto& ol) { return ol->state == lr->state; });
