@@ -281,6 +281,8 @@ class VanishingClientProxyTest(TestCase):
                 self.results.append("not-proxy")
                 return
             local = buf[12] & 0x0F == 0
+            # Whatever happens next (smtplb may close, and reset our 220), the header came.
+            self.results.append("check" if local else "header")
             c.sendall(b"220 pv ESMTP\r\n")
             data = buf[16 + struct.unpack("!H", buf[14:16])[0]:]
             while True:
@@ -291,17 +293,15 @@ class VanishingClientProxyTest(TestCase):
                         c.sendall(b"250 pv\r\n")
                     elif verb == b"QUIT":
                         c.sendall(b"221 bye\r\n")
-                        self.results.append("check" if local else "header")
                         return
                     else:
                         c.sendall(b"250 ok\r\n")
                 chunk = c.recv(4096)
                 if not chunk:
-                    self.results.append("check" if local else "header")
                     return
                 data += chunk
-        except OSError as e:
-            self.results.append("error %s" % e)
+        except OSError:
+            pass  # after the header: how the dialogue ends is not what this test checks
         finally:
             c.close()
 
