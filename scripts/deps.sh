@@ -8,7 +8,8 @@
 #   test:  demo + haproxy (a PROXY protocol peer), prometheus (promtool checks /metrics), strace (system
 #          calls per session), python3 and clang's
 #          libFuzzer runtime for the fuzz targets; package + lintian, debootstrap, systemd
-#          (systemd-analyze), binutils (objdump), cpio and man-db for the package tests
+#          (systemd-analyze), binutils (objdump), cpio and man-db for the package tests;
+#          clang-format-14 (scripts/format.sh, pinned); GCC's sanitizer runtimes come with g++
 set -euo pipefail
 
 want=(g++ cmake ninja-build pkg-config libuv1-dev libssl-dev libtomlplusplus-dev libspdlog-dev doctest-dev)
@@ -18,7 +19,7 @@ case "${1:-build}" in
   bench) want+=(postfix haproxy python3) ;;
   package) want+=(rpm dpkg-dev file xz-utils) ;;
   test) want+=(postfix swaks haproxy prometheus python3 clang libclang-rt-14-dev procps iproute2 strace
-        rpm dpkg-dev file xz-utils lintian debootstrap systemd binutils cpio man-db) ;;
+        rpm dpkg-dev file xz-utils lintian debootstrap systemd binutils cpio man-db clang-format-14) ;;
   *) echo "usage: $0 build|demo|bench|package|test" >&2; exit 64 ;;
 esac
 

@@ -8,10 +8,10 @@ Three pieces:
   checks from client sessions by the first command: a check says `EHLO <CHECK_EHLO>`
   (every generated config sets that ehlo_name), a client session anything else.
 * Smtplb: a context manager that writes a config into a temporary directory, runs the
-  binary ($SMTPLB_BIN, default /work/main/build/smtplb) in the foreground with its log
-  in a file, parses the bound listener ports from the log, waits for the expected
+  binary ($SMTPLB_BIN, default build/smtplb in this repository) in the foreground with
+  its log in a file, parses the bound listener ports from the log, waits for the expected
   UP/DOWN lines, and on exit stops it (SIGTERM, then SIGKILL by PID) and checks that it
-  neither crashed nor exited with an error.
+  neither crashed nor exited with an error nor wrote a sanitizer report.
 * Client helpers: connect(), recv_exact(), recv_until_eof(), SmtpClient.
 
 Every wait is bounded. Everything started is stopped by PID / closed, also on failure.
@@ -25,6 +25,7 @@ import glob
 import hashlib
 import json
 import os
+import pathlib
 import random
 import re
 import select
@@ -40,7 +41,8 @@ import time
 import unittest
 from typing import Callable, Iterable, Optional, Sequence, Union
 
-SMTPLB_BIN = os.environ.get("SMTPLB_BIN", "/work/main/build/smtplb")
+SMTPLB_BIN = os.environ.get("SMTPLB_BIN",
+                            str(pathlib.Path(__file__).resolve().parents[2] / "build" / "smtplb"))
 HOSTNAME = "lb.test"
 CHECK_EHLO = "hc.smtplb.test"
 UNAVAILABLE = ("421 4.3.2 %s Service not available, try again later\r\n" % HOSTNAME).encode()
@@ -62,6 +64,35 @@ def wait_until(pred: Callable[[], object], timeout: float, what: str = "conditio
         if time.monotonic() >= deadline:
             raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
         time.sleep(interval)
+
+
+# Sanitizer builds (scripts/sanitize.sh) run with exitcode=66 in ASAN_OPTIONS, UBSAN_OPTIONS
+# and TSAN_OPTIONS: smtplb itself never exits 66. A report fails the test even where a
+# test expects smtplb to fail (an exit status other than 0) or would ignore the status.
+SANITIZER_EXIT = 66
+SANITIZER_RE = re.compile(r"ERROR: (?:Address|Leak)Sanitizer|WARNING: ThreadSanitizer|ThreadSanitizer: |"
+                          r"\bruntime error: |SUMMARY: (?:Address|Leak|Thread|UndefinedBehavior)Sanitizer")
+
+
+def sanitizer_problem(output: str, returncode: Optional[int] = None) -> Optional[str]:
+    """Says what is wrong when `output` (an smtplb process's stdout/stderr) holds a
+    sanitizer report or it exited with the sanitizers' exit status; None otherwise."""
+    lines = [ln for ln in (output or "").splitlines() if SANITIZER_RE.search(ln)]
+    if lines:
+        return "sanitizer report: " + " | ".join(lines[:3])
+    if returncode == SANITIZER_EXIT:
+        return "exit status %d (the sanitizers' exitcode) without a report in the output" % SANITIZER_EXIT
+    return None
+
+
+def check_sanitizer(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Raises AssertionError when a finished smtplb run (subprocess.run with text output)
+    reported a sanitizer error; returns r otherwise."""
+    problem = sanitizer_problem((r.stdout or "") + (r.stderr or ""), r.returncode)
+    if problem:
+        raise AssertionError("smtplb %s: %s\n--- output ---\n%s%s" % (" ".join(map(str, r.args[1:])), problem,
+                                                                      r.stdout or "", r.stderr or ""))
+    return r
 
 
 def free_port() -> int:
@@ -680,9 +711,9 @@ def parse_access(line: str) -> Optional[dict]:
 
 
 def run_smtplb(args: Sequence[str], timeout: float = 20) -> subprocess.CompletedProcess:
-    """Runs smtplb to completion (for --check, -V, ...)."""
-    return subprocess.run([SMTPLB_BIN, *args], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout)
+    """Runs smtplb to completion (for --check, -V, ...); fails on a sanitizer report."""
+    return check_sanitizer(subprocess.run([SMTPLB_BIN, *args], stdin=subprocess.DEVNULL, capture_output=True,
+                                          text=True, timeout=timeout))
 
 
 class Smtplb:
@@ -693,8 +724,9 @@ class Smtplb:
 
     up / down: servers ("pool/name") whose UP / DOWN line must appear before the body runs.
     On exit: SIGTERM, wait, SIGKILL by PID if needed; raises AssertionError when smtplb had
-    died by itself, needed SIGKILL or exited non-zero (unless an exception is already on
-    its way, in which case the log tail is printed to stderr for the test report).
+    died by itself, needed SIGKILL, exited non-zero or wrote a sanitizer report to its log
+    (also when a test stopped it itself and accepted a non-zero exit), unless an exception
+    is already on its way, in which case the log tail is printed to stderr for the test report.
     """
 
     def __init__(self, config: str, *, up: Sequence[str] = (), down: Sequence[str] = (), args: Sequence[str] = (),
@@ -790,6 +822,19 @@ class Smtplb:
         if self.returncode != 0 and not self.died_early and not self.killed:
             problems.append("exit status %s after SIGTERM" % self.returncode)
         self._final_log = self.log()
+        # The sanitizers write to stderr, which is the log file unless a subclass reads
+        # the log from elsewhere (then stderr is in log_path): both are scanned.
+        output = self._final_log
+        try:
+            with open(self.log_path, "rb") as f:
+                stderr_text = f.read().decode("utf-8", "replace")
+            if stderr_text != output:
+                output += "\n" + stderr_text
+        except (OSError, AttributeError):
+            pass
+        problem = sanitizer_problem(output, self.returncode)
+        if problem:
+            problems.append(problem)
         return problems
 
     def _cleanup(self):

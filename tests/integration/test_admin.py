@@ -291,8 +291,9 @@ class AdminTestCase(TestCase):
         self.fail("no server %s/%s in /status" % (pool, name))
 
     def ctl(self, *args, socket_path=None, timeout=20) -> subprocess.CompletedProcess:
-        return subprocess.run([harness.SMTPLB_BIN, "ctl", "--socket", socket_path or self.sock_path, *args],
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        return harness.check_sanitizer(
+            subprocess.run([harness.SMTPLB_BIN, "ctl", "--socket", socket_path or self.sock_path, *args],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout))
 
     def ctl_ok(self, *args) -> str:
         r = self.ctl(*args)
@@ -690,7 +691,8 @@ class CtlTest(AdminTestCase):
                 r = self.ctl(*args)
                 self.assertEqual((r.returncode, r.stdout), (64, ""), r)
                 self.assertIn("usage: smtplb ctl", r.stderr)
-        r = subprocess.run([harness.SMTPLB_BIN, "ctl", "--socket"], capture_output=True, text=True, timeout=20)
+        r = harness.check_sanitizer(subprocess.run([harness.SMTPLB_BIN, "ctl", "--socket"], capture_output=True,
+                                                   text=True, timeout=20))
         self.assertEqual(r.returncode, 64, r)
         missing = os.path.join(self.tmp, "missing.sock")
         r = self.ctl("status", socket_path=missing)
@@ -706,8 +708,8 @@ class CtlTest(AdminTestCase):
         self.assertEqual(r.returncode, 1, r)
         self.assertIn("cannot connect to %s" % dead, r.stderr)
         # -f CONFIG finds the socket in the file.
-        r = subprocess.run([harness.SMTPLB_BIN, "ctl", "-f", lb.config_path, "status"], capture_output=True,
-                           text=True, timeout=20)
+        r = harness.check_sanitizer(subprocess.run([harness.SMTPLB_BIN, "ctl", "-f", lb.config_path, "status"],
+                                                   capture_output=True, text=True, timeout=20))
         self.assertEqual(r.returncode, 0, r)
         self.assertIn("p/s1", r.stdout)
         # Nothing was changed by the failed commands.

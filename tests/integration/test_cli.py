@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import SMTPLB_BIN, TestCase, main, make_config, run_smtplb  # noqa: E402
+from harness import SMTPLB_BIN, TestCase, check_sanitizer, main, make_config, run_smtplb  # noqa: E402
 
 BAD = """\
 [global]
@@ -161,6 +161,7 @@ class CliTest(TestCase):
                                    text=True, timeout=10)
             except subprocess.TimeoutExpired as e:  # it started anyway: a bug; it was killed by run()
                 self.fail("smtplb started on a busy port: %s" % e)
+            check_sanitizer(r)
             self.assertEqual(r.returncode, 1, r)
             self.assertIn("cannot bind", r.stderr)
 
