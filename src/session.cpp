@@ -149,8 +149,9 @@ void Session::refuse_proxy(const std::string& why, TermCode term) {
   const int64_t now = int64_t(uv_now(worker_.loop()));
   int64_t last = listener_.state->last_proxy_log_ms.load(std::memory_order_relaxed);
   if (now - last >= 1000 && listener_.state->last_proxy_log_ms.compare_exchange_strong(last, now))
-    spdlog::warn("listener {}: closing connection from {}: {} (further ones within a second are only counted)",
-                 listener_.cfg->name, peer_.to_string(), why);
+    worker_.log(spdlog::level::warn,
+                "listener {}: closing connection from {}: {} (further ones within a second are only counted)",
+                listener_.cfg->name, peer_.to_string(), why);
   finish(term);
 }
 
@@ -501,8 +502,8 @@ void Session::upstream_end(ssize_t status) {
 
 void Session::attempt_failed(char cause, char phase, ConnError kind, const std::string& why) {
   if (up_) bump(up_->server->per_worker[worker_.index()].errors[size_t(kind)]);
-  spdlog::debug("client {}: server {} failed ({}), try {} of {}", peer_.to_string(), up_ ? up_->server->label : "?",
-                why, tries_, pool_.retries + 1);
+  worker_.log(spdlog::level::debug, "client {}: server {} failed ({}), try {} of {}", peer_.to_string(),
+              up_ ? std::string_view(up_->server->label) : std::string_view("?"), why, tries_, pool_.retries + 1);
   term_ = {cause, phase};
   last_failure_ = why;
   if (up_) worker_.report_failure(up_->server, pool_.health_check.fall, why);
@@ -606,8 +607,9 @@ void Session::note_refusal(TermCode term) {
   else
     why = "no server of pool " + pool_.name + " could take it after " + std::to_string(tries_) + " tries (last: " +
           last_failure_ + ")";
-  spdlog::warn("listener {}: client {} answered 421 4.3.2: {} (further refusals within a second are only counted)",
-               listener_.cfg->name, peer_.to_string(), why);
+  worker_.log(spdlog::level::warn,
+              "listener {}: client {} answered 421 4.3.2: {} (further refusals within a second are only counted)",
+              listener_.cfg->name, peer_.to_string(), why);
 }
 
 // ---- relay --------------------------------------------------------------------------------
@@ -801,7 +803,7 @@ void Session::closed_one() {
 }
 
 void Session::log_access() {
-  if (!worker_.access_log() || !counted_) return;
+  if (!worker_.access_log() || !counted_ || !Worker::logs(spdlog::level::info)) return;
   const uint64_t now = uv_now(worker_.loop());
   const std::string client = peer_.to_string();
   AccessRecord r;
@@ -817,7 +819,7 @@ void Session::log_access() {
   r.bytes_in = bytes_in_;
   r.bytes_out = bytes_out_;
   r.term = term_;
-  spdlog::info("{}", worker_.log_json() ? format_access_json(r) : format_access_text(r));
+  worker_.log_line(spdlog::level::info, worker_.log_json() ? format_access_json(r) : format_access_text(r));
 }
 
 }  // namespace smtplb

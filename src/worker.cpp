@@ -22,6 +22,8 @@ constexpr int kEventBatch = 128;
 // EPOLLPRI: urgent data makes read() stop short of the mark with more queued behind it,
 // so a short read no longer means "drained" (see Session::read_from).
 constexpr uint32_t kConnEvents = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET;
+// A full log ring is retried this often; the loop may otherwise have nothing to wake it.
+constexpr uint64_t kLogRetryMs = 10;
 }
 
 void ControlLink::report(PassiveDown event) {
@@ -37,10 +39,17 @@ void ControlLink::worker_done() {
   uv_async_send(wake);
 }
 
-Worker::Worker(unsigned index, std::shared_ptr<const Snapshot> snapshot, ControlLink& link)
-    : index_(index), link_(link), snapshot_(std::move(snapshot)), scratch_(new char[kScratchSize]) {
+Worker::Worker(unsigned index, std::shared_ptr<const Snapshot> snapshot, ControlLink& link, LogQueue& log)
+    : index_(index), link_(link), log_(log), snapshot_(std::move(snapshot)), scratch_(new char[kScratchSize]) {
   uv_loop_init(&loop_);
   loop_.data = this;
+  uv_prepare_init(&loop_, &log_turn_);
+  log_turn_.data = this;
+  uv_prepare_start(&log_turn_, [](uv_prepare_t* p) { static_cast<Worker*>(p->data)->publish_log(); });
+  uv_unref(as_handle(&log_turn_));
+  uv_timer_init(&loop_, &log_retry_);
+  log_retry_.data = this;
+  uv_unref(as_handle(&log_retry_));
   uv_async_init(&loop_, &wake_, [](uv_async_t* a) { static_cast<Worker*>(a->data)->on_wake(); });
   wake_.data = this;
   access_log_ = snapshot_->config->log.access_log;
@@ -168,7 +177,23 @@ void Worker::join() {
 
 void Worker::run() {
   uv_run(&loop_, UV_RUN_DEFAULT);
+  // The data path is over, so waiting for room is fine now: every line of a finished
+  // session reaches the writer before the process exits.
+  while (!log_.publish()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   link_.worker_done();
+}
+
+void Worker::publish_log() {
+  if (!log_.pending() || !log_handles_open_) return;
+  if (log_.publish()) {
+    uv_timer_stop(&log_retry_);
+    return;
+  }
+  // The writer is behind: keep the lines (the batch grows) and try again soon even if
+  // no event comes. An active timer costs no system call, only a shorter poll timeout.
+  if (!uv_is_active(as_handle(&log_retry_)))
+    uv_timer_start(&log_retry_, [](uv_timer_t* t) { static_cast<Worker*>(t->data)->publish_log(); }, kLogRetryMs,
+                   kLogRetryMs);
 }
 
 void Worker::send_wake() {
@@ -232,7 +257,7 @@ void Worker::apply(std::shared_ptr<const Snapshot> snapshot) {
     }
     std::string error;
     if (!add_listener(lr, error)) {
-      spdlog::error("{}", error);
+      log(spdlog::level::err, "{}", error);
       close_listener(listeners_.back());
     }
   }
@@ -278,6 +303,11 @@ void Worker::maybe_finish() {
     wake_open_ = false;
   }
   uv_close(as_handle(&wake_), nullptr);
+  if (log_handles_open_) {
+    log_handles_open_ = false;
+    uv_close(as_handle(&log_turn_), nullptr);
+    uv_close(as_handle(&log_retry_), nullptr);
+  }
   if (ep_open_) {
     ep_open_ = false;
     uv_close(as_handle(&ep_poll_), [](uv_handle_t* h) {
@@ -300,7 +330,7 @@ void Worker::on_readable(Listener& l) {
       const bool no_fds = errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM;
       const uint64_t now = uv_now(&loop_);
       if (now - last_accept_error_ms_ >= 1000)
-        spdlog::warn("listener {}: accept failed: {}{}", l.runtime->cfg->name, std::strerror(errno),
+        log(spdlog::level::warn, "listener {}: accept failed: {}{}", l.runtime->cfg->name, std::strerror(errno),
                      no_fds ? "; pausing accepts (clients wait in the backlog) until descriptors free up" : "");
       last_accept_error_ms_ = now;
       if (no_fds) {
@@ -417,8 +447,12 @@ void Worker::slot_freed(const PoolState* pool) {
 void Worker::report_failure(const std::shared_ptr<ServerRuntime>& server, unsigned fall, const std::string& reason) {
   const uint32_t n = server->passive_failures.fetch_add(1, std::memory_order_relaxed) + 1;
   if (n > fall || server->health.load(std::memory_order_relaxed) != Health::up) return;
-  spdlog::warn("server {} session attempt failed ({}), {} of {} before DOWN", server->label, reason, n, fall);
-  if (n == fall) link_.report({server, reason});
+  log(spdlog::level::warn, "server {} session attempt failed ({}), {} of {} before DOWN", server->label, reason, n, fall);
+  if (n == fall) {
+    // The control loop writes this worker's lines before it logs the DOWN they cause.
+    log_.publish();
+    link_.report({server, reason});
+  }
 }
 
 void Worker::link(Session* s) {
