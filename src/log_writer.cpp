@@ -1,6 +1,11 @@
 #include "log_writer.hpp"
 
+#include <linux/futex.h>
 #include <spdlog/spdlog.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <ctime>
 
 namespace smtplb {
 
@@ -27,7 +32,7 @@ void LogWriter::stop() {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
   }
-  cv_.notify_one();
+  ring();
   if (thread_.joinable()) thread_.join();
 }
 
@@ -35,12 +40,33 @@ void LogWriter::sync(std::chrono::milliseconds limit) {
   std::unique_lock<std::mutex> lock(mu_);
   if (stopping_) return;
   const uint64_t want = ++sync_requested_;
-  cv_.notify_one();
+  ring();
   synced_.wait_for(lock, limit, [&] { return sync_done_ >= want || stopping_; });
 }
 
+void LogWriter::ring() {
+  bell_.fetch_add(1, std::memory_order_release);
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&bell_), FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
+}
+
+void LogWriter::wait(uint32_t seen, std::chrono::milliseconds limit) {
+  const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(limit).count();
+  timespec ts{time_t(ns / 1000000000), long(ns % 1000000000)};
+  // Returns at once when the bell rang since `seen` was read (the word differs).
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&bell_), FUTEX_WAIT_PRIVATE, seen, &ts, nullptr, 0);
+}
+
+bool LogWriter::all_empty() const {
+  for (unsigned i = 0; i < count_; ++i)
+    if (!queues_[i].empty()) return false;
+  return true;
+}
+
 void LogWriter::run() {
+  unsigned idle = 0;
   for (;;) {
+    // Read before the checks below, so a ring after them cuts the wait short.
+    const uint32_t seen = bell_.load(std::memory_order_acquire);
     uint64_t serving;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -48,25 +74,38 @@ void LogWriter::run() {
     }
     const size_t written = drain();
     report_drops(false);
-    std::unique_lock<std::mutex> lock(mu_);
-    if (serving != sync_done_) {
-      sync_done_ = serving;
-      synced_.notify_all();
-    }
-    if (stopping_) {
-      lock.unlock();
-      // The workers have ended: what they published last is in the queues now.
-      while (drain() > 0) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (serving != sync_done_) {
+        sync_done_ = serving;
+        synced_.notify_all();
       }
-      report_drops(true);
-      lock.lock();
-      sync_done_ = sync_requested_;
-      synced_.notify_all();
-      break;
+      if (stopping_) {
+        lock.unlock();
+        // The workers have ended: what they published last is in the queues now.
+        while (drain() > 0) {
+        }
+        report_drops(true);
+        lock.lock();
+        sync_done_ = sync_requested_;
+        synced_.notify_all();
+        break;
+      }
+      if (sync_requested_ != sync_done_) continue;
     }
     // Lines keep coming: look again at once, letting the batches grow meanwhile.
-    if (written > 0) continue;
-    cv_.wait_for(lock, kPollInterval, [this] { return stopping_ || sync_requested_ != sync_done_; });
+    if (written > 0) {
+      idle = 0;
+      continue;
+    }
+    if (++idle < kParkAfter) {
+      wait(seen, kPollInterval);
+      continue;
+    }
+    parked_.store(true, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_seq_cst);  // see nudge()
+    if (all_empty()) wait(seen, kParkedTimeout);
+    parked_.store(false, std::memory_order_relaxed);
   }
   spdlog::default_logger_raw()->flush();
 }

@@ -66,7 +66,7 @@ int Server::run() {
     }
   }
   for (unsigned i = 0; i < worker_count_; ++i) {
-    workers_.push_back(std::make_unique<Worker>(i, snapshot_, link_, log_writer_->queue(i)));
+    workers_.push_back(std::make_unique<Worker>(i, snapshot_, link_, *log_writer_));
     if (!workers_.back()->open_listeners(error)) {
       spdlog::error("{}", error);
       return 1;

@@ -39,8 +39,8 @@ void ControlLink::worker_done() {
   uv_async_send(wake);
 }
 
-Worker::Worker(unsigned index, std::shared_ptr<const Snapshot> snapshot, ControlLink& link, LogQueue& log)
-    : index_(index), link_(link), log_(log), snapshot_(std::move(snapshot)), scratch_(new char[kScratchSize]) {
+Worker::Worker(unsigned index, std::shared_ptr<const Snapshot> snapshot, ControlLink& link, LogWriter& log)
+    : index_(index), link_(link), log_writer_(log), log_(log.queue(index)), snapshot_(std::move(snapshot)), scratch_(new char[kScratchSize]) {
   uv_loop_init(&loop_);
   loop_.data = this;
   uv_prepare_init(&loop_, &log_turn_);
@@ -184,9 +184,15 @@ void Worker::run() {
 }
 
 void Worker::publish_log() {
-  if (!log_.pending() || !log_handles_open_) return;
-  if (log_.publish()) {
-    uv_timer_stop(&log_retry_);
+  if (!log_handles_open_) return;
+  const bool published = log_.publish();
+  // Also batches that append() handed over during the turn.
+  if (log_.handed_over() != log_nudged_) {
+    log_nudged_ = log_.handed_over();
+    log_writer_.nudge();
+  }
+  if (published) {
+    if (uv_is_active(as_handle(&log_retry_))) uv_timer_stop(&log_retry_);
     return;
   }
   // The writer is behind: keep the lines (the batch grows) and try again soon even if

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "server_pool.hpp"
+#include "log_writer.hpp"
 #include "smtplb/balancer.hpp"
 #include "smtplb/log_queue.hpp"
 
@@ -47,8 +48,8 @@ struct ControlLink {
 
 class Worker {
  public:
-  // `log` is this worker's queue to the log writer thread; it outlives the worker.
-  Worker(unsigned index, std::shared_ptr<const Snapshot> snapshot, ControlLink& link, LogQueue& log);
+  // `log` writes this worker's log lines (through its queue `index`); it outlives the worker.
+  Worker(unsigned index, std::shared_ptr<const Snapshot> snapshot, ControlLink& link, LogWriter& log);
   ~Worker();
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
@@ -166,7 +167,9 @@ class Worker {
 
   unsigned index_;
   ControlLink& link_;
+  LogWriter& log_writer_;
   LogQueue& log_;
+  uint64_t log_nudged_ = 0;               // log_.handed_over() when the writer was last nudged
   // Hands the log batch over once per loop turn, just before the loop waits; neither
   // handle keeps the loop alive (run() hands over the last batch).
   uv_prepare_t log_turn_{};

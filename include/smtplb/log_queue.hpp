@@ -48,6 +48,8 @@ class SpscRing {
     read_.store(r + 1, std::memory_order_release);
     return true;
   }
+  // Consumer only: nothing to pop (as far as this thread can see yet).
+  bool empty() const { return read_.load(std::memory_order_relaxed) == write_.load(std::memory_order_acquire); }
   static constexpr size_t capacity() { return N; }
 
  private:
@@ -121,20 +123,26 @@ class alignas(64) LogQueue {
   // when the ring is full and the batch stays here (the worker retries later).
   bool publish() {
     if (pending_.empty()) return true;
-    return ring_.try_push(pending_);  // gets back an emptied batch from the writer
+    if (!ring_.try_push(pending_)) return false;  // gets back an emptied batch from the writer
+    ++handed_over_;
+    return true;
   }
   bool pending() const { return !pending_.empty(); }
+  // Batches handed over so far (by publish() or by append() past kHandoffBytes).
+  uint64_t handed_over() const { return handed_over_; }
 
   // Consumer (the writer thread). `out` must be empty (cleared); it goes back to the
   // producer as a future batch.
   bool take(LogBatch& out) { return ring_.try_pop(out); }
+  bool empty() const { return ring_.empty(); }
 
   // Any thread.
   uint64_t dropped() const { return dropped_.load(std::memory_order_relaxed); }
 
  private:
   SpscRing<LogBatch, kSlots> ring_;
-  alignas(64) LogBatch pending_;        // the producer's alone
+  alignas(64) LogBatch pending_;        // the producer's alone, like handed_over_
+  uint64_t handed_over_ = 0;
   std::atomic<uint64_t> dropped_{0};    // written by the producer only
 };
 

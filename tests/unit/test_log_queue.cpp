@@ -82,9 +82,14 @@ TEST_CASE("LogQueue batches, hands over large batches early, and drops only when
   q.append(2, 2, line);
   CHECK(q.pending());
   CHECK_FALSE(q.take(out));  // nothing handed over before publish()
+  CHECK(q.empty());
+  CHECK(q.handed_over() == 0);
   REQUIRE(q.publish());
   CHECK_FALSE(q.pending());
+  CHECK(q.handed_over() == 1);
+  CHECK_FALSE(q.empty());
   REQUIRE(q.take(out));
+  CHECK(q.empty());
   CHECK(out.lines() == 2);
   out.clear();
 
@@ -95,6 +100,7 @@ TEST_CASE("LogQueue batches, hands over large batches early, and drops only when
     ++n;
   }
   CHECK(out.lines() == n);
+  CHECK(q.handed_over() == 2);  // by append() itself
   CHECK(out.bytes() >= LogQueue::kHandoffBytes);
   CHECK(out.bytes() < LogQueue::kHandoffBytes + line.size());
   out.clear();
