@@ -19,7 +19,9 @@ LogWriter::LogWriter(unsigned queues) : count_(queues), queues_(new LogQueue[que
   thread_ = std::thread([this] { run(); });
 }
 
-LogWriter::~LogWriter() { stop(); }
+LogWriter::~LogWriter() {
+  stop();
+}
 
 uint64_t LogWriter::dropped() const {
   uint64_t total = 0;
@@ -132,9 +134,10 @@ void LogWriter::report_drops(bool now_or_never) {
   if (total == reported_dropped_) return;
   const auto now = std::chrono::steady_clock::now();
   if (!now_or_never && now - last_report_ < kDropReportInterval) return;
-  spdlog::warn("log: {} lines dropped since the last report, {} in all: the log destination does not keep up "
-               "(smtplb_access_log_dropped_total)",
-               total - reported_dropped_, total);
+  spdlog::warn(
+      "log: {} lines dropped since the last report, {} in all: the log destination does not keep up "
+      "(smtplb_access_log_dropped_total)",
+      total - reported_dropped_, total);
   reported_dropped_ = total;
   last_report_ = now;
 }

@@ -52,7 +52,7 @@ class LogWriter {
 
  private:
   void run();
-  void ring();  // wakes the thread from wait()
+  void ring();                                                // wakes the thread from wait()
   void wait(uint32_t seen, std::chrono::milliseconds limit);  // unless the bell rang since `seen`
   bool all_empty() const;
   size_t drain();  // lines written
@@ -64,11 +64,11 @@ class LogWriter {
   LogBatch batch_;                 // the writer's spare, swapped with published ones
   uint64_t reported_dropped_ = 0;  // writer thread only
   std::chrono::steady_clock::time_point last_report_{};
-  std::mutex mu_;                  // the control thread and the writer only
+  std::mutex mu_;  // the control thread and the writer only
   std::atomic<bool> parked_{false};
-  std::atomic<uint32_t> bell_{0};  // a futex word: rung by nudge(), sync() and stop()
-  std::condition_variable synced_; // a sync() request was served
-  bool stopping_ = false;          // guarded by mu_, like the two below
+  std::atomic<uint32_t> bell_{0};   // a futex word: rung by nudge(), sync() and stop()
+  std::condition_variable synced_;  // a sync() request was served
+  bool stopping_ = false;           // guarded by mu_, like the two below
   uint64_t sync_requested_ = 0;
   uint64_t sync_done_ = 0;
   std::thread thread_;

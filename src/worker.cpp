@@ -40,7 +40,12 @@ void ControlLink::worker_done() {
 }
 
 Worker::Worker(unsigned index, std::shared_ptr<const Snapshot> snapshot, ControlLink& link, LogWriter& log)
-    : index_(index), link_(link), log_writer_(log), log_(log.queue(index)), snapshot_(std::move(snapshot)), scratch_(new char[kScratchSize]) {
+    : index_(index),
+      link_(link),
+      log_writer_(log),
+      log_(log.queue(index)),
+      snapshot_(std::move(snapshot)),
+      scratch_(new char[kScratchSize]) {
   uv_loop_init(&loop_);
   loop_.data = this;
   uv_prepare_init(&loop_, &log_turn_);
@@ -337,7 +342,7 @@ void Worker::on_readable(Listener& l) {
       const uint64_t now = uv_now(&loop_);
       if (now - last_accept_error_ms_ >= 1000)
         log(spdlog::level::warn, "listener {}: accept failed: {}{}", l.runtime->cfg->name, std::strerror(errno),
-                     no_fds ? "; pausing accepts (clients wait in the backlog) until descriptors free up" : "");
+            no_fds ? "; pausing accepts (clients wait in the backlog) until descriptors free up" : "");
       last_accept_error_ms_ = now;
       if (no_fds) {
         // Stop polling briefly instead of spinning on a socket that stays readable.
@@ -453,7 +458,8 @@ void Worker::slot_freed(const PoolState* pool) {
 void Worker::report_failure(const std::shared_ptr<ServerRuntime>& server, unsigned fall, const std::string& reason) {
   const uint32_t n = server->passive_failures.fetch_add(1, std::memory_order_relaxed) + 1;
   if (n > fall || server->health.load(std::memory_order_relaxed) != Health::up) return;
-  log(spdlog::level::warn, "server {} session attempt failed ({}), {} of {} before DOWN", server->label, reason, n, fall);
+  log(spdlog::level::warn, "server {} session attempt failed ({}), {} of {} before DOWN", server->label, reason, n,
+      fall);
   if (n == fall) {
     // The control loop writes this worker's lines before it logs the DOWN they cause.
     log_.publish();

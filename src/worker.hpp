@@ -16,8 +16,8 @@
 #include <unordered_map>
 #include <vector>
 
-#include "server_pool.hpp"
 #include "log_writer.hpp"
+#include "server_pool.hpp"
 #include "smtplb/balancer.hpp"
 #include "smtplb/log_queue.hpp"
 

@@ -64,10 +64,10 @@ class SpscRing {
 class LogBatch {
  public:
   struct Line {
-    int64_t time_ns;   // system clock, since the epoch: when the line was logged
-    uint32_t offset;   // into the text buffer
+    int64_t time_ns;  // system clock, since the epoch: when the line was logged
+    uint32_t offset;  // into the text buffer
     uint32_t size;
-    uint8_t level;     // spdlog::level::level_enum
+    uint8_t level;  // spdlog::level::level_enum
   };
 
   void append(int64_t time_ns, uint8_t level, std::string_view text) {
@@ -141,9 +141,9 @@ class alignas(64) LogQueue {
 
  private:
   SpscRing<LogBatch, kSlots> ring_;
-  alignas(64) LogBatch pending_;        // the producer's alone, like handed_over_
+  alignas(64) LogBatch pending_;  // the producer's alone, like handed_over_
   uint64_t handed_over_ = 0;
-  std::atomic<uint64_t> dropped_{0};    // written by the producer only
+  std::atomic<uint64_t> dropped_{0};  // written by the producer only
 };
 
 }  // namespace smtplb
