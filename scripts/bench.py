@@ -132,7 +132,10 @@ def haproxy_config(path, port, backends):
 def smtplb_config(path, port, backends, workers, access_log):
     with open(path, "w") as f:
         f.write(f'[global]\nhostname = "lb.example"\nworkers = {workers}\nmax_connections = 8000\n\n')
-        f.write(f'[log]\nlevel = "warn"\naccess_log = {"true" if access_log else "false"}\n\n')
+        # Access lines are written at level info: with "warn" they would be filtered out
+        # and the log-on variant would measure nothing but formatting them.
+        level = "info" if access_log else "warn"
+        f.write(f'[log]\nlevel = "{level}"\naccess_log = {"true" if access_log else "false"}\n\n')
         f.write(f'[listener.bench]\naddress = "127.0.0.1"\nport = {port}\npool = "sinks"\n\n')
         f.write('[pool.sinks]\nalgorithm = "leastconn"\n\n[pool.sinks.health_check]\ninterval = "1s"\n\n')
         for i, b in enumerate(backends, 1):
@@ -243,7 +246,8 @@ def main():
                     help="comma list of smtplb worker counts, one target each (default 1, like nbthread 1)")
     ap.add_argument("--access-log", action="store_true", help="also run smtplb with its access log on")
     ap.add_argument("--baseline", metavar="BINARY",
-                    help="another smtplb build (an older commit, say), run as target 'baseline' with the same config")
+                    help="another smtplb build (an older commit, say), run as target 'baseline' with the same "
+                         "configs (baseline-w2-log etc. when there are several variants)")
     ap.add_argument("--no-haproxy", action="store_true")
     ap.add_argument("--floor", metavar="MODES", default="",
                     help="also run the yardstick relay (tests/bench/relay_floor.cpp): comma list of "
@@ -294,10 +298,13 @@ def main():
             smtplb_config(cfg, port, backends, workers, log)
             targets.append(Target(name, port, [smtplb, "-f", cfg]))
             port += 1
-        if a.baseline:
-            cfg = os.path.join(work, "baseline.toml")
-            smtplb_config(cfg, port, backends, variants[0][0], False)
-            targets.append(Target("baseline", port, [os.path.abspath(a.baseline), "-f", cfg]))
+        # The baseline runs in every variant too (workers, access log on/off), so before
+        # and after compare in one run.
+        for workers, log in variants if a.baseline else []:
+            name = f"baseline-w{workers}" + ("-log" if log else "") if len(variants) > 1 else "baseline"
+            cfg = os.path.join(work, f"{name}.toml")
+            smtplb_config(cfg, port, backends, workers, log)
+            targets.append(Target(name, port, [os.path.abspath(a.baseline), "-f", cfg]))
             port += 1
         floor = os.path.abspath(a.floor_bin or os.path.join(os.path.dirname(smtplb), "tests", "bench", "relay_floor"))
         if floor_modes and not os.access(floor, os.X_OK):
@@ -312,7 +319,7 @@ def main():
         print(f"# {os.uname().nodename}: {os.cpu_count()} CPUs, kernel {os.uname().release}; "
               f"{a.backends} smtp-sink backends; medians of {a.rounds} rounds")
         hap = next((t for t in targets if t.name == "haproxy"), None)
-        ours = [t for t in targets if t.name.startswith("smtplb") or t.name == "baseline"]
+        ours = [t for t in targets if t.name.startswith(("smtplb", "baseline"))]
         for test in ("connect", "persistent"):
             if test not in tests:
                 continue

@@ -208,6 +208,9 @@ std::string Server::render_metrics() const {
   m.sample("smtplb_config_reloads_total", {{"result", "failure"}}, reloads_failed_);
   m.family("smtplb_config_last_reload_successful", "gauge", "1 if the last reload succeeded (or none happened).");
   m.sample("smtplb_config_last_reload_successful", {}, uint64_t{last_reload_ok_ ? 1u : 0u});
+  m.family("smtplb_access_log_dropped_total", "counter",
+           "Log lines of the workers (access lines above all) dropped because the log destination did not keep up.");
+  m.sample("smtplb_access_log_dropped_total", {}, log_writer_ ? log_writer_->dropped() : uint64_t{0});
 
   m.family("smtplb_listener_connections_total", "counter", "Client connections accepted.");
   for (const auto& l : snapshot_->listeners)

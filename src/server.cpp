@@ -70,6 +70,7 @@ int Server::run() {
                      : std::string());
   }
 
+  log_writer_ = std::make_unique<LogWriter>(worker_count_);
   std::string error;
   for (auto& l : snapshot_->listeners) {
     if (!bind_listener(*l, worker_count_, error)) {
@@ -78,7 +79,7 @@ int Server::run() {
     }
   }
   for (unsigned i = 0; i < worker_count_; ++i) {
-    workers_.push_back(std::make_unique<Worker>(i, snapshot_, link_));
+    workers_.push_back(std::make_unique<Worker>(i, snapshot_, link_, *log_writer_));
     if (!workers_.back()->open_listeners(error)) {
       spdlog::error("{}", error);
       return 1;
@@ -134,6 +135,8 @@ int Server::run() {
 
   uv_run(&loop_, UV_RUN_DEFAULT);
   for (auto& w : workers_) w->join();
+  // Every access line is written before the last line.
+  log_writer_->stop();
   spdlog::info("smtplb stopped");
   return 0;
 }
@@ -321,6 +324,8 @@ void Server::on_control_wake() {
     std::lock_guard<std::mutex> lock(link_.mu);
     events.swap(link_.passive);
   }
+  // The workers' warnings about these failures go first.
+  if (!events.empty()) log_writer_->sync();
   for (auto& e : events) {
     auto it = checkers_.find(e.server.get());
     if (it != checkers_.end()) it->second->force_down(e.reason);

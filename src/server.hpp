@@ -12,6 +12,7 @@
 
 #include "admin.hpp"
 #include "health_check.hpp"
+#include "log_writer.hpp"
 #include "server_pool.hpp"
 #include "systemd.hpp"
 #include "worker.hpp"
@@ -74,6 +75,8 @@ class Server {
   uv_timer_t grace_timer_{};   // shutdown_grace after SIGTERM
   ControlLink link_;
   SystemdNotifier notifier_;
+  // Before the workers, so it outlives them: they log into its queues.
+  std::unique_ptr<LogWriter> log_writer_;
   std::vector<std::unique_ptr<Worker>> workers_;
   std::unordered_map<ServerRuntime*, std::unique_ptr<HealthChecker>> checkers_;
   std::minstd_rand rng_{std::random_device{}()};

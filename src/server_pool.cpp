@@ -43,11 +43,12 @@ bool ServerRuntime::try_acquire() {
 bool ServerRuntime::release() {
   active.fetch_sub(1, std::memory_order_relaxed);
   if (!max_connections.load(std::memory_order_relaxed)) return false;
-  // Store (active) then load (queued), against the waiter's store (queued) then load
-  // (active): without a full fence on both sides each could miss the other's store and
-  // the waiter would sleep until queue_timeout next to a free slot.
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  return pool_state->queued.load(std::memory_order_relaxed) > 0;
+  // We write `active` then read `queued`; a waiter writes `queued` then reads `active`.
+  // Plain loads could each miss the other's write, and the waiter would sleep until
+  // queue_timeout next to a free slot. Reading `queued` with a read-modify-write orders
+  // the two: either it sees the waiter, or the waiter's own read-modify-write of
+  // `queued` (Worker::enqueue) comes after it and so sees the slot we freed.
+  return pool_state->queued.fetch_add(0, std::memory_order_acq_rel) > 0;
 }
 
 ServerView ServerRuntime::view(int64_t now_ms) const {

@@ -89,9 +89,9 @@ struct ServerRuntime {
   }
   // Takes a connection slot unless max_connections is reached (exact across workers).
   bool try_acquire();
-  // Gives the slot back; true when a queued session may now take it. Pairs with the
-  // fence a worker issues after queueing a session (Worker::enqueue): either this sees
-  // the waiter, or the waiter's second look sees the freed slot.
+  // Gives the slot back; true when a queued session may now take it. Pairs with
+  // Worker::enqueue: either this sees the waiter, or the waiter's second look sees the
+  // freed slot.
   bool release();
   // This server as the chooser sees it now (`now_ms`: loop time, for slow start).
   ServerView view(int64_t now_ms) const;

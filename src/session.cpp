@@ -142,8 +142,9 @@ void Session::refuse_proxy(const std::string& why, TermCode term) {
   const int64_t now = int64_t(uv_now(worker_.loop()));
   int64_t last = listener_.state->last_proxy_log_ms.load(std::memory_order_relaxed);
   if (now - last >= 1000 && listener_.state->last_proxy_log_ms.compare_exchange_strong(last, now))
-    spdlog::warn("listener {}: closing connection from {}: {} (further ones within a second are only counted)",
-                 listener_.cfg->name, peer_.to_string(), why);
+    worker_.log(spdlog::level::warn,
+                "listener {}: closing connection from {}: {} (further ones within a second are only counted)",
+                listener_.cfg->name, peer_.to_string(), why);
   finish(term);
 }
 
@@ -518,8 +519,8 @@ void Session::attempt_failed(TermCode term, ConnError kind, const std::string& w
     return;
   }
   if (up_) bump(up_->server->per_worker[worker_.index()].errors[size_t(kind)]);
-  spdlog::debug("client {}: server {} failed ({}), try {} of {}", peer_.to_string(), up_ ? up_->server->label : "?",
-                why, tries_, pool_.retries + 1);
+  worker_.log(spdlog::level::debug, "client {}: server {} failed ({}), try {} of {}", peer_.to_string(),
+              up_ ? std::string_view(up_->server->label) : std::string_view("?"), why, tries_, pool_.retries + 1);
   term_ = term;
   last_failure_ = why;
   if (up_) worker_.report_failure(up_->server, pool_.health_check.fall, why);
@@ -620,8 +621,9 @@ void Session::note_refusal(TermCode term) {
   else
     why = "no server of pool " + pool_.name + " could take it after " + std::to_string(tries_) + " tries (last: " +
           last_failure_ + ")";
-  spdlog::warn("listener {}: client {} answered 421 4.3.2: {} (further refusals within a second are only counted)",
-               listener_.cfg->name, peer_.to_string(), why);
+  worker_.log(spdlog::level::warn,
+              "listener {}: client {} answered 421 4.3.2: {} (further refusals within a second are only counted)",
+              listener_.cfg->name, peer_.to_string(), why);
 }
 
 // ---- relay --------------------------------------------------------------------------------
@@ -827,7 +829,7 @@ void Session::closed_one() {
 }
 
 void Session::log_access() {
-  if (!worker_.access_log() || !counted_) return;
+  if (!worker_.access_log() || !counted_ || !Worker::logs(spdlog::level::info)) return;
   const uint64_t now = uv_now(worker_.loop());
   const std::string client = peer_.to_string();
   AccessRecord r;

@@ -33,6 +33,8 @@ void discard_input(int fd, char* buf, size_t size) {
   for (int i = 0; i < 4; ++i)
     if (::recv(fd, buf, size, MSG_DONTWAIT) <= 0) return;
 }
+// A full log ring is retried this often; the loop may otherwise have nothing to wake it.
+constexpr uint64_t kLogRetryMs = 10;
 }
 
 void ControlLink::report(PassiveDown event) {
@@ -48,10 +50,22 @@ void ControlLink::worker_done() {
   uv_async_send(wake);
 }
 
-Worker::Worker(unsigned index, std::shared_ptr<const Snapshot> snapshot, ControlLink& link)
-    : index_(index), link_(link), snapshot_(std::move(snapshot)), scratch_(new char[kScratchSize]) {
+Worker::Worker(unsigned index, std::shared_ptr<const Snapshot> snapshot, ControlLink& link, LogWriter& log)
+    : index_(index),
+      link_(link),
+      log_writer_(log),
+      log_(log.queue(index)),
+      snapshot_(std::move(snapshot)),
+      scratch_(new char[kScratchSize]) {
   uv_loop_init(&loop_);
   loop_.data = this;
+  uv_prepare_init(&loop_, &log_turn_);
+  log_turn_.data = this;
+  uv_prepare_start(&log_turn_, [](uv_prepare_t* p) { static_cast<Worker*>(p->data)->publish_log(); });
+  uv_unref(as_handle(&log_turn_));
+  uv_timer_init(&loop_, &log_retry_);
+  log_retry_.data = this;
+  uv_unref(as_handle(&log_retry_));
   uv_async_init(&loop_, &wake_, [](uv_async_t* a) { static_cast<Worker*>(a->data)->on_wake(); });
   wake_.data = this;
   uv_timer_init(&loop_, &linger_timer_);
@@ -188,7 +202,29 @@ void Worker::join() {
 
 void Worker::run() {
   uv_run(&loop_, UV_RUN_DEFAULT);
+  // The data path is over, so waiting for room is fine now: every line of a finished
+  // session reaches the writer before the process exits.
+  while (!log_.publish()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   link_.worker_done();
+}
+
+void Worker::publish_log() {
+  if (!log_handles_open_) return;
+  const bool published = log_.publish();
+  // Also batches that append() handed over during the turn.
+  if (log_.handed_over() != log_nudged_) {
+    log_nudged_ = log_.handed_over();
+    log_writer_.nudge();
+  }
+  if (published) {
+    if (uv_is_active(as_handle(&log_retry_))) uv_timer_stop(&log_retry_);
+    return;
+  }
+  // The writer is behind: keep the lines (the batch grows) and try again soon even if
+  // no event comes. An active timer costs no system call, only a shorter poll timeout.
+  if (!uv_is_active(as_handle(&log_retry_)))
+    uv_timer_start(&log_retry_, [](uv_timer_t* t) { static_cast<Worker*>(t->data)->publish_log(); }, kLogRetryMs,
+                   kLogRetryMs);
 }
 
 void Worker::send_wake() {
@@ -255,7 +291,7 @@ void Worker::apply(std::shared_ptr<const Snapshot> snapshot) {
       continue;
     }
     std::string error;
-    if (!add_listener(lr, error)) spdlog::error("{}", error);  // nothing was opened
+    if (!add_listener(lr, error)) log(spdlog::level::err, "{}", error);  // nothing was opened
   }
   for (size_t i = 0; i < old.size(); ++i)
     if (!kept[i]) close_listener(old[i]);
@@ -297,6 +333,11 @@ void Worker::maybe_finish() {
     linger_timer_open_ = false;
     uv_close(as_handle(&linger_timer_), nullptr);
   }
+  if (log_handles_open_) {
+    log_handles_open_ = false;
+    uv_close(as_handle(&log_turn_), nullptr);
+    uv_close(as_handle(&log_retry_), nullptr);
+  }
   if (ep_open_) {
     ep_open_ = false;
     uv_close(as_handle(&ep_poll_), [](uv_handle_t* h) {
@@ -319,8 +360,8 @@ void Worker::on_readable(Listener& l) {
       const bool no_fds = errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM;
       const uint64_t now = uv_now(&loop_);
       if (now - last_accept_error_ms_ >= 1000)
-        spdlog::warn("listener {}: accept failed: {}{}", l.runtime->cfg->name, std::strerror(errno),
-                     no_fds ? "; pausing accepts (clients wait in the backlog) until descriptors free up" : "");
+        log(spdlog::level::warn, "listener {}: accept failed: {}{}", l.runtime->cfg->name, std::strerror(errno),
+            no_fds ? "; pausing accepts (clients wait in the backlog) until descriptors free up" : "");
       last_accept_error_ms_ = now;
       if (no_fds) {
         // Stop polling briefly instead of spinning on a socket that stays readable.
@@ -366,7 +407,7 @@ void Worker::refuse(int fd, const SocketAddress& peer, ListenerRuntime& lr) {
   st.rejected_limit.fetch_add(1, std::memory_order_relaxed);
   int64_t last = st.last_refusal_log_ms.load(std::memory_order_relaxed);
   if (int64_t(now) - last >= 1000 && st.last_refusal_log_ms.compare_exchange_strong(last, int64_t(now)))
-    spdlog::warn(
+    log(spdlog::level::warn,
         "listener {}: client {} answered 421 4.3.2: connection limit reached (listener max_connections {}, global "
         "max_connections {}) (further refusals within a second are only counted)",
         lr.cfg->name, peer.to_string(), lr.cfg->max_connections, global.max_connections);
@@ -406,7 +447,7 @@ void Worker::close_expired_refusals(bool all) {
 }
 
 void Worker::log_access(const AccessRecord& r) {
-  spdlog::info("{}", log_json_ ? format_access_json(r) : format_access_text(r));
+  if (logs(spdlog::level::info)) log_line(spdlog::level::info, log_json_ ? format_access_json(r) : format_access_text(r));
 }
 
 Selection Worker::pick(const PoolRuntime& pr, std::span<const uint32_t> exclude) {
@@ -427,10 +468,10 @@ void Worker::enqueue(Session* s, const std::shared_ptr<PoolState>& pool) {
   if (q.tail) q.tail->q_next_ = s;
   else q.head = s;
   q.tail = s;
-  pool->queued.fetch_add(1, std::memory_order_relaxed);
-  // Pairs with the fence in ServerRuntime::release: a slot freed before this point is
-  // seen by the look below, one freed after it sees `queued` and wakes a worker.
-  std::atomic_thread_fence(std::memory_order_seq_cst);
+  // Pairs with ServerRuntime::release (both read-modify-write `queued`, acquire and
+  // release): a slot freed before this point is seen by the look below, one freed after
+  // it sees `queued` and wakes a worker.
+  pool->queued.fetch_add(1, std::memory_order_acq_rel);
   serve_queue(*pool);
 }
 
@@ -471,8 +512,13 @@ void Worker::slot_freed(PoolState& pool) {
 void Worker::report_failure(const std::shared_ptr<ServerRuntime>& server, unsigned fall, const std::string& reason) {
   const uint32_t n = server->passive_failures.fetch_add(1, std::memory_order_relaxed) + 1;
   if (n > fall || server->health.load(std::memory_order_relaxed) != Health::up) return;
-  spdlog::warn("server {} session attempt failed ({}), {} of {} before DOWN", server->label, reason, n, fall);
-  if (n == fall) link_.report({server, reason});
+  log(spdlog::level::warn, "server {} session attempt failed ({}), {} of {} before DOWN", server->label, reason, n,
+      fall);
+  if (n == fall) {
+    // The control loop writes this worker's lines before it logs the DOWN they cause.
+    log_.publish();
+    link_.report({server, reason});
+  }
 }
 
 void Worker::link(Session* s) {

@@ -2,10 +2,12 @@
 // A data-path thread: its own uv loop, its own SO_REUSEPORT listening sockets and the
 // sessions they accept. Shares nothing with other workers but atomics in the runtime
 // structs and the rare messages below.
+#include <spdlog/spdlog.h>
 #include <uv.h>
 
 #include <atomic>
 #include <deque>
+#include <chrono>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -14,8 +16,10 @@
 #include <thread>
 #include <vector>
 
+#include "log_writer.hpp"
 #include "server_pool.hpp"
 #include "smtplb/access_log.hpp"
+#include "smtplb/log_queue.hpp"
 
 namespace smtplb {
 
@@ -44,7 +48,8 @@ struct ControlLink {
 
 class Worker {
  public:
-  Worker(unsigned index, std::shared_ptr<const Snapshot> snapshot, ControlLink& link);
+  // `log` writes this worker's log lines (through its queue `index`); it outlives the worker.
+  Worker(unsigned index, std::shared_ptr<const Snapshot> snapshot, ControlLink& link, LogWriter& log);
   ~Worker();
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
@@ -75,6 +80,23 @@ class Worker {
   bool access_log() const { return access_log_; }
   bool log_json() const { return log_json_; }
   bool draining() const { return draining_; }
+
+  // Logging from the worker thread goes through its log queue, never straight to
+  // spdlog (whose sinks lock and write): the line is formatted here, stamped with the
+  // current time and written later by the log writer thread.
+  static bool logs(spdlog::level::level_enum level) { return spdlog::default_logger_raw()->should_log(level); }
+  template <typename... Args>
+  void log(spdlog::level::level_enum level, spdlog::format_string_t<Args...> fmt, Args&&... args) {
+    if (!logs(level)) return;
+    spdlog::memory_buf_t buf;
+    fmt::format_to(std::back_inserter(buf), fmt, std::forward<Args>(args)...);
+    log_line(level, std::string_view(buf.data(), buf.size()));
+  }
+  // An already formatted line (the caller checked logs(level) before formatting it).
+  void log_line(spdlog::level::level_enum level, std::string_view text) {
+    const auto now = std::chrono::system_clock::now().time_since_epoch();
+    log_.append(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count(), uint8_t(level), text);
+  }
 
   // Picks a usable server of `pool` for a session that already tried `exclude` and takes
   // a slot on it (the choice itself: smtplb/select.hpp).
@@ -142,9 +164,18 @@ class Worker {
   void refuse(int fd, const SocketAddress& peer, ListenerRuntime& lr);
   void close_expired_refusals(bool all);
   void dispatch();
+  void publish_log();
 
   unsigned index_;
   ControlLink& link_;
+  LogWriter& log_writer_;
+  LogQueue& log_;
+  uint64_t log_nudged_ = 0;               // log_.handed_over() when the writer was last nudged
+  // Hands the log batch over once per loop turn, just before the loop waits; neither
+  // handle keeps the loop alive (run() hands over the last batch).
+  uv_prepare_t log_turn_{};
+  uv_timer_t log_retry_{};                // while the writer's ring is full
+  bool log_handles_open_ = true;
   uv_loop_t loop_{};
   uv_async_t wake_{};
   std::mutex wake_mu_;                    // guards wake_open_ against a concurrent close

@@ -651,8 +651,9 @@ def make_config(servers: Iterable, *, pool: Optional[dict] = None, health: Optio
                 pool_name: str = "p", listener_name: str = "mx", extra: str = "") -> str:
     """One listener and one pool. servers: FakeSmtpServer, or (name, host, port[, extra dict]),
     or (FakeSmtpServer, extra dict). Health checks default to one check only (interval 10m):
-    tests that need repeated checks pass health={"interval": "200ms", ...}."""
-    g = {"hostname": HOSTNAME, "workers": 1}
+    tests that need repeated checks pass health={"interval": "200ms", ...}. Workers: 1, or
+    $SMTPLB_TEST_WORKERS (to run a suite with more), unless global_ says otherwise."""
+    g = {"hostname": HOSTNAME, "workers": int(os.environ.get("SMTPLB_TEST_WORKERS", "1"))}
     g.update(global_ or {})
     lg = {"level": "info", "access_log": True}
     lg.update(log or {})

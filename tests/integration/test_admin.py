@@ -383,6 +383,7 @@ class MetricsTest(AdminTestCase):
         self.assertEqual(m.total("smtplb_server_current_connections"), 0)
         self.assertEqual(m.total("smtplb_server_connection_errors_total"), 0)
         self.assertEqual(m.total("smtplb_pool_no_server_total"), 0)
+        self.assertEqual(m.value("smtplb_access_log_dropped_total"), 0)
         self.assertEqual(m.value("smtplb_pool_servers", pool="p", state="up"), 2)
         for name in ("s1", "s2"):
             mine = [a for a in access if a["server"] == name]

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "listener.hpp"
+#include "log_writer.hpp"
 #include "server_pool.hpp"
 #include "worker.hpp"
 
@@ -59,7 +60,8 @@ TEST_CASE("worker: two snapshots published before it wakes are both applied, in 
   std::string error;
   REQUIRE(bind_listener(*first->listeners[0], 1, error));
   ControlLink link;
-  Worker w(0, first, link);
+  LogWriter log_writer(1);
+  Worker w(0, first, link, log_writer);
   REQUIRE(w.open_listeners(error));
   CHECK(w.listening() == std::vector<std::string>{"mx"});
 
@@ -81,7 +83,8 @@ TEST_CASE("worker: two snapshots published before it wakes are both applied, in 
 TEST_CASE("worker: a pool allocated where a removed pool was starts with fresh balancer state") {
   auto snap = build_snapshot(config(kMx), 1);
   ControlLink link;
-  Worker w(0, snap, link);
+  LogWriter log_writer(1);
+  Worker w(0, snap, link, log_writer);
 
   // Two pools' states at the same address, one after the other (what the allocator may do).
   alignas(PoolState) static unsigned char storage[sizeof(PoolState)];
