@@ -23,7 +23,7 @@ smtplb with the same shape (leastconn, SMTP checks every second, no access log u
 --access-log). Only loopback addresses are used; every process started is stopped.
 
 Scheduling layout: the backends and the load generator stay in this script's session and
-each proxy gets a session of its own (as ../shared/bench/smtpbench.py does). With
+each proxy gets a session of its own. With
 autogroup scheduling (kernel.sched_autogroup_enabled=1, the Debian default) that makes
 "the load side" and each proxy separate scheduling groups, like separate machines sharing
 two CPUs. The layout changes the results (notably for 2 worker threads); see

@@ -1,5 +1,5 @@
 // The admin API of Server: /metrics, /status, /healthz and runtime changes. Names follow
-// DESIGN.md sections 4 and 5; docs/operations.md lists them.
+// docs/operations.md lists the endpoints and metrics.
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
 #include <unistd.h>

@@ -166,7 +166,7 @@ class Loader {
   void error(const toml::node& n, std::string msg) { error(n.source(), std::move(msg)); }
 
   void table_keys(const toml::table& t, const std::string& section, const std::vector<Key>& keys);
-  // A key of DESIGN.md that this version does not implement: accepted only with the value
+  // A documented key that this version does not implement: accepted only with the value
   // that means "feature off", so a config never silently asks for something not done.
   Key not_yet(const char* name, Inert inert, const char* what);
 

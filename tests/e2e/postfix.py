@@ -1,4 +1,4 @@
-"""A private Postfix instance for end-to-end tests (DESIGN.md section 8).
+"""A private Postfix instance for end-to-end tests.
 
     with Postfix({"a": "{listen} inet n - n - - smtpd -o smtpd_upstream_proxy_protocol=haproxy"}) as pf:
         port = pf.ports["a"]

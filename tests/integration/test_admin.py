@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Admin API and `smtplb ctl` (DESIGN.md sections 4-5, docs/operations.md): exact counters
+"""Admin API and `smtplb ctl` (docs/operations.md): exact counters
 after 500 sessions, `promtool check metrics`, /status (JSON and text), /healthz going 503
 and back, runtime drain / ready / maint / weight through ctl (and their `(cause: admin)`
 log lines), ctl's exit codes, /reload (200 and 422), the read-only TCP endpoint (403 for
@@ -40,7 +40,7 @@ from harness import (STEP_TIMEOUT, Behaviour, SmtpClient, TestCase, main, make_c
 OK_QUIT = b"221 2.0.0 Bye\r\n"
 BUSY = b"421 4.3.2 All server ports are busy\r\n"
 TCP_RE = r"admin API \(read-only\) on http://127\.0\.0\.1:(\d+)/"
-# Fields documented for /status (docs/operations.md, DESIGN.md section 4).
+# Fields documented for /status (docs/operations.md).
 LISTENER_FIELDS = {"name", "address", "pool", "current_connections", "connections_total"}
 POOL_FIELDS = {"name", "algorithm", "queued", "servers"}
 SERVER_FIELDS = {"name", "address", "health", "admin_state", "backup", "weight", "effective_weight",

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Command line (DESIGN 2): --check, -q, -V, exit codes 0 / 1 / 64 / 78."""
+"""Command line (smtplb(8)): --check, -q, -V, exit codes 0 / 1 / 64 / 78."""
 
 import os
 import re

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Banner-gated handoff (DESIGN 1.1) and smtplb's own 421 (DESIGN 1.2).
+"""Banner-gated handoff and smtplb's own 421 (docs/architecture.md, "A session").
 
 Servers that must pass their health check but misbehave for client sessions: the config
 checks once (interval 10m: the first check runs within 100 ms of start), so the test waits

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Health checks (DESIGN 1.3): the SMTP dialogue, the DOWN reasons in the log, ejection
+"""Health checks (docs/architecture.md): the SMTP dialogue, the DOWN reasons in the log, ejection
 after `fall` failures, return after exactly `rise` good checks, no traffic to UNKNOWN or
 DOWN servers."""
 

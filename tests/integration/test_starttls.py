@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""STARTTLS health checks (DESIGN 1.3): EHLO, STARTTLS, 220, TLS handshake, EHLO again
+"""STARTTLS health checks: EHLO, STARTTLS, 220, TLS handshake, EHLO again
 inside TLS, QUIT, 221; optional certificate verification; distinct DOWN reasons; the
 expiry warning; and a STARTTLS client session (swaks) relayed through smtplb untouched.
 

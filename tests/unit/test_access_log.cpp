@@ -12,7 +12,7 @@ using smtplb::Cause;
 using smtplb::Phase;
 using smtplb::format_access_text;
 
-TEST_CASE("access log: the line of DESIGN section 6") {
+TEST_CASE("access log: the line of docs/logging.md") {
   AccessRecord r;
   r.client = "203.0.113.9:40122";
   r.listener = "mx";

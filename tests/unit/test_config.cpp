@@ -414,7 +414,7 @@ TEST_CASE("config: duplicate server names") {
   expect_ok(kListener + kPool + "[pool.other]\n[[pool.other.server]]\nname = \"a\"\naddress = \"127.0.0.1\"\n");
 }
 
-TEST_CASE("config: features of DESIGN.md not built yet") {
+TEST_CASE("config: documented features not built yet") {
   expect_one_error(kListener + "max_connections_per_ip = 10\n" + kPool, 4, 26,
                    "'max_connections_per_ip' is not supported yet");
   expect_one_error(kListener + "allow = [\"10.0.0.0/8\"]\n" + kPool, 4, 9, "'allow' is not supported yet");

@@ -23,7 +23,7 @@ using smtplb::metrics::Writer;
 
 namespace {
 
-// A small registry in the shape of DESIGN.md section 5: gauges, counters with escaped
+// A small registry in the shape of smtplb's own (docs/operations.md): gauges, counters with escaped
 // label values, integral and fractional values, and a histogram.
 std::string render_sample() {
   Writer w;
