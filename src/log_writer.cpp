@@ -1,5 +1,7 @@
 #include "log_writer.hpp"
 
+#include <pthread.h>
+
 #include <linux/futex.h>
 #include <spdlog/spdlog.h>
 #include <sys/syscall.h>
@@ -16,7 +18,10 @@ constexpr auto kDropReportInterval = std::chrono::seconds(1);
 }  // namespace
 
 LogWriter::LogWriter(unsigned queues) : count_(queues), queues_(new LogQueue[queues]) {
-  thread_ = std::thread([this] { run(); });
+  thread_ = std::thread([this] {
+    pthread_setname_np(pthread_self(), "smtplb-log");
+    run();
+  });
 }
 
 LogWriter::~LogWriter() {

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -193,7 +194,12 @@ void Worker::close_listener(Listener* l) {
 void Worker::start() {
   thread_started_ = true;
   link_.running.fetch_add(1);
-  thread_ = std::thread([this] { run(); });
+  thread_ = std::thread([this] {
+    // Named for top -H, ps -L and gdb: "smtplb-w0", "smtplb-w1", ...
+    const std::string name = "smtplb-w" + std::to_string(index_);
+    pthread_setname_np(pthread_self(), name.c_str());
+    run();
+  });
 }
 
 void Worker::join() {
