@@ -10,6 +10,7 @@
 
 #include "cpu_probe.hpp"
 #include "listener.hpp"
+#include "smtplb/resolve_plan.hpp"
 #include "log.hpp"
 #include "smtplb/cpus.hpp"
 #include "smtplb/version.hpp"
@@ -159,28 +160,91 @@ void Server::retire_checker(ServerRuntime* s) {
   checkers_.erase(it);
 }
 
-Server::ReloadResult Server::reload() {
-  ReloadResult result;
-  result.generation = generation_;
+void Server::reload(ReloadDone done) {
+  if (phase_ != Phase::running) {
+    ReloadResult r;
+    r.abandoned = true;
+    r.generation = generation_;
+    if (done) done(r);
+    return;
+  }
+  if (resolver_.busy()) {
+    if (!reload_again_) spdlog::info("reload requested while the previous one waits for host names: it follows");
+    reload_again_ = true;
+    if (done) next_waiters_.push_back(std::move(done));
+    return;
+  }
+  if (done) reload_waiters_.push_back(std::move(done));
+  start_reload();
+}
+
+void Server::start_reload() {
   notifier_.reloading();
   spdlog::info("reloading configuration from {}", config_->path);
-  auto fail = [&](std::vector<std::string> errors) {
-    ++reloads_failed_;
-    last_reload_ok_ = false;
-    for (const auto& e : errors) spdlog::error("reload: {}", e);
-    spdlog::error("reload failed ({} errors); still running generation {}", errors.size(), generation_);
-    notifier_.ready("reload failed (" + std::to_string(errors.size()) + " errors); generation " +
-                    std::to_string(generation_) + " running");
-    result.errors = std::move(errors);
-    return result;
-  };
   ConfigLoad load = load_config_file(config_->path);
   if (!load.ok()) {
     std::vector<std::string> errors;
     for (const auto& e : load.errors) errors.push_back(e.to_string());
-    return fail(std::move(errors));
+    return answer_reload(fail_reload(std::move(errors)));
   }
-  auto cfg = load.config;
+  std::vector<std::string> hosts = hosts_to_resolve(*load.config);
+  if (hosts.empty()) return answer_reload(apply_reload(load.config));
+  std::string list;
+  for (const auto& h : hosts) list += (list.empty() ? "" : ", ") + h;
+  spdlog::info("reload: resolving {} host name{}: {}", hosts.size(), hosts.size() == 1 ? "" : "s", list);
+  resolver_.start(std::move(hosts), kResolveTimeout, [this, cfg = load.config](std::vector<HostLookup> lookups) {
+    ConfigLoad resolved = apply_lookups(*cfg, lookups);
+    if (!resolved.ok()) {
+      std::vector<std::string> errors;
+      for (const auto& e : resolved.errors) errors.push_back(e.to_string());
+      return answer_reload(fail_reload(std::move(errors)));
+    }
+    answer_reload(apply_reload(resolved.config));
+  });
+}
+
+void Server::answer_reload(const ReloadResult& r) {
+  std::vector<ReloadDone> waiters;
+  waiters.swap(reload_waiters_);
+  for (auto& w : waiters) w(r);
+  if (reload_again_ && phase_ == Phase::running && !resolver_.busy()) {
+    reload_again_ = false;
+    reload_waiters_.swap(next_waiters_);
+    start_reload();
+  }
+}
+
+void Server::abandon_reload() {
+  if (!resolver_.busy() && !reload_again_) return;
+  resolver_.cancel();
+  reload_again_ = false;
+  spdlog::info("reload abandoned: stopping");
+  ReloadResult r;
+  r.abandoned = true;
+  r.generation = generation_;
+  std::vector<ReloadDone> waiters;
+  waiters.swap(reload_waiters_);
+  for (auto& w : next_waiters_) waiters.push_back(std::move(w));
+  next_waiters_.clear();
+  for (auto& w : waiters) w(r);
+}
+
+Server::ReloadResult Server::fail_reload(std::vector<std::string> errors) {
+  ReloadResult result;
+  result.generation = generation_;
+  ++reloads_failed_;
+  last_reload_ok_ = false;
+  for (const auto& e : errors) spdlog::error("reload: {}", e);
+  spdlog::error("reload failed ({} errors); still running generation {}", errors.size(), generation_);
+  notifier_.ready("reload failed (" + std::to_string(errors.size()) + " errors); generation " +
+                  std::to_string(generation_) + " running");
+  result.errors = std::move(errors);
+  return result;
+}
+
+Server::ReloadResult Server::apply_reload(std::shared_ptr<const Config> cfg) {
+  ReloadResult result;
+  result.generation = generation_;
   if (cfg->global.workers != config_->global.workers)
     spdlog::warn("reload: global.workers changed to {}; it takes effect at the next restart ({} workers run)",
                  cfg->global.workers, worker_count_);
@@ -198,7 +262,7 @@ Server::ReloadResult Server::reload() {
     std::string error;
     if (!bind_listener(*lr, worker_count_, error)) {
       for (ListenerRuntime* b : bound) close_listener_fds(*b);
-      return fail({error});
+      return fail_reload({error});
     }
     bound.push_back(lr.get());
   }
@@ -290,6 +354,7 @@ void Server::begin_stop() {
     return;
   }
   phase_ = Phase::draining;
+  abandon_reload();
   notifier_.stopping();
   const auto grace = config_->global.shutdown_grace;
   spdlog::info("stopping: listeners closed, {} open sessions may finish within shutdown_grace {}",
