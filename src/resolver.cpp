@@ -26,6 +26,7 @@ struct Resolver::Batch {
   size_t missing = 0;               // answers still awaited
   Millis timeout{0};
   Done done;
+  std::shared_ptr<Shared> shared;
   uv_timer_t timer{};
   int refs = 1;                     // the timer
   bool finished = false;
@@ -36,6 +37,7 @@ void Resolver::start(std::vector<std::string> hosts, Millis timeout, Done done) 
   b->owner = this;
   b->timeout = timeout;
   b->done = std::move(done);
+  b->shared = shared_;
   b->results.resize(hosts.size());
   b->queries.resize(hosts.size(), nullptr);
   uv_timer_init(loop_, &b->timer);
@@ -70,7 +72,13 @@ void Resolver::start(std::vector<std::string> hosts, Millis timeout, Done done) 
           }
           if (res) uv_freeaddrinfo(res);
           delete query;
+          const std::shared_ptr<Shared> shared = batch->shared;
           unref(batch);
+          if (--shared->in_flight == 0 && shared->on_idle) {
+            auto idle = std::move(shared->on_idle);
+            shared->on_idle = nullptr;
+            idle();
+          }
         },
         b->results[i].host.c_str(), nullptr, &hints);
     if (rc != 0) {
@@ -81,6 +89,7 @@ void Resolver::start(std::vector<std::string> hosts, Millis timeout, Done done) 
     b->queries[i] = q;
     ++b->missing;
     ++b->refs;
+    ++shared_->in_flight;
   }
   // `done` always runs from the loop, never inside start(): the caller's state is
   // settled first. Nothing to wait for: on the next turn.

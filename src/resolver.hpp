@@ -5,6 +5,7 @@
 #include <uv.h>
 
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -36,16 +37,27 @@ class Resolver {
   // the loop to run once more (a timer closes).
   void cancel();
   bool busy() const { return batch_ != nullptr; }
+  // Lookups still running on their threads, abandoned ones included. The loop cannot
+  // end before they come back (libuv needs each request until its callback).
+  size_t in_flight() const { return shared_->in_flight; }
+  // Runs `f` once, on the loop, when in_flight() drops to 0 (call only while it is not).
+  void when_idle(std::function<void()> f) { shared_->on_idle = std::move(f); }
 
  private:
   struct Batch;
   struct Query;
+  // Outlives the Resolver if need be: late answers of abandoned batches count down here.
+  struct Shared {
+    size_t in_flight = 0;
+    std::function<void()> on_idle;
+  };
   static void finish(Batch* b);
   static void stop_batch(Batch* b);
   static void unref(Batch* b);
 
   uv_loop_t* loop_;
   Batch* batch_ = nullptr;  // owned by its own reference count (see Batch)
+  std::shared_ptr<Shared> shared_ = std::make_shared<Shared>();
 };
 
 // For the start and --check: resolves the host names of `load.config` on a loop of its

@@ -399,6 +399,14 @@ void Server::finish_if_done() {
   if (admin_) admin_->stop();
   uv_close(as_handle(&control_wake_), nullptr);
   uv_close(as_handle(&grace_timer_), nullptr);
+  close_signals();
+}
+
+void Server::close_signals() {
+  // A lookup abandoned at stop may still run on its thread (it cannot be stopped), and
+  // the loop ends only after it comes back. Closing the signal handles restores the
+  // default actions: until then a second SIGTERM must reach on_signal, not kill us.
+  if (resolver_.in_flight() > 0) return resolver_.when_idle([this] { close_signals(); });
   for (auto& s : signals_) uv_close(as_handle(&s), nullptr);
 }
 

@@ -71,6 +71,7 @@ class Server {
   void stop_now();
   void on_control_wake();
   void finish_if_done();
+  void close_signals();
   void raise_fd_limit();
   void start_checker(const std::shared_ptr<ServerRuntime>& s, const PoolConfig& pool, uint64_t delay_ms);
   void retire_checker(ServerRuntime* s);

@@ -79,6 +79,25 @@ TEST_CASE("resolver: an abandoned batch never calls back, and late answers find 
   CHECK(calls == 0);
 }
 
+TEST_CASE("resolver: lookups in flight are counted until they come back, abandoned ones too") {
+  Loop l;
+  Resolver r(&l.loop);
+  int calls = 0, idle = 0;
+  CHECK(r.in_flight() == 0);
+  r.start({"localhost", "127.0.0.5"}, Millis(10000), [&](std::vector<HostLookup>) { ++calls; });
+  CHECK(r.in_flight() == 2);
+  r.cancel();
+  CHECK(r.in_flight() == 2);  // answers come back through the loop only
+  r.when_idle([&] {
+    ++idle;
+    CHECK(r.in_flight() == 0);
+  });
+  uv_run(&l.loop, UV_RUN_DEFAULT);
+  CHECK(calls == 0);
+  CHECK(idle == 1);
+  CHECK(r.in_flight() == 0);
+}
+
 TEST_CASE("resolver: the callback may start the next batch") {
   Loop l;
   Resolver r(&l.loop);
