@@ -30,7 +30,7 @@ import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from harness import (CHECK_EHLO, HOSTNAME, STEP_TIMEOUT, SmtpClient, TestCase, main, recv_until_eof,  # noqa: E402
+from harness import (CHECK_EHLO, HOSTNAME, SMTPLB_BIN, STEP_TIMEOUT, SmtpClient, TestCase, main, recv_until_eof,  # noqa: E402
                      server_of, toml_value, wait_until)
 
 SLOW_ZONE = "slow.test"
@@ -343,10 +343,36 @@ class SlowResolverTest(TestCase):
         self.s1 = self.fake("s1")
         self.s2 = self.fake("s2")
 
+    def wrapper(self):
+        return ["unshare", "--mount", "--", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
+                self.resolv]
+
     def start(self, servers, **kw):
-        wrapper = ["unshare", "--mount", "--", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
-                   self.resolv]
-        return self.smtplb(config(servers, self.admin_path), wrapper=wrapper, **kw)
+        return self.smtplb(config(servers, self.admin_path), wrapper=self.wrapper(), **kw)
+
+    def run_lb(self, text, *args):
+        path = os.path.join(self.dir, "run.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        return path, subprocess.run([*self.wrapper(), SMTPLB_BIN, *args, "-f", path], stdin=subprocess.DEVNULL,
+                                    capture_output=True, text=True, timeout=DELAY + STEP_TIMEOUT)
+
+    def test_start_and_check_resolve_names_first(self):
+        """The start and --check resolve names before anything else: an unresolvable one
+        is a FILE:LINE:COL error (exit 78, not started); a slow one delays the start."""
+        text = config([("s1", "127.0.0.1", self.s1.port), ("s3", "nope.invalid-zone.test", 2525)], self.admin_path)
+        line = text.splitlines().index('address = "nope.invalid-zone.test"') + 1
+        for args in (["--check"], []):
+            path, r = self.run_lb(text, *args)
+            self.assertEqual(r.returncode, 78, r)
+            self.assertRegex(r.stderr, r"(?m)^%s:%d:11: cannot resolve 'nope\.invalid-zone\.test': \S"
+                             % (re.escape(path), line))
+            if not args:
+                self.assertIn("not started", r.stderr)
+        path, r = self.run_lb(config([("s2", "mx1.slow.test", self.s2.port)], self.admin_path), "--check", "-q")
+        self.assertEqual((r.returncode, r.stdout, r.stderr), (0, "", ""))
+        lb = self.start([("s2", "mx1.slow.test", self.s2.port)], up=["p/s2"], start_timeout=DELAY + STEP_TIMEOUT)
+        self.assertEqual(greet(lb.port()), "s2")
 
     def wait_query(self, name):
         return wait_until(lambda: self.dns.queried(name), STEP_TIMEOUT, "a DNS query for %s" % name)[0][0]
