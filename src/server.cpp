@@ -10,9 +10,9 @@
 
 #include "cpu_probe.hpp"
 #include "listener.hpp"
-#include "smtplb/resolve_plan.hpp"
 #include "log.hpp"
 #include "smtplb/cpus.hpp"
+#include "smtplb/resolve_plan.hpp"
 #include "smtplb/version.hpp"
 #include "uv_util.hpp"
 

@@ -456,6 +456,51 @@ class SlowResolverTest(TestCase):
         self.assertIn('"generation":3', body)
         self.assertRegex(body, r'"name":"s1","address":"127\.0\.0\.1:%d",[^}]*"weight":3' % self.s1.port)
 
+    def test_requests_behind_a_pending_reload_wait_and_a_vanished_client_is_harmless(self):
+        """A GET pipelined behind a resolving POST /reload on the same connection is
+        answered after it, in order (and sees the new generation). A client that closes
+        while its reload resolves does not disturb anything. `smtplb ctl reload` waits
+        for the outcome."""
+        lb = self.start([("s1", "127.0.0.1", self.s1.port)], up=["p/s1"])
+        write_config(lb.config_path, config([("s1", "127.0.0.1", self.s1.port),
+                                             ("s2", "mx1.slow.test", self.s2.port)], self.admin_path))
+        gone = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        gone.connect(self.admin_path)
+        gone.sendall(b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        self.wait_query("mx1.slow.test")
+        gone.close()
+
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(s.close)
+        s.settimeout(STEP_TIMEOUT)
+        s.connect(self.admin_path)
+        start = time.monotonic()
+        s.sendall(b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+                  b"GET /status?format=text HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        # Meanwhile other connections are answered at once.
+        status, _, took = admin(self.admin_path, "GET", "/healthz")
+        self.assertEqual(status, 200)
+        self.assertLess(took, FAST)
+        raw = recv_until_eof(s, timeout=2 * DELAY + STEP_TIMEOUT)
+        statuses = re.findall(rb"HTTP/1\.1 (\d+) ", raw)
+        self.assertEqual(statuses, [b"200", b"200", b"200"], raw)
+        parts = raw.split(b"HTTP/1.1 ")
+        # The first reload (the vanished client's) ran; this one was coalesced after it.
+        self.assertIn(b"reloaded: generation 3\n", parts[1])
+        self.assertIn(b"generation 3", parts[2])
+        self.assertIn(b"ok\n", parts[3])
+        self.assertGreaterEqual(time.monotonic() - start, DELAY / 2)
+        self.assertEqual(len(re.findall(RELOADED_RE, lb.log())), 2)
+
+        write_config(lb.config_path, config([("s2", "mx1.slow.test", self.s2.port, {"weight": 2})], self.admin_path))
+        start = time.monotonic()
+        r = subprocess.run([SMTPLB_BIN, "ctl", "--socket", self.admin_path, "reload"], capture_output=True, text=True,
+                           timeout=DELAY + STEP_TIMEOUT)
+        self.assertEqual((r.returncode, r.stdout), (0, "reloaded: generation 4\n"), r)
+        self.assertGreaterEqual(time.monotonic() - start, DELAY - 0.5)
+        self.assertTrue(lb.alive())
+
     def test_sigterm_abandons_a_pending_reload(self):
         lb = self.start([("s1", "127.0.0.1", self.s1.port)], up=["p/s1"])
         write_config(lb.config_path, config([("s1", "127.0.0.1", self.s1.port),
