@@ -44,6 +44,11 @@ struct AdminServer::Conn {
   int open_handles = 2;
   http::RequestParser parser;
   std::string pending;  // received bytes not parsed yet (pipelined requests)
+  // A deferred request's ticket (0: none). Until it is answered nothing more is read or
+  // served on this connection, so responses stay in request order.
+  uint64_t waiting = 0;
+  bool waiting_keep_alive = false;
+  bool waiting_head = false;
 };
 
 AdminServer::AdminServer(uv_loop_t* loop, Handler handler) : loop_(loop), handler_(std::move(handler)) {}
@@ -143,6 +148,10 @@ void AdminServer::on_connection(Endpoint& ep, int status) {
     close_conn(c);
     return;
   }
+  start_reading(c);
+}
+
+void AdminServer::start_reading(Conn* c) {
   uv_timer_start(&c->timer, [](uv_timer_t* t) { static_cast<Conn*>(t->data)->owner->close_conn(static_cast<Conn*>(t->data)); },
                  kIdleTimeoutMs, 0);
   uv_read_start(
@@ -183,7 +192,7 @@ struct Write {
 }  // namespace
 
 void AdminServer::serve(Conn* c) {
-  while (!c->closing && !c->pending.empty()) {
+  while (!c->closing && !c->waiting && !c->pending.empty()) {
     size_t consumed = 0;
     const auto st = c->parser.feed(c->pending, consumed);
     if (st == http::RequestParser::Status::need_more) {
@@ -193,57 +202,83 @@ void AdminServer::serve(Conn* c) {
     c->pending.erase(0, consumed);
     AdminResponse resp;
     bool keep_alive = false;
-    std::string allow;
     size_t content_length = 0;
     if (st == http::RequestParser::Status::error) {
       resp.status = c->parser.status_code();
       resp.body = c->parser.error() + "\n";
+      content_length = resp.body.size();
     } else {
       const http::Request& req = c->parser.request();
       keep_alive = req.keep_alive;
       const size_t q = req.target.find('?');
       Request r{req.method, req.path, q == std::string::npos ? std::string_view() : std::string_view(req.target).substr(q + 1),
-                req.body};
+                req.body, ++next_ticket_};
       if (!c->writable && req.method != "GET" && req.method != "HEAD") {
         resp.status = 403;
         resp.body = "this endpoint is read-only; use the admin unix socket for changes\n";
       } else {
         resp = handler_(r);
-        allow = resp.allow;
+      }
+      if (resp.later) {
+        c->waiting = r.ticket;
+        c->waiting_keep_alive = keep_alive;
+        c->waiting_head = req.method == "HEAD";
+        c->parser.reset();
+        // Nothing more is read meanwhile (a client cannot pile up pipelined bytes), and
+        // the idle timeout does not count our own wait against the client.
+        uv_read_stop(as_stream(&c->h.pipe));
+        uv_timer_stop(&c->timer);
+        return;
       }
       content_length = resp.body.size();  // HEAD announces what GET would send
       if (req.method == "HEAD") resp.body.clear();
     }
-    if (st == http::RequestParser::Status::error) content_length = resp.body.size();
-    auto* w = new Write;
-    w->close_after = !keep_alive;
-    w->data = "HTTP/1.1 " + std::to_string(resp.status) + " " + http::reason(resp.status) + "\r\n" +
-              "Content-Type: " + resp.content_type + "\r\nContent-Length: " + std::to_string(content_length) +
-              "\r\n" + (allow.empty() ? "" : "Allow: " + allow + "\r\n") +
-              (keep_alive ? "" : "Connection: close\r\n") + "Cache-Control: no-store\r\n\r\n" + resp.body;
-    w->req.data = w;
-    uv_buf_t b = uv_buf_init(w->data.data(), unsigned(w->data.size()));
-    const int rc = uv_write(&w->req, as_stream(&c->h.pipe), &b, 1, [](uv_write_t* req, int status) {
-      auto* wr = static_cast<Write*>(req->data);
-      auto* conn = static_cast<Conn*>(req->handle->data);
-      const bool close_after = wr->close_after;
-      delete wr;
-      if (status == UV_ECANCELED) return;
-      if (status < 0 || close_after) conn->owner->close_conn(conn);
-    });
-    if (rc != 0) {
-      delete w;
-      close_conn(c);
-      return;
-    }
-    c->parser.reset();
-    if (!keep_alive) {
-      uv_read_stop(as_stream(&c->h.pipe));
-      return;
-    }
-    uv_timer_start(&c->timer, [](uv_timer_t* t) { static_cast<Conn*>(t->data)->owner->close_conn(static_cast<Conn*>(t->data)); },
-                   kIdleTimeoutMs, 0);
+    if (!send(c, resp, content_length, keep_alive)) return;
   }
+}
+
+void AdminServer::complete(uint64_t ticket, AdminResponse resp) {
+  auto it = std::find_if(conns_.begin(), conns_.end(), [ticket](const Conn* c) { return c->waiting == ticket; });
+  if (ticket == 0 || it == conns_.end()) return;  // the client went away (or we stopped)
+  Conn* c = *it;
+  c->waiting = 0;
+  const size_t content_length = resp.body.size();
+  if (c->waiting_head) resp.body.clear();
+  if (!send(c, resp, content_length, c->waiting_keep_alive)) return;
+  start_reading(c);
+  serve(c);  // requests that came behind the deferred one
+}
+
+bool AdminServer::send(Conn* c, const AdminResponse& resp, size_t content_length, bool keep_alive) {
+  auto* w = new Write;
+  w->close_after = !keep_alive;
+  w->data = "HTTP/1.1 " + std::to_string(resp.status) + " " + http::reason(resp.status) + "\r\n" +
+            "Content-Type: " + resp.content_type + "\r\nContent-Length: " + std::to_string(content_length) +
+            "\r\n" + (resp.allow.empty() ? "" : "Allow: " + resp.allow + "\r\n") +
+            (keep_alive ? "" : "Connection: close\r\n") + "Cache-Control: no-store\r\n\r\n" + resp.body;
+  w->req.data = w;
+  uv_buf_t b = uv_buf_init(w->data.data(), unsigned(w->data.size()));
+  const int rc = uv_write(&w->req, as_stream(&c->h.pipe), &b, 1, [](uv_write_t* req, int status) {
+    auto* wr = static_cast<Write*>(req->data);
+    auto* conn = static_cast<Conn*>(req->handle->data);
+    const bool close_after = wr->close_after;
+    delete wr;
+    if (status == UV_ECANCELED) return;
+    if (status < 0 || close_after) conn->owner->close_conn(conn);
+  });
+  if (rc != 0) {
+    delete w;
+    close_conn(c);
+    return false;
+  }
+  c->parser.reset();
+  if (!keep_alive) {
+    uv_read_stop(as_stream(&c->h.pipe));
+    return false;
+  }
+  uv_timer_start(&c->timer, [](uv_timer_t* t) { static_cast<Conn*>(t->data)->owner->close_conn(static_cast<Conn*>(t->data)); },
+                 kIdleTimeoutMs, 0);
+  return true;
 }
 
 }  // namespace smtplb

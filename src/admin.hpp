@@ -5,6 +5,7 @@
 // connection limit and never blocks the loop.
 #include <uv.h>
 
+#include <cstdint>
 #include <functional>
 #include <string>
 #include <string_view>
@@ -19,6 +20,14 @@ struct AdminResponse {
   std::string content_type = "text/plain; charset=utf-8";
   std::string body;
   std::string allow;  // for 405: the methods the path takes
+  // The answer comes later, through AdminServer::complete() with the request's ticket
+  // (a reload waiting for host names). Everything else is ignored.
+  bool later = false;
+  static AdminResponse deferred() {
+    AdminResponse r;
+    r.later = true;
+    return r;
+  }
 };
 
 class AdminServer {
@@ -29,6 +38,7 @@ class AdminServer {
     std::string_view path;    // without the query
     std::string_view query;   // after '?', may be empty
     std::string_view body;
+    uint64_t ticket = 0;      // names this request in complete()
   };
   using Handler = std::function<AdminResponse(const Request&)>;
 
@@ -42,6 +52,10 @@ class AdminServer {
   bool start(const Config& cfg, std::string& error);
   // Closes the endpoints and every connection; the loop must run once more.
   void stop();
+  // Sends the answer to a request the handler deferred. Requests pipelined behind it on
+  // the same connection were held back and are served now, in order. A connection
+  // closed meanwhile is simply not found.
+  void complete(uint64_t ticket, AdminResponse resp);
 
  private:
   struct Conn;
@@ -57,11 +71,15 @@ class AdminServer {
   void on_connection(Endpoint& ep, int status);
   void close_conn(Conn* c);
   void serve(Conn* c);
+  void start_reading(Conn* c);
+  // Queues one response; false when the connection is done with (closing or closed).
+  bool send(Conn* c, const AdminResponse& resp, size_t content_length, bool keep_alive);
 
   uv_loop_t* loop_;
   Handler handler_;
   std::vector<Endpoint*> endpoints_;  // freed in their close callbacks
   std::vector<Conn*> conns_;
+  uint64_t next_ticket_ = 0;
   std::string socket_path_;           // to unlink at stop
   std::pair<uint64_t, uint64_t> socket_id_{0, 0};  // device and inode of the socket we bound
   char buf_[16 * 1024];               // read buffer, shared: one loop thread

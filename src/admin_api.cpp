@@ -9,6 +9,7 @@
 #include <ctime>
 #include <dirent.h>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "server.hpp"
@@ -126,11 +127,29 @@ AdminResponse Server::admin(const AdminServer::Request& req) {
     case K::reload: {
       if (phase_ != Phase::running) return text(503, "stopping\n");
       spdlog::info("reload requested through the admin API");
-      ReloadResult rr = reload();
-      std::string body = rr.ok ? "reloaded: generation " + std::to_string(rr.generation) + "\n"
-                               : "reload failed; still running generation " + std::to_string(rr.generation) + "\n";
-      for (const auto& e : rr.errors) body += e + "\n";
-      return text(rr.ok ? 200 : 422, body);
+      // Answered when the reload is done: at once with IP literals only, otherwise once
+      // host names are resolved (the response is deferred; the loop goes on meanwhile).
+      struct Answer {
+        bool deferred = false;
+        std::optional<AdminResponse> now;
+      };
+      auto answer = std::make_shared<Answer>();
+      reload([this, answer, ticket = req.ticket](const ReloadResult& rr) {
+        AdminResponse resp;
+        if (rr.abandoned) {
+          resp = text(503, "stopping: reload abandoned\n");
+        } else {
+          std::string body = rr.ok ? "reloaded: generation " + std::to_string(rr.generation) + "\n"
+                                   : "reload failed; still running generation " + std::to_string(rr.generation) + "\n";
+          for (const auto& e : rr.errors) body += e + "\n";
+          resp = text(rr.ok ? 200 : 422, body);
+        }
+        if (!answer->deferred) answer->now = std::move(resp);
+        else if (admin_) admin_->complete(ticket, std::move(resp));
+      });
+      if (answer->now) return std::move(*answer->now);
+      answer->deferred = true;
+      return AdminResponse::deferred();
     }
     case K::server_state:
       return change_server(r.pool, r.server, "state", req.body);

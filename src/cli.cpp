@@ -8,6 +8,7 @@
 
 #include "ctl.hpp"
 #include "log.hpp"
+#include "resolver.hpp"
 #include "server.hpp"
 #include "smtplb/config.hpp"
 #include "smtplb/version.hpp"
@@ -82,7 +83,9 @@ int run_cli(const std::vector<std::string>& args) {
     }
   }
 
-  ConfigLoad load = load_config_file(config_path);
+  // Host names are looked up here, before anything starts (and with --check, which
+  // reports an unresolvable one like any other error).
+  ConfigLoad load = resolve_config_now(load_config_file(config_path));
   if (!load.ok()) {
     for (const auto& e : load.errors) std::fprintf(stderr, "%s\n", e.to_string().c_str());
     if (!check) std::fprintf(stderr, "smtplb: configuration file %s has errors; not started\n", config_path.c_str());

@@ -1,7 +1,6 @@
 #include "smtplb/config.hpp"
 
 #include <arpa/inet.h>
-#include <netdb.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -135,6 +134,28 @@ bool valid_name(std::string_view name) {
 }
 constexpr const char* kNameRule = "1 to 64 characters among letters, digits, '_', '-', '.' and ':'";
 
+// A DNS name as resolvers take it: dot-separated labels of 1 to 63 letters, digits, '-'
+// (not first or last) or '_' (service-style names), 253 characters at most, and an
+// optional final dot. Spaces, control characters, empty labels ("a..b") never reach a
+// resolver.
+bool valid_host_name(std::string_view name) {
+  if (!name.empty() && name.back() == '.') name.remove_suffix(1);
+  if (name.empty() || name.size() > 253) return false;
+  size_t start = 0;
+  while (start <= name.size()) {
+    size_t end = name.find('.', start);
+    if (end == std::string_view::npos) end = name.size();
+    const std::string_view label = name.substr(start, end - start);
+    if (label.empty() || label.size() > 63 || label.front() == '-' || label.back() == '-') return false;
+    for (char c : label)
+      if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_'))
+        return false;
+    start = end + 1;
+  }
+  return true;
+}
+constexpr const char* kHostRule = "labels of letters, digits, '-' and '_' separated by dots";
+
 // Values that mean "feature off" for keys not implemented yet; types must match exactly.
 using Inert = std::function<bool(const toml::node&)>;
 Inert inert_integer(int64_t want) {
@@ -187,8 +208,10 @@ class Loader {
   void parse_health_check(const toml::node& n, PoolConfig& p);
   void parse_server(const toml::node& n, PoolConfig& p, std::set<std::string>& names);
 
-  bool resolve(const toml::node& where, const std::string& host, uint16_t port, bool numeric_only,
-               SocketAddress& out);
+  // Parses an IP literal into `out`. With `is_name` (server addresses) a host name is
+  // accepted too, checked for its form only, and *is_name set: loading does no DNS.
+  bool address(const toml::node& where, const std::string& host, uint16_t port, bool numeric_only,
+               SocketAddress& out, bool* is_name = nullptr);
 
   std::string file_;
   std::vector<ConfigError> errors_;
@@ -276,8 +299,8 @@ std::optional<E> Loader::choice(const toml::node& n, std::string_view key,
   return std::nullopt;
 }
 
-bool Loader::resolve(const toml::node& where, const std::string& host, uint16_t port, bool numeric_only,
-                     SocketAddress& out) {
+bool Loader::address(const toml::node& where, const std::string& host, uint16_t port, bool numeric_only,
+                     SocketAddress& out, bool* is_name) {
   if (host.find('\0') != std::string::npos) {
     error(where, "address must not contain a NUL character");
     return false;
@@ -296,25 +319,19 @@ bool Loader::resolve(const toml::node& where, const std::string& host, uint16_t 
     return true;
   }
   const bool looks_numeric = !host.empty() && host.find_first_not_of("0123456789.") == std::string::npos;
-  if (numeric_only || looks_numeric) {
-    error(where, "'" + host + "' is not a valid IP address" +
+  if (numeric_only || looks_numeric || !is_name) {
+    error(where, "'" + printable(host, 64) + "' is not a valid IP address" +
                      std::string(numeric_only ? " (listeners bind to addresses, e.g. \"0.0.0.0\" or \"::\")" : ""));
     return false;
   }
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_ADDRCONFIG;
-  addrinfo* res = nullptr;
-  int rc = getaddrinfo(host.c_str(), nullptr, &hints, &res);
-  if (rc != 0 || !res) {
-    error(where, "cannot resolve '" + host + "': " + gai_strerror(rc));
+  // A host name: only its form is checked here; the control loop looks it up (off the
+  // loop) before the configuration is used, and reports a failure at this position.
+  if (!valid_host_name(host)) {
+    error(where, "'" + printable(host, 64) + "' is neither an IP address nor a valid host name (" + kHostRule + ")");
     return false;
   }
-  std::memcpy(&out.storage, res->ai_addr, res->ai_addrlen);
-  out.len = res->ai_addrlen;
-  out.set_port(port);
-  freeaddrinfo(res);
+  out = SocketAddress{};
+  *is_name = true;
   return true;
 }
 
@@ -414,7 +431,7 @@ void Loader::parse_admin(const toml::node& n, Config& c) {
                                          std::stoul(port) <= 65535;
                     if (host.empty() || !port_ok)
                       return error(v, "admin.listen must be \"ADDRESS:PORT\", e.g. \"127.0.0.1:9925\"");
-                    if (resolve(v, host, uint16_t(std::stoul(port)), true, c.admin_listen)) c.admin.listen = *x;
+                    if (address(v, host, uint16_t(std::stoul(port)), true, c.admin_listen)) c.admin.listen = *x;
                   }},
              });
 }
@@ -505,7 +522,7 @@ void Loader::parse_listener(const std::string& name, const toml::node& n, Config
   if (!t->contains("address")) error(n, "[" + section + "] needs 'address'");
   if (!t->contains("pool")) error(n, "[" + section + "] needs 'pool'");
   // Kept even when the address is bad, so the pool reference is still checked.
-  if (address_node) resolve(*address_node, l.address, l.port, true, l.bind);
+  if (address_node) address(*address_node, l.address, l.port, true, l.bind);
   c.listeners.push_back(std::move(l));
 }
 
@@ -642,7 +659,11 @@ void Loader::parse_server(const toml::node& n, PoolConfig& p, std::set<std::stri
     if (!t->contains("address")) error(n, "server '" + s.name + "' in pool '" + p.name + "' needs 'address'");
     ok = false;
   }
-  if (ok && !resolve(*address_node, s.address, s.port, false, s.addr)) ok = false;
+  if (ok) {
+    ok = address(*address_node, s.address, s.port, false, s.addr, &s.needs_resolution);
+    s.address_line = address_node->source().begin.line;
+    s.address_column = address_node->source().begin.column;
+  }
   if (ok) p.servers.push_back(std::move(s));
 }
 

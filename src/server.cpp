@@ -12,6 +12,7 @@
 #include "listener.hpp"
 #include "log.hpp"
 #include "smtplb/cpus.hpp"
+#include "smtplb/resolve_plan.hpp"
 #include "smtplb/version.hpp"
 #include "uv_util.hpp"
 
@@ -162,28 +163,91 @@ void Server::retire_checker(ServerRuntime* s) {
   checkers_.erase(it);
 }
 
-Server::ReloadResult Server::reload() {
-  ReloadResult result;
-  result.generation = generation_;
+void Server::reload(ReloadDone done) {
+  if (phase_ != Phase::running) {
+    ReloadResult r;
+    r.abandoned = true;
+    r.generation = generation_;
+    if (done) done(r);
+    return;
+  }
+  if (resolver_.busy()) {
+    if (!reload_again_) spdlog::info("reload requested while the previous one waits for host names: it follows");
+    reload_again_ = true;
+    if (done) next_waiters_.push_back(std::move(done));
+    return;
+  }
+  if (done) reload_waiters_.push_back(std::move(done));
+  start_reload();
+}
+
+void Server::start_reload() {
   notifier_.reloading();
   spdlog::info("reloading configuration from {}", config_->path);
-  auto fail = [&](std::vector<std::string> errors) {
-    ++reloads_failed_;
-    last_reload_ok_ = false;
-    for (const auto& e : errors) spdlog::error("reload: {}", e);
-    spdlog::error("reload failed ({} errors); still running generation {}", errors.size(), generation_);
-    notifier_.ready("reload failed (" + std::to_string(errors.size()) + " errors); generation " +
-                    std::to_string(generation_) + " running");
-    result.errors = std::move(errors);
-    return result;
-  };
   ConfigLoad load = load_config_file(config_->path);
   if (!load.ok()) {
     std::vector<std::string> errors;
     for (const auto& e : load.errors) errors.push_back(e.to_string());
-    return fail(std::move(errors));
+    return answer_reload(fail_reload(std::move(errors)));
   }
-  auto cfg = load.config;
+  std::vector<std::string> hosts = hosts_to_resolve(*load.config);
+  if (hosts.empty()) return answer_reload(apply_reload(load.config));
+  std::string list;
+  for (const auto& h : hosts) list += (list.empty() ? "" : ", ") + h;
+  spdlog::info("reload: resolving {} host name{}: {}", hosts.size(), hosts.size() == 1 ? "" : "s", list);
+  resolver_.start(std::move(hosts), kResolveTimeout, [this, cfg = load.config](std::vector<HostLookup> lookups) {
+    ConfigLoad resolved = apply_lookups(*cfg, lookups);
+    if (!resolved.ok()) {
+      std::vector<std::string> errors;
+      for (const auto& e : resolved.errors) errors.push_back(e.to_string());
+      return answer_reload(fail_reload(std::move(errors)));
+    }
+    answer_reload(apply_reload(resolved.config));
+  });
+}
+
+void Server::answer_reload(const ReloadResult& r) {
+  std::vector<ReloadDone> waiters;
+  waiters.swap(reload_waiters_);
+  for (auto& w : waiters) w(r);
+  if (reload_again_ && phase_ == Phase::running && !resolver_.busy()) {
+    reload_again_ = false;
+    reload_waiters_.swap(next_waiters_);
+    start_reload();
+  }
+}
+
+void Server::abandon_reload() {
+  if (!resolver_.busy() && !reload_again_) return;
+  resolver_.cancel();
+  reload_again_ = false;
+  spdlog::info("reload abandoned: stopping");
+  ReloadResult r;
+  r.abandoned = true;
+  r.generation = generation_;
+  std::vector<ReloadDone> waiters;
+  waiters.swap(reload_waiters_);
+  for (auto& w : next_waiters_) waiters.push_back(std::move(w));
+  next_waiters_.clear();
+  for (auto& w : waiters) w(r);
+}
+
+Server::ReloadResult Server::fail_reload(std::vector<std::string> errors) {
+  ReloadResult result;
+  result.generation = generation_;
+  ++reloads_failed_;
+  last_reload_ok_ = false;
+  for (const auto& e : errors) spdlog::error("reload: {}", e);
+  spdlog::error("reload failed ({} errors); still running generation {}", errors.size(), generation_);
+  notifier_.ready("reload failed (" + std::to_string(errors.size()) + " errors); generation " +
+                  std::to_string(generation_) + " running");
+  result.errors = std::move(errors);
+  return result;
+}
+
+Server::ReloadResult Server::apply_reload(std::shared_ptr<const Config> cfg) {
+  ReloadResult result;
+  result.generation = generation_;
   if (cfg->global.workers != config_->global.workers)
     spdlog::warn("reload: global.workers changed to {}; it takes effect at the next restart ({} workers run)",
                  cfg->global.workers, worker_count_);
@@ -195,26 +259,23 @@ Server::ReloadResult Server::reload() {
   auto next = build_snapshot(cfg, generation_ + 1, snapshot_.get(), &plan);
   // New listeners get their sockets now; a failure leaves everything as it was.
   std::vector<ListenerRuntime*> bound;
-  for (auto& lr : next->listeners) {
-    const bool kept = std::any_of(snapshot_->listeners.begin(), snapshot_->listeners.end(),
-                                  [&](const auto& ol) { return ol->state == lr->state; });
-    if (kept) continue;
+  for (size_t li = 0; li < next->listeners.size(); ++li) {
+    if (plan.listeners[li]) continue;  // kept: the workers keep their sockets
+    ListenerRuntime& lr = *next->listeners[li];
     std::string error;
-    if (!bind_listener(*lr, worker_count_, error)) {
+    if (!bind_listener(lr, worker_count_, error)) {
       for (ListenerRuntime* b : bound) close_listener_fds(*b);
-      return fail({error});
+      return fail_reload({error});
     }
-    bound.push_back(lr.get());
+    bound.push_back(&lr);
   }
 
   // From here on the reload cannot fail.
   apply_settings(*next);
   set_log_level(level_override_.value_or(cfg->log.level));
-  std::set<ServerRuntime*> present;
-  size_t added = 0, removed = 0;
-  for (const auto& p : next->pools)
+  for (size_t pi = 0; pi < next->pools.size(); ++pi) {
+    const PoolRuntime& p = next->pools[pi];
     for (const auto& s : p.servers) {
-      present.insert(s.get());
       auto it = checkers_.find(s.get());
       const bool maint = s->admin.load() == AdminState::maint;
       if (it != checkers_.end() && maint) {
@@ -224,29 +285,20 @@ Server::ReloadResult Server::reload() {
       } else if (it != checkers_.end()) {
         it->second->reconfigure(p.cfg->health_check, p.cfg->proxy_protocol);
       } else {
-        const bool fresh = std::none_of(snapshot_->pools.begin(), snapshot_->pools.end(), [&](const PoolRuntime& op) {
-          return std::find(op.servers.begin(), op.servers.end(), s) != op.servers.end();
-        });
-        added += fresh;
-        start_checker(s, *p.cfg, rng_() % 100);
+        start_checker(s, *p.cfg, rng_() % 100);  // new, or back from maint
       }
     }
-  for (const auto& p : snapshot_->pools)
-    for (const auto& s : p.servers)
-      if (!present.count(s.get())) {
-        ++removed;
-        retire_checker(s.get());
-        spdlog::info("server {} removed: no new sessions; {} open ones run to their end", s->label,
-                     s->active.load());
-      }
-  size_t listeners_added = bound.size(), listeners_removed = 0;
-  for (const auto& ol : snapshot_->listeners)
-    if (std::none_of(next->listeners.begin(), next->listeners.end(),
-                     [&](const auto& lr) { return lr->state == ol->state; })) {
-      ++listeners_removed;
-      spdlog::info("listener {} on {} removed: it stops accepting; its sessions run to their end", ol->cfg->name,
-                   ol->bound.to_string());
-    }
+  }
+  for (const auto& [pi, si] : plan.removed_servers) {
+    const auto& s = snapshot_->pools[pi].servers[si];
+    retire_checker(s.get());
+    spdlog::info("server {} removed: no new sessions; {} open ones run to their end", s->label, s->active.load());
+  }
+  for (size_t li : plan.removed_listeners) {
+    const ListenerRuntime& ol = *snapshot_->listeners[li];
+    spdlog::info("listener {} on {} removed: it stops accepting; its sessions run to their end", ol.cfg->name,
+                 ol.bound.to_string());
+  }
   for (ListenerRuntime* lr : bound)
     spdlog::info("listener {} listening on {} for pool {} ({} workers)", lr->cfg->name, lr->bound.to_string(),
                  lr->cfg->pool, worker_count_);
@@ -261,7 +313,8 @@ Server::ReloadResult Server::reload() {
   generation_loaded_ms_ = wall_ms();
   for (auto& w : workers_) w->publish(next);
   spdlog::info("configuration reloaded: generation {} ({} servers added, {} removed; {} listeners added, {} removed)",
-               generation_, added, removed, listeners_added, listeners_removed);
+               generation_, plan.added_servers(), plan.removed_servers.size(), plan.added_listeners(),
+               plan.removed_listeners.size());
   notifier_.ready("generation " + std::to_string(generation_) + " loaded");
   result.ok = true;
   result.generation = generation_;
@@ -294,6 +347,7 @@ void Server::begin_stop() {
     return;
   }
   phase_ = Phase::draining;
+  abandon_reload();
   notifier_.stopping();
   const auto grace = config_->global.shutdown_grace;
   spdlog::info("stopping: listeners closed, {} open sessions may finish within shutdown_grace {}",
@@ -340,6 +394,14 @@ void Server::finish_if_done() {
   if (admin_) admin_->stop();
   uv_close(as_handle(&control_wake_), nullptr);
   uv_close(as_handle(&grace_timer_), nullptr);
+  close_signals();
+}
+
+void Server::close_signals() {
+  // A lookup abandoned at stop may still run on its thread (it cannot be stopped), and
+  // the loop ends only after it comes back. Closing the signal handles restores the
+  // default actions: until then a second SIGTERM must reach on_signal, not kill us.
+  if (resolver_.in_flight() > 0) return resolver_.when_idle([this] { close_signals(); });
   for (auto& s : signals_) uv_close(as_handle(&s), nullptr);
 }
 

@@ -4,6 +4,7 @@
 // data path.
 #include <uv.h>
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -13,6 +14,7 @@
 #include "admin.hpp"
 #include "health_check.hpp"
 #include "log_writer.hpp"
+#include "resolver.hpp"
 #include "server_pool.hpp"
 #include "systemd.hpp"
 #include "worker.hpp"
@@ -31,12 +33,19 @@ class Server {
 
   struct ReloadResult {
     bool ok = false;
+    bool abandoned = false;           // stopping: the reload was dropped before it applied
     std::vector<std::string> errors;  // "FILE:LINE:COL: message" or a runtime error
     uint64_t generation = 0;          // the generation running afterwards
   };
-  // Reads, validates and applies the configuration file; on any error the running
-  // configuration stays as it is.
-  ReloadResult reload();
+  using ReloadDone = std::function<void(const ReloadResult&)>;
+  // Reads and validates the configuration file at once; host names in it are then looked
+  // up off the loop (checks, signals and the admin API go on meanwhile), and the new
+  // snapshot is built and applied when every answer is in. On any error the running
+  // configuration stays as it is. `done` gets the outcome: inside this call when nothing
+  // needs resolving (IP literals only), later otherwise. A reload asked for while one
+  // waits for names is coalesced: one more runs after it, reading the file again, and
+  // answers everyone who asked meanwhile.
+  void reload(ReloadDone done = nullptr);
 
   // Admin API (src/admin_api.cpp): one entry point for both endpoints.
   AdminResponse admin(const AdminServer::Request& req);
@@ -52,11 +61,18 @@ class Server {
 
   enum class Phase { running, draining, stopped };
 
+  void start_reload();
+  ReloadResult fail_reload(std::vector<std::string> errors);
+  ReloadResult apply_reload(std::shared_ptr<const Config> cfg);
+  void answer_reload(const ReloadResult& r);
+  void abandon_reload();
+
   void on_signal(int signum);
   void begin_stop();
   void stop_now();
   void on_control_wake();
   void finish_if_done();
+  void close_signals();
   void raise_fd_limit();
   void start_checker(const std::shared_ptr<ServerRuntime>& s, const PoolConfig& pool, uint64_t delay_ms);
   void retire_checker(ServerRuntime* s);
@@ -85,6 +101,10 @@ class Server {
   int64_t generation_loaded_ms_ = 0;    // wall clock when the running generation loaded
   uint64_t reloads_ok_ = 0, reloads_failed_ = 0;
   bool last_reload_ok_ = true;
+  Resolver resolver_{&loop_};            // busy while a reload waits for host names
+  std::vector<ReloadDone> reload_waiters_;  // answered by the reload in progress
+  std::vector<ReloadDone> next_waiters_;    // answered by the coalesced one after it
+  bool reload_again_ = false;               // a reload was asked for while resolving
 };
 
 }  // namespace smtplb

@@ -1,6 +1,7 @@
 #pragma once
 // The validated, immutable configuration. Loading reports every problem at once, each
-// with file, line and column, and never yields a half-valid Config.
+// with file, line and column, and never yields a half-valid Config. Loading never looks
+// a host name up: server addresses written as names are resolved afterwards.
 #include <netinet/in.h>
 #include <sys/socket.h>
 
@@ -78,7 +79,7 @@ struct ListenerConfig {
   std::string name;
   std::string address;              // as written
   uint16_t port = 25;               // 0 = any free port (tests); the bound port is logged
-  SocketAddress bind;               // resolved
+  SocketAddress bind;               // parsed: listeners take IP literals only
   std::string pool;
   unsigned max_connections = 10000;
   Millis client_idle_timeout{300000};
@@ -102,7 +103,13 @@ struct ServerConfig {
   std::string name;
   std::string address;              // as written
   uint16_t port = 25;
-  SocketAddress addr;               // resolved at load
+  // An IP literal is parsed at load; a host name is not looked up there (loading does no
+  // DNS): needs_resolution says so, and the control loop fills `addr` off the loop
+  // (include/smtplb/resolve_plan.hpp) before the configuration is used.
+  SocketAddress addr;
+  bool needs_resolution = false;
+  uint32_t address_line = 0;        // where 'address' is written, for resolution errors
+  uint32_t address_column = 0;
   unsigned weight = 1;              // 0..256; 0 = no new sessions
   unsigned max_connections = 0;     // 0 = unlimited
   bool backup = false;              // used only while no non-backup server is usable
@@ -129,7 +136,7 @@ struct Config {
   GlobalConfig global;
   LogConfig log;
   AdminConfig admin;
-  SocketAddress admin_listen;               // resolved admin.listen
+  SocketAddress admin_listen;               // admin.listen parsed (an IP literal)
   std::vector<ListenerConfig> listeners;   // sorted by name
   std::vector<PoolConfig> pools;           // sorted by name
 

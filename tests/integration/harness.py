@@ -724,6 +724,8 @@ class Smtplb:
             sock = connect(lb.port())
 
     up / down: servers ("pool/name") whose UP / DOWN line must appear before the body runs.
+    wrapper: a command that execs smtplb in the end (its arguments follow it), so the PID
+    it starts with is smtplb's; e.g. unshare + mount for a private /etc/resolv.conf.
     On exit: SIGTERM, wait, SIGKILL by PID if needed; raises AssertionError when smtplb had
     died by itself, needed SIGKILL, exited non-zero or wrote a sanitizer report to its log
     (also when a test stopped it itself and accepted a non-zero exit), unless an exception
@@ -731,8 +733,9 @@ class Smtplb:
     """
 
     def __init__(self, config: str, *, up: Sequence[str] = (), down: Sequence[str] = (), args: Sequence[str] = (),
-                 start_timeout: float = STEP_TIMEOUT):
+                 start_timeout: float = STEP_TIMEOUT, wrapper: Sequence[str] = ()):
         self.config = config
+        self.wrapper = list(wrapper)
         self.up = list(up)
         self.down = list(down)
         self.args = list(args)
@@ -756,7 +759,7 @@ class Smtplb:
             f.write(self.config)
         self._logf = open(self.log_path, "wb")
         try:
-            self.proc = subprocess.Popen([SMTPLB_BIN, "-f", self.config_path, *self.args], stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([*self.wrapper, SMTPLB_BIN, "-f", self.config_path, *self.args], stdin=subprocess.DEVNULL,
                                          stdout=self._logf, stderr=subprocess.STDOUT)
             self.pid = self.proc.pid
             listeners = re.findall(r"^\[listener\.([^\]\s]+)\]", self.config, re.M)

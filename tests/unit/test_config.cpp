@@ -239,8 +239,15 @@ port = 65535
   CHECK(p.servers[1].name == "pf2");
   CHECK(p.servers[1].address == "localhost");
   CHECK(p.servers[1].weight == 0);
-  CHECK(p.servers[1].addr.port() == 25);
-  CHECK((p.servers[1].addr.family() == AF_INET || p.servers[1].addr.family() == AF_INET6));
+  CHECK(p.servers[1].port == 25);
+  // A host name is kept as a name: loading does no DNS. Its position is remembered for
+  // a resolution error later.
+  CHECK(p.servers[1].needs_resolution);
+  CHECK(p.servers[1].addr.len == 0);
+  CHECK(p.servers[1].address_line ==
+        uint32_t(std::count(text.begin(), text.begin() + long(text.find("address = \"localhost\"")), '\n') + 1));
+  CHECK(p.servers[1].address_column == 11);
+  CHECK_FALSE(p.servers[0].needs_resolution);
   // The relay pool has no ehlo_name: it falls back to global.hostname.
   CHECK(c.pools[1].health_check.ehlo_name == "lb1.example.net");
   CHECK(c.pools[1].servers[0].addr.to_string() == "10.1.2.3:65535");
@@ -383,7 +390,7 @@ TEST_CASE("config: pool and server problems") {
   expect_one_error(kListener + "[pool.pf]\n[[pool.pf.server]]\nname = \"a\"\n", 5, 1,
                    "server 'a' in pool 'pf' needs 'address'");
   expect_one_error(kListener + "[pool.pf]\n[[pool.pf.server]]\nname = \"a\"\naddress = \"bad..host.invalid\"\n", 7, 11,
-                   "cannot resolve 'bad..host.invalid'");
+                   "'bad..host.invalid' is neither an IP address nor a valid host name");
   auto r = load(kListener + "[pool.pf]\n[[pool.pf.server]]\nname = \"a\"\naddress = 127\n");
   INFO(dump(r));
   CHECK(has_error(r, 7, 11, "'address' must be a string"));
@@ -399,6 +406,50 @@ TEST_CASE("config: pool and server problems") {
   CHECK(v6.config->pools[0].servers[0].addr.family() == AF_INET6);
   expect_one_error(kListener + "[pool.pf]\nhealth_check = 5\n" + kPool.substr(10), 5, 16,
                    "[pool.pf.health_check] must be a table");
+}
+
+TEST_CASE("config: server host names are checked for form only, never looked up") {
+  auto server = [](const std::string& address) {
+    return kListener + "[pool.pf]\n[[pool.pf.server]]\nname = \"a\"\naddress = \"" + address + "\"\nport = 2525\n";
+  };
+  // Names are kept (even ones no resolver knows): the control loop looks them up later.
+  for (const char* name : {"mx1.example.net", "localhost", "mx1.example.net.", "no-such-host.invalid", "_smtp.x.y",
+                           "a1-b2.c3", "0x7f000001"}) {
+    auto r = load(server(name));
+    INFO(name << "\n" << dump(r));
+    REQUIRE(r.ok());
+    const auto& s = r.config->pools[0].servers[0];
+    CHECK(s.needs_resolution);
+    CHECK(s.address == name);
+    CHECK(s.addr.len == 0);
+    CHECK(s.port == 2525);
+    CHECK(s.address_line == 7);
+    CHECK(s.address_column == 11);
+  }
+  // Literals are parsed at load and need nothing more.
+  auto lit = load(server("192.0.2.7"));
+  REQUIRE(lit.ok());
+  CHECK_FALSE(lit.config->pools[0].servers[0].needs_resolution);
+  CHECK(lit.config->pools[0].servers[0].addr.to_string() == "192.0.2.7:2525");
+  // Malformed names never reach a resolver.
+  const std::string long_label(64, 'a');
+  std::string long_name;
+  for (int i = 0; i < 64; ++i) long_name += "abc.";
+  for (const std::string& bad : {std::string(""), std::string("mx 1.example.net"), std::string("a..b"),
+                                 std::string(".a"), std::string("-a.b"), std::string("a-.b"), std::string("a/b"),
+                                 std::string("a@b"), std::string("a\\tb"), long_label + ".net", long_name,
+                                 std::string("a..")}) {
+    auto r = load(server(bad));
+    INFO("'" << bad << "'\n" << dump(r));
+    CHECK_FALSE(r.ok());
+    CHECK(has_error(r, 7, 11, "is neither an IP address nor a valid host name"));
+  }
+  // Numeric-looking text is a bad literal, not a name.
+  expect_one_error(server("10.1"), 7, 11, "'10.1' is not a valid IP address");
+  expect_one_error(server("1.2.3.4.5"), 7, 11, "'1.2.3.4.5' is not a valid IP address");
+  // A NUL is refused before anything else.
+  auto nul = load(kListener + "[pool.pf]\n[[pool.pf.server]]\nname = \"a\"\naddress = \"a\\u0000b\"\n");
+  CHECK(has_error(nul, 7, 11, "must not contain a NUL"));
 }
 
 TEST_CASE("config: duplicate server names") {

@@ -1,0 +1,524 @@
+#!/usr/bin/env python3
+"""Server host names are resolved off the control loop: a slow DNS server delays only
+the reload that needs the answer. While a reload waits for a name, the admin API answers
+at once, health checks of the other servers keep running and clients keep being served;
+`POST /reload` answers when the reload is done (200, or 422 with FILE:LINE:COL errors);
+an unresolvable name fails the reload and keeps the running configuration; reloads asked
+for meanwhile are coalesced into one more; SIGTERM abandons a pending reload.
+
+How: smtplb runs in a private mount namespace (`unshare --mount`, as root; skipped
+otherwise) in which /etc/resolv.conf is a file naming a fake DNS server written here
+(UDP and TCP port 53 on 127.0.0.77, or the next free 127.0.0.x). It answers A queries
+for names under slow.test with 127.0.0.1 after DELAY seconds (other types: no data,
+also after DELAY) and NXDOMAIN at once for every other name. The namespace lives as long
+as the smtplb process (nothing is mounted outside it). Every wait is bounded; everything
+started is stopped by PID / closed, also on failure.
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from harness import (CHECK_EHLO, HOSTNAME, SMTPLB_BIN, STEP_TIMEOUT, SmtpClient, TestCase, main, recv_until_eof,  # noqa: E402
+                     server_of, toml_value, wait_until)
+
+SLOW_ZONE = "slow.test"
+DELAY = 4.0             # seconds the fake DNS server takes for names under slow.test
+FAST = 1.0              # what "answers at once" means on a busy machine
+RELOADED_RE = r"configuration reloaded: generation (\d+)"
+
+
+# --------------------------------------------------------------------------------------
+# a fake DNS server
+# --------------------------------------------------------------------------------------
+
+
+def _parse_query(data):
+    """(id, flags, lower-case name, qtype, question bytes) or None."""
+    if len(data) < 12:
+        return None
+    qid, flags, qdcount = struct.unpack("!HHH", data[:6])
+    if qdcount != 1:
+        return None
+    pos, labels = 12, []
+    while pos < len(data):
+        n = data[pos]
+        pos += 1
+        if n == 0:
+            break
+        labels.append(data[pos:pos + n].decode("ascii", "replace"))
+        pos += n
+    if pos + 4 > len(data):
+        return None
+    qtype = struct.unpack("!H", data[pos:pos + 2])[0]
+    return qid, flags, ".".join(labels).lower(), qtype, data[12:pos + 4]
+
+
+def _response(qid, flags, question, rcode, addresses=()):
+    # QR, AA, RA, the client's RD; one question; A records pointing at the question name.
+    header = struct.pack("!HHHHHH", qid, 0x8000 | 0x0400 | 0x0080 | (flags & 0x0100) | rcode, 1,
+                         len(addresses), 0, 0)
+    body = question
+    for ip in addresses:
+        body += b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(ip)
+    return header + body
+
+
+class FakeDns:
+    """UDP and TCP on HOST:53. `names` maps a name to the IPv4 address it answers after
+    `delay` seconds; names under slow.test not in `names` answer 127.0.0.1; all others
+    NXDOMAIN at once. `queries` records (time, name, qtype); `answered` (time, name, qtype)."""
+
+    def __init__(self, delay=DELAY):
+        self.delay = delay
+        self.names = {}
+        self.queries = []
+        self.answered = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.timers = []
+        self.threads = []
+        self.udp = self.tcp = None
+        for last in range(77, 100):
+            host = "127.0.0.%d" % last
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                udp.bind((host, 53))
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                tcp.bind((host, 53))
+                tcp.listen(16)
+            except OSError:
+                udp.close()
+                tcp.close()
+                continue
+            self.host, self.udp, self.tcp = host, udp, tcp
+            break
+        if not self.udp:
+            raise unittest.SkipTest("no free port 53 on 127.0.0.77..99 for the fake DNS server")
+        self.udp.settimeout(0.1)
+        self.tcp.settimeout(0.1)
+        for target in (self._udp_loop, self._tcp_loop):
+            t = threading.Thread(target=target, daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def close(self):
+        self.stopping.set()
+        with self.lock:
+            for t in self.timers:
+                t.cancel()
+        for t in self.threads:
+            t.join(5)
+        self.udp.close()
+        self.tcp.close()
+
+    def queried(self, name):
+        with self.lock:
+            return [q for q in self.queries if q[1] == name]
+
+    def was_answered(self, name):
+        with self.lock:
+            return [a for a in self.answered if a[1] == name]
+
+    def _answer(self, data, send):
+        q = _parse_query(data)
+        if not q:
+            return
+        qid, flags, name, qtype, question = q
+        with self.lock:
+            self.queries.append((time.monotonic(), name, qtype))
+        if name == SLOW_ZONE or name.endswith("." + SLOW_ZONE):
+            addr = self.names.get(name, "127.0.0.1")
+            reply = _response(qid, flags, question, 0, [addr] if qtype == 1 else [])
+
+            def later():
+                if self.stopping.is_set():
+                    return
+                with self.lock:
+                    self.answered.append((time.monotonic(), name, qtype))
+                try:
+                    send(reply)
+                except OSError:
+                    pass
+
+            t = threading.Timer(self.delay, later)
+            t.daemon = True
+            with self.lock:
+                self.timers.append(t)
+            t.start()
+        else:
+            with self.lock:
+                self.answered.append((time.monotonic(), name, qtype))
+            send(_response(qid, flags, question, 3))
+
+    def _udp_loop(self):
+        while not self.stopping.is_set():
+            try:
+                data, peer = self.udp.recvfrom(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self._answer(data, lambda reply, peer=peer: self.udp.sendto(reply, peer))
+
+    def _tcp_loop(self):
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.tcp.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._tcp_conn, args=(conn,), daemon=True)
+            t.start()
+
+    def _tcp_conn(self, conn):
+        conn.settimeout(0.2)
+        buf = b""
+        lock = threading.Lock()
+
+        def send(reply):
+            with lock:
+                conn.sendall(struct.pack("!H", len(reply)) + reply)
+
+        try:
+            while not self.stopping.is_set():
+                try:
+                    chunk = conn.recv(4096)
+                except socket.timeout:
+                    continue
+                if not chunk:
+                    break
+                buf += chunk
+                while len(buf) >= 2 and len(buf) >= 2 + struct.unpack("!H", buf[:2])[0]:
+                    n = struct.unpack("!H", buf[:2])[0]
+                    self._answer(buf[2:2 + n], send)
+                    buf = buf[2 + n:]
+        except OSError:
+            pass
+        finally:
+            conn.close()  # answers still due fail to send (OSError, ignored)
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def namespace_problem():
+    """Why smtplb cannot run in a private mount namespace here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (unshare --mount and a bind mount over /etc/resolv.conf)"
+    for tool in ("unshare", "mount", "sh"):
+        if not shutil.which(tool):
+            return "%s is missing" % tool
+    r = subprocess.run(["unshare", "--mount", "--", "true"], capture_output=True, text=True, timeout=STEP_TIMEOUT)
+    if r.returncode != 0:
+        return "unshare --mount does not work here: %s" % r.stderr.strip()
+    return None
+
+
+def table(header, values):
+    return "\n".join([header] + ["%s = %s" % (k, toml_value(v)) for k, v in values.items()]) + "\n"
+
+
+def config(servers, admin_path, interval="200ms"):
+    """One listener, one pool p; servers: (name, address, port[, extra])."""
+    out = [table("[global]", {"hostname": HOSTNAME, "workers": 1}),
+           table("[log]", {"level": "info", "access_log": True}),
+           '[admin]\nsocket = "%s"\nlisten = ""\n' % admin_path,
+           table("[listener.mx]", {"address": "127.0.0.1", "port": 0, "pool": "p"}),
+           table("[pool.p]", {"algorithm": "roundrobin", "retries": 3, "connect_timeout": "2s",
+                              "banner_timeout": "3s"}),
+           table("[pool.p.health_check]", {"interval": interval, "timeout": "2s", "rise": 1, "fall": 2,
+                                           "ehlo_name": CHECK_EHLO})]
+    for s in servers:
+        d = {"name": s[0], "address": s[1], "port": s[2]}
+        if len(s) > 3:
+            d.update(s[3])
+        out.append(table("[[pool.p.server]]", d))
+    return "\n".join(out)
+
+
+def write_config(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def admin(path, method, target, timeout=STEP_TIMEOUT + DELAY):
+    """One request on its own connection: (status, body text, seconds taken)."""
+    start = time.monotonic()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        s.sendall(("%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                   % (method, target)).encode())
+        raw = recv_until_eof(s, timeout=timeout)
+    finally:
+        s.close()
+    took = time.monotonic() - start
+    head, _, body = raw.partition(b"\r\n\r\n")
+    m = re.match(rb"HTTP/1\.1 (\d+) ", head)
+    if not m:
+        raise AssertionError("not an HTTP response: %r" % raw[:200])
+    return int(m.group(1)), body.decode("utf-8", "replace"), took
+
+
+class Background:
+    """Runs fn() on a thread; result() waits for its value (or re-raises)."""
+
+    def __init__(self, fn):
+        self.value = self.error = None
+        self.done_at = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn):
+        try:
+            self.value = fn()
+        except BaseException as e:  # noqa: B902 - handed to the test thread
+            self.error = e
+        self.done_at = time.monotonic()
+
+    def done(self):
+        return not self.thread.is_alive()
+
+    def result(self, timeout=STEP_TIMEOUT + DELAY):
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise AssertionError("background call still running after %.1fs" % timeout)
+        if self.error:
+            raise self.error
+        return self.value
+
+
+def greet(port):
+    c = SmtpClient(port)
+    try:
+        name = server_of(c.greeting())
+        c.quit()
+        return name
+    finally:
+        c.close()
+
+
+# --------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------
+
+
+class SlowResolverTest(TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        why = namespace_problem()
+        if why:
+            raise unittest.SkipTest(why)
+
+    def setUp(self):
+        self.dns = FakeDns()
+        self.addCleanup(self.dns.close)
+        self.dir = tempfile.mkdtemp(prefix="smtplb-resolve-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.resolv = os.path.join(self.dir, "resolv.conf")
+        with open(self.resolv, "w") as f:
+            # One try, long enough for the slow answers: the delay is the fake server's.
+            f.write("nameserver %s\noptions timeout:%d attempts:1\n" % (self.dns.host, int(DELAY) + 3))
+        self.admin_path = os.path.join(self.dir, "admin.sock")
+        self.s1 = self.fake("s1")
+        self.s2 = self.fake("s2")
+
+    def wrapper(self):
+        return ["unshare", "--mount", "--", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
+                self.resolv]
+
+    def start(self, servers, **kw):
+        return self.smtplb(config(servers, self.admin_path), wrapper=self.wrapper(), **kw)
+
+    def run_lb(self, text, *args):
+        path = os.path.join(self.dir, "run.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        return path, subprocess.run([*self.wrapper(), SMTPLB_BIN, *args, "-f", path], stdin=subprocess.DEVNULL,
+                                    capture_output=True, text=True, timeout=DELAY + STEP_TIMEOUT)
+
+    def test_start_and_check_resolve_names_first(self):
+        """The start and --check resolve names before anything else: an unresolvable one
+        is a FILE:LINE:COL error (exit 78, not started); a slow one delays the start."""
+        text = config([("s1", "127.0.0.1", self.s1.port), ("s3", "nope.invalid-zone.test", 2525)], self.admin_path)
+        line = text.splitlines().index('address = "nope.invalid-zone.test"') + 1
+        for args in (["--check"], []):
+            path, r = self.run_lb(text, *args)
+            self.assertEqual(r.returncode, 78, r)
+            self.assertRegex(r.stderr, r"(?m)^%s:%d:11: cannot resolve 'nope\.invalid-zone\.test': \S"
+                             % (re.escape(path), line))
+            if not args:
+                self.assertIn("not started", r.stderr)
+        path, r = self.run_lb(config([("s2", "mx1.slow.test", self.s2.port)], self.admin_path), "--check", "-q")
+        self.assertEqual((r.returncode, r.stdout, r.stderr), (0, "", ""))
+        lb = self.start([("s2", "mx1.slow.test", self.s2.port)], up=["p/s2"], start_timeout=DELAY + STEP_TIMEOUT)
+        self.assertEqual(greet(lb.port()), "s2")
+
+    def wait_query(self, name):
+        return wait_until(lambda: self.dns.queried(name), STEP_TIMEOUT, "a DNS query for %s" % name)[0][0]
+
+    def test_loop_keeps_running_while_a_name_resolves(self):
+        lb = self.start([("s1", "127.0.0.1", self.s1.port)], up=["p/s1"])
+        write_config(lb.config_path, config([("s1", "127.0.0.1", self.s1.port),
+                                             ("s2", "mx1.slow.test", self.s2.port)], self.admin_path))
+        sent = time.monotonic()
+        reload_call = Background(lambda: admin(self.admin_path, "POST", "/reload"))
+        asked = self.wait_query("mx1.slow.test")
+        checks_before = len(self.s1.checks())
+        # Within the DNS delay: the API answers at once, again and again, and s1 keeps
+        # being checked (every 200 ms) and serving clients.
+        slowest = 0.0
+        probes = 0
+        while time.monotonic() < asked + DELAY - 1.2:
+            for target in ("/status", "/metrics"):
+                status, body, took = admin(self.admin_path, "GET", target)
+                self.assertEqual(status, 200, body)
+                slowest = max(slowest, took)
+                probes += 1
+            self.assertEqual(greet(lb.port()), "s1")
+            time.sleep(0.1)
+        checks_during = len(self.s1.checks()) - checks_before
+        self.assertLess(slowest, FAST, "the admin API waited for the resolver (%.2fs)" % slowest)
+        self.assertGreaterEqual(checks_during, 4, "s1's health checks stopped while the name resolved")
+        self.assertGreaterEqual(probes, 4)
+        self.assertFalse(self.dns.was_answered("mx1.slow.test"), "the probes were not all inside the DNS delay")
+        self.assertFalse(reload_call.done(), "POST /reload answered before the name was resolved")
+
+        status, body, took = reload_call.result()
+        self.assertEqual((status, body), (200, "reloaded: generation 2\n"))
+        self.assertGreaterEqual(reload_call.done_at - sent, DELAY - 0.5, "answered before the reload completed")
+        lb.wait_log(r"server p/s2 is UP")
+        wait_until(lambda: "s2" in {greet(lb.port()) for _ in range(4)}, STEP_TIMEOUT, "a session on s2")
+        status, body, _ = admin(self.admin_path, "GET", "/status")
+        self.assertIn('"address":"127.0.0.1:%d"' % self.s2.port, body)
+
+    def test_unresolvable_name_fails_the_reload_and_keeps_the_configuration(self):
+        lb = self.start([("s1", "127.0.0.1", self.s1.port)], up=["p/s1"])
+        text = config([("s1", "127.0.0.1", self.s1.port), ("s3", "nope.invalid-zone.test", 2525),
+                       ("s2", "mx1.slow.test", self.s2.port)], self.admin_path)
+        write_config(lb.config_path, text)
+        lines = text.splitlines()
+        line = next(i for i, ln in enumerate(lines) if ln == 'address = "nope.invalid-zone.test"') + 1
+        status, body, _ = admin(self.admin_path, "POST", "/reload")
+        self.assertEqual(status, 422, body)
+        got = body.splitlines()
+        self.assertEqual(got[0], "reload failed; still running generation 1", body)
+        self.assertEqual(len(got), 2, body)
+        self.assertRegex(got[1], r"^%s:%d:11: cannot resolve 'nope\.invalid-zone\.test': \S"
+                         % (re.escape(lb.config_path), line))
+        lb.wait_log(r"reload failed \(1 errors\); still running generation 1")
+        status, body, _ = admin(self.admin_path, "GET", "/status")
+        self.assertIn('"generation":1', body)
+        self.assertIn('"last_reload_successful":false', body)
+        self.assertNotIn('"name":"s2"', body)
+        self.assertEqual({greet(lb.port()) for _ in range(3)}, {"s1"})
+
+    def test_reloads_asked_for_while_resolving_are_coalesced(self):
+        """Two more SIGHUPs and a POST /reload while a reload waits for DNS: one more
+        reload follows, reading the file again (the last version wins)."""
+        lb = self.start([("s1", "127.0.0.1", self.s1.port)], up=["p/s1"])
+        write_config(lb.config_path, config([("s1", "127.0.0.1", self.s1.port),
+                                             ("s2", "mx1.slow.test", self.s2.port)], self.admin_path))
+        os.kill(lb.pid, signal.SIGHUP)
+        self.wait_query("mx1.slow.test")
+        write_config(lb.config_path, config([("s1", "127.0.0.1", self.s1.port, {"weight": 3}),
+                                             ("s2", "mx1.slow.test", self.s2.port)], self.admin_path))
+        os.kill(lb.pid, signal.SIGHUP)
+        time.sleep(0.2)
+        os.kill(lb.pid, signal.SIGHUP)
+        status, body, _ = admin(self.admin_path, "POST", "/reload")
+        # Answered by the coalesced reload: generation 3, with weight 3.
+        self.assertEqual((status, body), (200, "reloaded: generation 3\n"))
+        lb.wait_log(RELOADED_RE, count=2)
+        time.sleep(0.3)
+        self.assertEqual(len(re.findall(RELOADED_RE, lb.log())), 2, lb.log())
+        status, body, _ = admin(self.admin_path, "GET", "/status")
+        self.assertIn('"generation":3', body)
+        self.assertRegex(body, r'"name":"s1","address":"127\.0\.0\.1:%d",[^}]*"weight":3' % self.s1.port)
+
+    def test_requests_behind_a_pending_reload_wait_and_a_vanished_client_is_harmless(self):
+        """A GET pipelined behind a resolving POST /reload on the same connection is
+        answered after it, in order (and sees the new generation). A client that closes
+        while its reload resolves does not disturb anything. `smtplb ctl reload` waits
+        for the outcome."""
+        lb = self.start([("s1", "127.0.0.1", self.s1.port)], up=["p/s1"])
+        write_config(lb.config_path, config([("s1", "127.0.0.1", self.s1.port),
+                                             ("s2", "mx1.slow.test", self.s2.port)], self.admin_path))
+        gone = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        gone.connect(self.admin_path)
+        gone.sendall(b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        self.wait_query("mx1.slow.test")
+        gone.close()
+
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(s.close)
+        s.settimeout(STEP_TIMEOUT)
+        s.connect(self.admin_path)
+        start = time.monotonic()
+        s.sendall(b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+                  b"GET /status?format=text HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        # Meanwhile other connections are answered at once.
+        status, _, took = admin(self.admin_path, "GET", "/healthz")
+        self.assertEqual(status, 200)
+        self.assertLess(took, FAST)
+        raw = recv_until_eof(s, timeout=2 * DELAY + STEP_TIMEOUT)
+        statuses = re.findall(rb"HTTP/1\.1 (\d+) ", raw)
+        self.assertEqual(statuses, [b"200", b"200", b"200"], raw)
+        parts = raw.split(b"HTTP/1.1 ")
+        # The first reload (the vanished client's) ran; this one was coalesced after it.
+        self.assertIn(b"reloaded: generation 3\n", parts[1])
+        self.assertIn(b"generation 3", parts[2])
+        self.assertIn(b"ok\n", parts[3])
+        self.assertGreaterEqual(time.monotonic() - start, DELAY / 2)
+        self.assertEqual(len(re.findall(RELOADED_RE, lb.log())), 2)
+
+        write_config(lb.config_path, config([("s2", "mx1.slow.test", self.s2.port, {"weight": 2})], self.admin_path))
+        start = time.monotonic()
+        r = subprocess.run([SMTPLB_BIN, "ctl", "--socket", self.admin_path, "reload"], capture_output=True, text=True,
+                           timeout=DELAY + STEP_TIMEOUT)
+        self.assertEqual((r.returncode, r.stdout), (0, "reloaded: generation 4\n"), r)
+        self.assertGreaterEqual(time.monotonic() - start, DELAY - 0.5)
+        self.assertTrue(lb.alive())
+
+    def test_sigterm_abandons_a_pending_reload(self):
+        lb = self.start([("s1", "127.0.0.1", self.s1.port)], up=["p/s1"])
+        write_config(lb.config_path, config([("s1", "127.0.0.1", self.s1.port),
+                                             ("s2", "mx1.slow.test", self.s2.port)], self.admin_path))
+        reload_call = Background(lambda: admin(self.admin_path, "POST", "/reload"))
+        self.wait_query("mx1.slow.test")
+        time.sleep(0.3)
+        stopped = time.monotonic()
+        os.kill(lb.pid, signal.SIGTERM)
+        status, body, took = reload_call.result()
+        self.assertEqual((status, body), (503, "stopping: reload abandoned\n"))
+        self.assertLess(reload_call.done_at - stopped, FAST, "the pending POST /reload was answered late")
+        # Exits once the lookup already running on its thread comes back (cannot be stopped).
+        self.assertEqual(lb.terminate(timeout=DELAY + STEP_TIMEOUT), 0)
+        log = lb.log()
+        self.assertIn("reload abandoned: stopping", log)
+        self.assertNotRegex(log, RELOADED_RE)
+
+
+if __name__ == "__main__":
+    main()
