@@ -9,8 +9,8 @@ std::string format_access_text(const AccessRecord& r) {
       "client={} listener={} pool={} server={} tries={} Tw={} Tc={} Tb={} Tt={} bytes_in={} "
       "bytes_out={} term={}{}",
       r.client, r.listener, r.pool.empty() ? std::string_view("-") : r.pool,
-      r.server.empty() ? std::string_view("-") : r.server, r.tries, r.tw_ms, r.tc_ms, r.tb_ms,
-      r.tt_ms, r.bytes_in, r.bytes_out, r.term.cause_char(), r.term.phase_char());
+      r.server.empty() ? std::string_view("-") : r.server, r.tries, r.tw_ms, r.tc_ms, r.tb_ms, r.tt_ms, r.bytes_in,
+      r.bytes_out, r.term.cause_char(), r.term.phase_char());
 }
 
 std::string json_quote(std::string_view s) {
@@ -19,14 +19,26 @@ std::string json_quote(std::string_view s) {
   out += '"';
   for (unsigned char c : s) {
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
       default:
-        if (c < 0x20) out += fmt::format("\\u{:04x}", c);
-        else out += char(c);
+        if (c < 0x20)
+          out += fmt::format("\\u{:04x}", c);
+        else
+          out += char(c);
     }
   }
   out += '"';

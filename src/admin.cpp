@@ -70,17 +70,19 @@ bool AdminServer::start(const Config& cfg, std::string& error) {
     // A socket left by a previous run would make bind fail: removed, unless a live process
     // still answers on it (another smtplb with the same path). Anything else is kept.
     int rc = 0;
-    struct stat st{};
+    struct stat st {};
     if (lstat(cfg.admin.socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
-      if (socket_in_use(cfg.admin.socket)) rc = UV_EADDRINUSE;
-      else ::unlink(cfg.admin.socket.c_str());
+      if (socket_in_use(cfg.admin.socket))
+        rc = UV_EADDRINUSE;
+      else
+        ::unlink(cfg.admin.socket.c_str());
     }
     if (rc == 0) rc = uv_pipe_bind(&ep->h.pipe, cfg.admin.socket.c_str());
     if (rc == 0) rc = uv_listen(as_stream(&ep->h.pipe), 16, listen_cb);
     if (rc == 0 && ::chmod(cfg.admin.socket.c_str(), 0660) != 0) rc = uv_translate_sys_error(errno);
     if (rc != 0) {
       const std::string dir = cfg.admin.socket.substr(0, cfg.admin.socket.rfind('/'));
-      struct stat dst{};
+      struct stat dst {};
       const bool no_dir = !dir.empty() && ::stat(dir.c_str(), &dst) != 0;
       const std::string msg = "admin socket " + cfg.admin.socket + ": " +
                               (no_dir ? "directory " + dir + " does not exist" : std::string(uv_strerror(rc)));
@@ -90,8 +92,10 @@ bool AdminServer::start(const Config& cfg, std::string& error) {
       }
       // The default path: its directory comes from systemd's RuntimeDirectory=, so
       // outside systemd this is expected and only worth a note.
-      if (no_dir) spdlog::info("{} (admin API off; set admin.socket to use it)", msg);
-      else spdlog::warn("{} (admin API off; set admin.socket to a writable path)", msg);
+      if (no_dir)
+        spdlog::info("{} (admin API off; set admin.socket to use it)", msg);
+      else
+        spdlog::warn("{} (admin API off; set admin.socket to a writable path)", msg);
     } else {
       socket_path_ = cfg.admin.socket;
       if (lstat(socket_path_.c_str(), &st) == 0) socket_id_ = {st.st_dev, st.st_ino};
@@ -126,7 +130,7 @@ void AdminServer::stop() {
   endpoints_.clear();
   while (!conns_.empty()) close_conn(conns_.back());
   // Removed only if it is still ours: another instance may have taken the path since.
-  struct stat st{};
+  struct stat st {};
   if (!socket_path_.empty() && lstat(socket_path_.c_str(), &st) == 0 &&
       std::pair<uint64_t, uint64_t>{st.st_dev, st.st_ino} == socket_id_)
     ::unlink(socket_path_.c_str());
@@ -138,8 +142,10 @@ void AdminServer::on_connection(Endpoint& ep, int status) {
   auto* c = new Conn;
   c->owner = this;
   c->writable = ep.writable;
-  if (ep.writable) uv_pipe_init(loop_, &c->h.pipe, 0);
-  else uv_tcp_init(loop_, &c->h.tcp);
+  if (ep.writable)
+    uv_pipe_init(loop_, &c->h.pipe, 0);
+  else
+    uv_tcp_init(loop_, &c->h.tcp);
   c->h.pipe.data = c;
   uv_timer_init(loop_, &c->timer);
   c->timer.data = c;
@@ -152,8 +158,9 @@ void AdminServer::on_connection(Endpoint& ep, int status) {
 }
 
 void AdminServer::start_reading(Conn* c) {
-  uv_timer_start(&c->timer, [](uv_timer_t* t) { static_cast<Conn*>(t->data)->owner->close_conn(static_cast<Conn*>(t->data)); },
-                 kIdleTimeoutMs, 0);
+  uv_timer_start(
+      &c->timer, [](uv_timer_t* t) { static_cast<Conn*>(t->data)->owner->close_conn(static_cast<Conn*>(t->data)); },
+      kIdleTimeoutMs, 0);
   uv_read_start(
       as_stream(&c->h.pipe),
       [](uv_handle_t* h, size_t, uv_buf_t* b) {
@@ -211,8 +218,9 @@ void AdminServer::serve(Conn* c) {
       const http::Request& req = c->parser.request();
       keep_alive = req.keep_alive;
       const size_t q = req.target.find('?');
-      Request r{req.method, req.path, q == std::string::npos ? std::string_view() : std::string_view(req.target).substr(q + 1),
-                req.body, ++next_ticket_};
+      Request r{req.method, req.path,
+                q == std::string::npos ? std::string_view() : std::string_view(req.target).substr(q + 1), req.body,
+                ++next_ticket_};
       if (!c->writable && req.method != "GET" && req.method != "HEAD") {
         resp.status = 403;
         resp.body = "this endpoint is read-only; use the admin unix socket for changes\n";
@@ -253,9 +261,9 @@ bool AdminServer::send(Conn* c, const AdminResponse& resp, size_t content_length
   auto* w = new Write;
   w->close_after = !keep_alive;
   w->data = "HTTP/1.1 " + std::to_string(resp.status) + " " + http::reason(resp.status) + "\r\n" +
-            "Content-Type: " + resp.content_type + "\r\nContent-Length: " + std::to_string(content_length) +
-            "\r\n" + (resp.allow.empty() ? "" : "Allow: " + resp.allow + "\r\n") +
-            (keep_alive ? "" : "Connection: close\r\n") + "Cache-Control: no-store\r\n\r\n" + resp.body;
+            "Content-Type: " + resp.content_type + "\r\nContent-Length: " + std::to_string(content_length) + "\r\n" +
+            (resp.allow.empty() ? "" : "Allow: " + resp.allow + "\r\n") + (keep_alive ? "" : "Connection: close\r\n") +
+            "Cache-Control: no-store\r\n\r\n" + resp.body;
   w->req.data = w;
   uv_buf_t b = uv_buf_init(w->data.data(), unsigned(w->data.size()));
   const int rc = uv_write(&w->req, as_stream(&c->h.pipe), &b, 1, [](uv_write_t* req, int status) {
@@ -276,8 +284,9 @@ bool AdminServer::send(Conn* c, const AdminResponse& resp, size_t content_length
     uv_read_stop(as_stream(&c->h.pipe));
     return false;
   }
-  uv_timer_start(&c->timer, [](uv_timer_t* t) { static_cast<Conn*>(t->data)->owner->close_conn(static_cast<Conn*>(t->data)); },
-                 kIdleTimeoutMs, 0);
+  uv_timer_start(
+      &c->timer, [](uv_timer_t* t) { static_cast<Conn*>(t->data)->owner->close_conn(static_cast<Conn*>(t->data)); },
+      kIdleTimeoutMs, 0);
   return true;
 }
 

@@ -35,10 +35,10 @@ class AdminServer {
   // The API, answered by the owner. `writable` is false on the TCP endpoint.
   struct Request {
     std::string_view method;
-    std::string_view path;    // without the query
-    std::string_view query;   // after '?', may be empty
+    std::string_view path;   // without the query
+    std::string_view query;  // after '?', may be empty
     std::string_view body;
-    uint64_t ticket = 0;      // names this request in complete()
+    uint64_t ticket = 0;  // names this request in complete()
   };
   using Handler = std::function<AdminResponse(const Request&)>;
 
@@ -80,9 +80,9 @@ class AdminServer {
   std::vector<Endpoint*> endpoints_;  // freed in their close callbacks
   std::vector<Conn*> conns_;
   uint64_t next_ticket_ = 0;
-  std::string socket_path_;           // to unlink at stop
+  std::string socket_path_;                        // to unlink at stop
   std::pair<uint64_t, uint64_t> socket_id_{0, 0};  // device and inode of the socket we bound
-  char buf_[16 * 1024];               // read buffer, shared: one loop thread
+  char buf_[16 * 1024];                            // read buffer, shared: one loop thread
 };
 
 }  // namespace smtplb

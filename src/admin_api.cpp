@@ -4,10 +4,10 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <dirent.h>
 #include <charconv>
 #include <cstdio>
 #include <ctime>
-#include <dirent.h>
 #include <fstream>
 #include <optional>
 #include <sstream>
@@ -25,11 +25,21 @@ std::string json_string(std::string_view s) {
   std::string out = "\"";
   for (unsigned char c : s) {
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
       default:
         if (c < 0x20) {
           char buf[8];
@@ -82,7 +92,8 @@ ProcessStats process_stats() {
   ProcessStats p;
   rusage ru{};
   if (getrusage(RUSAGE_SELF, &ru) == 0)
-    p.cpu_seconds = double(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) + double(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+    p.cpu_seconds =
+        double(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) + double(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
   std::ifstream status("/proc/self/status");
   std::string line;
   while (std::getline(status, line))
@@ -98,7 +109,9 @@ ProcessStats process_stats() {
   return p;
 }
 
-AdminResponse text(int status, std::string body) { return {status, "text/plain; charset=utf-8", std::move(body), ""}; }
+AdminResponse text(int status, std::string body) {
+  return {status, "text/plain; charset=utf-8", std::move(body), ""};
+}
 
 }  // namespace
 
@@ -144,8 +157,10 @@ AdminResponse Server::admin(const AdminServer::Request& req) {
           for (const auto& e : rr.errors) body += e + "\n";
           resp = text(rr.ok ? 200 : 422, body);
         }
-        if (!answer->deferred) answer->now = std::move(resp);
-        else if (admin_) admin_->complete(ticket, std::move(resp));
+        if (!answer->deferred)
+          answer->now = std::move(resp);
+        else if (admin_)
+          admin_->complete(ticket, std::move(resp));
       });
       if (answer->now) return std::move(*answer->now);
       answer->deferred = true;
@@ -184,10 +199,14 @@ AdminResponse Server::change_server(std::string_view pool, std::string_view serv
     return text(200, s->label + " weight " + std::to_string(w) + "\n");
   }
   AdminState st;
-  if (body == "ready") st = AdminState::ready;
-  else if (body == "drain") st = AdminState::drain;
-  else if (body == "maint") st = AdminState::maint;
-  else return text(400, "state must be ready, drain or maint\n");
+  if (body == "ready")
+    st = AdminState::ready;
+  else if (body == "drain")
+    st = AdminState::drain;
+  else if (body == "maint")
+    st = AdminState::maint;
+  else
+    return text(400, "state must be ready, drain or maint\n");
   const AdminState before = s->admin.exchange(st);
   spdlog::info("server {} state {} -> {} (cause: admin)", s->label, to_string(before), to_string(st));
   if (st == AdminState::maint && checkers_.count(s)) {
@@ -234,11 +253,11 @@ std::string Server::render_metrics() const {
   m.family("smtplb_listener_connections_total", "counter", "Client connections accepted.");
   for (const auto& l : snapshot_->listeners)
     m.sample("smtplb_listener_connections_total", {{"listener", l->cfg->name}},
-             sum(l->state->per_worker, [](const ListenerWorkerCounters& c) -> const auto& { return c.connections; }));
+             sum(
+                 l->state->per_worker, [](const ListenerWorkerCounters& c) -> const auto& { return c.connections; }));
   m.family("smtplb_listener_current_connections", "gauge", "Client sessions open now.");
   for (const auto& l : snapshot_->listeners)
-    m.sample("smtplb_listener_current_connections", {{"listener", l->cfg->name}},
-             uint64_t{l->state->current.load()});
+    m.sample("smtplb_listener_current_connections", {{"listener", l->cfg->name}}, uint64_t{l->state->current.load()});
   m.family("smtplb_listener_rejected_connections_total", "counter",
            "Clients refused or closed by smtplb itself, by reason.");
   for (const auto& l : snapshot_->listeners) {
@@ -260,11 +279,16 @@ std::string Server::render_metrics() const {
     uint64_t up = 0, down = 0, unchecked = 0, drain = 0, maint = 0;
     for (const auto& s : p.servers) {
       const AdminState a = s->admin.load();
-      if (a == AdminState::maint) ++maint;
-      else if (a == AdminState::drain) ++drain;
-      else if (s->health.load() == Health::up) ++up;
-      else if (s->health.load() == Health::down) ++down;
-      else ++unchecked;
+      if (a == AdminState::maint)
+        ++maint;
+      else if (a == AdminState::drain)
+        ++drain;
+      else if (s->health.load() == Health::up)
+        ++up;
+      else if (s->health.load() == Health::down)
+        ++down;
+      else
+        ++unchecked;
     }
     const std::string_view pn = p.cfg->name;
     m.sample("smtplb_pool_servers", {{"pool", pn}, {"state", "up"}}, up);
@@ -315,17 +339,21 @@ std::string Server::render_metrics() const {
           m.sample(f.name, {{"pool", pn}, {"server", sn}}, uint64_t{s.active.load()});
         } else if (n == "smtplb_server_connections_total") {
           m.sample(f.name, {{"pool", pn}, {"server", sn}},
-                   sum(s.per_worker, [](const ServerWorkerCounters& c) -> const auto& { return c.sessions; }));
+                   sum(
+                       s.per_worker, [](const ServerWorkerCounters& c) -> const auto& { return c.sessions; }));
         } else if (n == "smtplb_server_connection_errors_total") {
           for (size_t i = 0; i < kConnErrorNames.size(); ++i)
             m.sample(f.name, {{"pool", pn}, {"server", sn}, {"reason", kConnErrorNames[i]}},
-                     sum(s.per_worker, [i](const ServerWorkerCounters& c) -> const auto& { return c.errors[i]; }));
+                     sum(
+                         s.per_worker, [i](const ServerWorkerCounters& c) -> const auto& { return c.errors[i]; }));
         } else if (n == "smtplb_server_bytes_received_total") {
           m.sample(f.name, {{"pool", pn}, {"server", sn}},
-                   sum(s.per_worker, [](const ServerWorkerCounters& c) -> const auto& { return c.bytes_in; }));
+                   sum(
+                       s.per_worker, [](const ServerWorkerCounters& c) -> const auto& { return c.bytes_in; }));
         } else if (n == "smtplb_server_bytes_sent_total") {
           m.sample(f.name, {{"pool", pn}, {"server", sn}},
-                   sum(s.per_worker, [](const ServerWorkerCounters& c) -> const auto& { return c.bytes_out; }));
+                   sum(
+                       s.per_worker, [](const ServerWorkerCounters& c) -> const auto& { return c.bytes_out; }));
         } else if (n == "smtplb_server_check_failures_total") {
           for (size_t i = 0; i < kCheckFailureNames.size(); ++i)
             m.sample(f.name, {{"pool", pn}, {"server", sn}, {"reason", kCheckFailureNames[i]}},
@@ -366,11 +394,11 @@ std::string Server::render_metrics() const {
   m.family("smtplb_sessions_terminated_total", "counter", "Finished sessions by termination code (docs/logging.md).");
   for (const auto& l : snapshot_->listeners)
     for (size_t idx = 0; idx < kTermSlots; ++idx) {
-      const uint64_t v =
-          sum(l->state->per_worker, [idx](const ListenerWorkerCounters& lc) -> const auto& { return lc.terms[idx]; });
+      const uint64_t v = sum(
+          l->state->per_worker, [idx](const ListenerWorkerCounters& lc) -> const auto& { return lc.terms[idx]; });
       if (v == 0) continue;  // 63 codes per listener: only the ones seen
-      m.sample("smtplb_sessions_terminated_total", {{"listener", l->cfg->name}, {"term", TermCode::from_index(idx).text()}},
-               v);
+      m.sample("smtplb_sessions_terminated_total",
+               {{"listener", l->cfg->name}, {"term", TermCode::from_index(idx).text()}}, v);
     }
 
   m.family("process_cpu_seconds_total", "counter", "User and system CPU time spent, seconds.");
@@ -397,7 +425,8 @@ std::string Server::render_status_json() const {
     o << (first ? "" : ",") << "{\"name\":" << json_string(l->cfg->name)
       << ",\"address\":" << json_string(l->bound.to_string()) << ",\"pool\":" << json_string(l->cfg->pool)
       << ",\"current_connections\":" << l->state->current.load() << ",\"connections_total\":"
-      << sum(l->state->per_worker, [](const ListenerWorkerCounters& c) -> const auto& { return c.connections; })
+      << sum(
+             l->state->per_worker, [](const ListenerWorkerCounters& c) -> const auto& { return c.connections; })
       << "}";
     first = false;
   }
@@ -417,17 +446,22 @@ std::string Server::render_status_json() const {
                            p.cfg->slow_start.count()) /
           kWeightScale;
       o << (sfirst ? "" : ",") << "{\"name\":" << json_string(s.cfg.name)
-        << ",\"address\":" << json_string(s.cfg.addr.to_string()) << ",\"health\":"
-        << json_string(health_name(s.health.load())) << ",\"admin_state\":" << json_string(to_string(s.admin.load()))
+        << ",\"address\":" << json_string(s.cfg.addr.to_string())
+        << ",\"health\":" << json_string(health_name(s.health.load()))
+        << ",\"admin_state\":" << json_string(to_string(s.admin.load()))
         << ",\"backup\":" << (s.backup.load() ? "true" : "false") << ",\"weight\":" << s.weight.load()
         << ",\"effective_weight\":" << eff << ",\"max_connections\":" << s.max_connections.load()
         << ",\"current_connections\":" << s.active.load() << ",\"connections_total\":"
-        << sum(s.per_worker, [](const ServerWorkerCounters& c) -> const auto& { return c.sessions; })
+        << sum(
+               s.per_worker, [](const ServerWorkerCounters& c) -> const auto& { return c.sessions; })
         << ",\"last_check\":{\"time\":" << iso_time(s.last_check_ms.load())
-        << ",\"duration_ms\":" << s.last_check_duration_ms.load()
-        << ",\"result\":" << json_string(s.last_check_ms.load() == 0 ? "none" : s.last_check_ok.load() ? "passed" : "failed")
-        << ",\"reason\":" << json_string(s.last_check_reason) << "},\"last_change\":{\"time\":"
-        << iso_time(s.last_change_ms) << ",\"cause\":" << json_string(s.last_change_cause) << "}}";
+        << ",\"duration_ms\":" << s.last_check_duration_ms.load() << ",\"result\":"
+        << json_string(s.last_check_ms.load() == 0 ? "none"
+                       : s.last_check_ok.load()    ? "passed"
+                                                   : "failed")
+        << ",\"reason\":" << json_string(s.last_check_reason)
+        << "},\"last_change\":{\"time\":" << iso_time(s.last_change_ms)
+        << ",\"cause\":" << json_string(s.last_change_cause) << "}}";
       sfirst = false;
     }
     o << "]}";
@@ -444,10 +478,11 @@ std::string Server::render_status_text() const {
   std::snprintf(line, sizeof line, "%-16s %-28s %-12s %8s %8s\n", "LISTENER", "ADDRESS", "POOL", "CURRENT", "TOTAL");
   o << line;
   for (const auto& l : snapshot_->listeners) {
-    std::snprintf(line, sizeof line, "%-16s %-28s %-12s %8u %8llu\n", l->cfg->name.c_str(),
-                  l->bound.to_string().c_str(), l->cfg->pool.c_str(), l->state->current.load(),
-                  (unsigned long long)sum(l->state->per_worker,
-                                          [](const ListenerWorkerCounters& c) -> const auto& { return c.connections; }));
+    std::snprintf(
+        line, sizeof line, "%-16s %-28s %-12s %8u %8llu\n", l->cfg->name.c_str(), l->bound.to_string().c_str(),
+        l->cfg->pool.c_str(), l->state->current.load(),
+        (unsigned long long)sum(
+            l->state->per_worker, [](const ListenerWorkerCounters& c) -> const auto& { return c.connections; }));
     o << line;
   }
   o << "\n";
@@ -463,8 +498,8 @@ std::string Server::render_status_text() const {
       std::snprintf(line, sizeof line, "%-24s %-24s %-9s %-6s %6u %7u %8llu  %s\n", s.label.c_str(),
                     s.cfg.addr.to_string().c_str(), health_name(s.health.load()), to_string(s.admin.load()),
                     s.weight.load(), s.active.load(),
-                    (unsigned long long)sum(s.per_worker,
-                                            [](const ServerWorkerCounters& c) -> const auto& { return c.sessions; }),
+                    (unsigned long long)sum(
+                        s.per_worker, [](const ServerWorkerCounters& c) -> const auto& { return c.sessions; }),
                     check.c_str());
       o << line;
     }

@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <unistd.h>
 
+#include <toml++/toml.h>
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
@@ -11,7 +12,6 @@
 #include <map>
 #include <set>
 #include <sstream>
-#include <toml++/toml.h>
 
 #include "smtplb/smtp_reply.hpp"
 
@@ -79,9 +79,12 @@ bool parse_cidr(std::string_view text, Cidr& out) {
   const std::string ip(text.substr(0, slash));
   if (ip.empty() || ip.find('\0') != std::string::npos) return false;
   out = Cidr{};
-  if (inet_pton(AF_INET, ip.c_str(), out.addr) == 1) out.family = AF_INET;
-  else if (inet_pton(AF_INET6, ip.c_str(), out.addr) == 1) out.family = AF_INET6;
-  else return false;
+  if (inet_pton(AF_INET, ip.c_str(), out.addr) == 1)
+    out.family = AF_INET;
+  else if (inet_pton(AF_INET6, ip.c_str(), out.addr) == 1)
+    out.family = AF_INET6;
+  else
+    return false;
   const unsigned max = out.family == AF_INET ? 32 : 128;
   out.prefix = max;
   if (slash != std::string_view::npos) {
@@ -103,9 +106,12 @@ bool parse_cidr(std::string_view text, Cidr& out) {
 
 const char* to_string(AdminState s) {
   switch (s) {
-    case AdminState::ready: return "ready";
-    case AdminState::drain: return "drain";
-    case AdminState::maint: return "maint";
+    case AdminState::ready:
+      return "ready";
+    case AdminState::drain:
+      return "drain";
+    case AdminState::maint:
+      return "maint";
   }
   return "?";
 }
@@ -210,8 +216,8 @@ class Loader {
 
   // Parses an IP literal into `out`. With `is_name` (server addresses) a host name is
   // accepted too, checked for its form only, and *is_name set: loading does no DNS.
-  bool address(const toml::node& where, const std::string& host, uint16_t port, bool numeric_only,
-               SocketAddress& out, bool* is_name = nullptr);
+  bool address(const toml::node& where, const std::string& host, uint16_t port, bool numeric_only, SocketAddress& out,
+               bool* is_name = nullptr);
 
   std::string file_;
   std::vector<ConfigError> errors_;
@@ -367,40 +373,40 @@ void Loader::parse_global(const toml::node& n, Config& c) {
 void Loader::parse_log(const toml::node& n, Config& c) {
   auto t = n.as_table();
   if (!t) return error(n, "[log] must be a table");
-  table_keys(*t, "log",
-             {
-                 {"level",
-                  [&](const toml::node& v) {
-                    if (auto l = choice<LogLevel>(v, "level",
-                                                  {{"trace", LogLevel::trace},
-                                                   {"debug", LogLevel::debug},
-                                                   {"info", LogLevel::info},
-                                                   {"warn", LogLevel::warn},
-                                                   {"error", LogLevel::error}}))
-                      c.log.level = *l;
-                  }},
-                 {"access_log",
-                  [&](const toml::node& v) {
-                    if (auto b = boolean(v, "access_log")) c.log.access_log = *b;
-                  }},
-                 {"format",
-                  [&](const toml::node& v) {
-                    if (auto x = choice<LogFormat>(v, "format", {{"text", LogFormat::text}, {"json", LogFormat::json}}))
-                      c.log.format = *x;
-                  }},
-                 {"target",
-                  [&](const toml::node& v) {
-                    if (auto x = choice<LogTarget>(v, "target",
-                                                   {{"stderr", LogTarget::stderr_stream},
-                                                    {"syslog", LogTarget::syslog},
-                                                    {"file", LogTarget::file}}))
-                      c.log.target = *x;
-                  }},
-                 {"file",
-                  [&](const toml::node& v) {
-                    if (auto x = str(v, "file")) c.log.file = *x;
-                  }},
-             });
+  table_keys(
+      *t, "log",
+      {
+          {"level",
+           [&](const toml::node& v) {
+             if (auto l = choice<LogLevel>(v, "level",
+                                           {{"trace", LogLevel::trace},
+                                            {"debug", LogLevel::debug},
+                                            {"info", LogLevel::info},
+                                            {"warn", LogLevel::warn},
+                                            {"error", LogLevel::error}}))
+               c.log.level = *l;
+           }},
+          {"access_log",
+           [&](const toml::node& v) {
+             if (auto b = boolean(v, "access_log")) c.log.access_log = *b;
+           }},
+          {"format",
+           [&](const toml::node& v) {
+             if (auto x = choice<LogFormat>(v, "format", {{"text", LogFormat::text}, {"json", LogFormat::json}}))
+               c.log.format = *x;
+           }},
+          {"target",
+           [&](const toml::node& v) {
+             if (auto x = choice<LogTarget>(
+                     v, "target",
+                     {{"stderr", LogTarget::stderr_stream}, {"syslog", LogTarget::syslog}, {"file", LogTarget::file}}))
+               c.log.target = *x;
+           }},
+          {"file",
+           [&](const toml::node& v) {
+             if (auto x = str(v, "file")) c.log.file = *x;
+           }},
+      });
 }
 
 void Loader::parse_admin(const toml::node& n, Config& c) {
@@ -424,7 +430,8 @@ void Loader::parse_admin(const toml::node& n, Config& c) {
                     // "127.0.0.1:9925" or "[::1]:9925"
                     const size_t colon = x->rfind(':');
                     std::string host = colon == std::string::npos ? "" : x->substr(0, colon);
-                    if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+                    if (host.size() > 2 && host.front() == '[' && host.back() == ']')
+                      host = host.substr(1, host.size() - 2);
                     const std::string port = colon == std::string::npos ? "" : x->substr(colon + 1);
                     const bool port_ok = !port.empty() && port.size() <= 5 &&
                                          port.find_first_not_of("0123456789") == std::string::npos &&
@@ -443,8 +450,7 @@ void Loader::check_log(const toml::node& n, const Config& c) {
     error(t->contains("file") ? *t->get("file") : n, "log.target = \"file\" needs log.file");
   if (c.log.target != LogTarget::file && !c.log.file.empty())
     error(*t->get("file"), "log.file has no effect unless log.target = \"file\"");
-  if (!c.log.file.empty() && c.log.file[0] != '/')
-    error(*t->get("file"), "log.file must be an absolute path");
+  if (!c.log.file.empty() && c.log.file[0] != '/') error(*t->get("file"), "log.file must be an absolute path");
 }
 
 void Loader::parse_listener(const std::string& name, const toml::node& n, Config& c) {
@@ -455,63 +461,62 @@ void Loader::parse_listener(const std::string& name, const toml::node& n, Config
   listener_sources_[name] = n.source();
   const std::string section = "listener." + name;
   const toml::node* address_node = nullptr;
-  table_keys(*t, section,
-             {
-                 {"address",
-                  [&](const toml::node& v) {
-                    if (auto s = str(v, "address")) {
-                      l.address = *s;
-                      address_node = &v;
-                    }
-                  }},
-                 {"port",
-                  [&](const toml::node& v) {
-                    if (auto i = integer(v, "port", 0, 65535)) l.port = uint16_t(*i);
-                  }},
-                 {"pool",
-                  [&](const toml::node& v) {
-                    if (auto s = str(v, "pool")) {
-                      l.pool = *s;
-                      listener_pool_refs_[name] = v.source();
-                    }
-                  }},
-                 {"max_connections",
-                  [&](const toml::node& v) {
-                    if (auto i = integer(v, "max_connections", 1, 1'000'000)) l.max_connections = unsigned(*i);
-                  }},
-                 {"client_idle_timeout",
-                  [&](const toml::node& v) {
-                    if (auto d = duration(v, "client_idle_timeout", Millis(1000))) l.client_idle_timeout = *d;
-                  }},
-                 {"proxy_protocol",
-                  [&](const toml::node& v) {
-                    if (auto x = choice<ProxyIn>(v, "proxy_protocol",
-                                                 {{"none", ProxyIn::none},
-                                                  {"v1", ProxyIn::v1},
-                                                  {"v2", ProxyIn::v2},
-                                                  {"any", ProxyIn::any}}))
-                      l.proxy_protocol = *x;
-                  }},
-                 {"trusted_proxies",
-                  [&](const toml::node& v) {
-                    auto arr = v.as_array();
-                    if (!arr) return error(v, "'trusted_proxies' must be a list of address blocks, e.g. [\"10.0.0.0/8\"]");
-                    for (const toml::node& item : *arr) {
-                      Cidr block;
-                      auto text = item.as_string();
-                      if (!text || !parse_cidr(text->get(), block))
-                        error(item, "'trusted_proxies': not an address block such as \"10.0.0.0/8\" or \"2001:db8::/32\"" +
-                                        std::string(text && text->get().find('/') != std::string::npos
-                                                        ? " (host bits must be zero)" : ""));
-                      else
-                        l.trusted_proxies.push_back(block);
-                    }
-                  }},
-                 not_yet("max_connections_per_ip", inert_integer(0),
-                         "0"),
-                 not_yet("allow", inert_empty_array(), "[]"),
-                 not_yet("deny", inert_empty_array(), "[]"),
-             });
+  table_keys(
+      *t, section,
+      {
+          {"address",
+           [&](const toml::node& v) {
+             if (auto s = str(v, "address")) {
+               l.address = *s;
+               address_node = &v;
+             }
+           }},
+          {"port",
+           [&](const toml::node& v) {
+             if (auto i = integer(v, "port", 0, 65535)) l.port = uint16_t(*i);
+           }},
+          {"pool",
+           [&](const toml::node& v) {
+             if (auto s = str(v, "pool")) {
+               l.pool = *s;
+               listener_pool_refs_[name] = v.source();
+             }
+           }},
+          {"max_connections",
+           [&](const toml::node& v) {
+             if (auto i = integer(v, "max_connections", 1, 1'000'000)) l.max_connections = unsigned(*i);
+           }},
+          {"client_idle_timeout",
+           [&](const toml::node& v) {
+             if (auto d = duration(v, "client_idle_timeout", Millis(1000))) l.client_idle_timeout = *d;
+           }},
+          {"proxy_protocol",
+           [&](const toml::node& v) {
+             if (auto x = choice<ProxyIn>(
+                     v, "proxy_protocol",
+                     {{"none", ProxyIn::none}, {"v1", ProxyIn::v1}, {"v2", ProxyIn::v2}, {"any", ProxyIn::any}}))
+               l.proxy_protocol = *x;
+           }},
+          {"trusted_proxies",
+           [&](const toml::node& v) {
+             auto arr = v.as_array();
+             if (!arr) return error(v, "'trusted_proxies' must be a list of address blocks, e.g. [\"10.0.0.0/8\"]");
+             for (const toml::node& item : *arr) {
+               Cidr block;
+               auto text = item.as_string();
+               if (!text || !parse_cidr(text->get(), block))
+                 error(item,
+                       "'trusted_proxies': not an address block such as \"10.0.0.0/8\" or \"2001:db8::/32\"" +
+                           std::string(text && text->get().find('/') != std::string::npos ? " (host bits must be zero)"
+                                                                                          : ""));
+               else
+                 l.trusted_proxies.push_back(block);
+             }
+           }},
+          not_yet("max_connections_per_ip", inert_integer(0), "0"),
+          not_yet("allow", inert_empty_array(), "[]"),
+          not_yet("deny", inert_empty_array(), "[]"),
+      });
   if (l.proxy_protocol != ProxyIn::none && l.trusted_proxies.empty() && !t->contains("trusted_proxies"))
     error(n, "[" + section + "] has proxy_protocol but no trusted_proxies: say which balancers may send the header");
   if (l.proxy_protocol != ProxyIn::none && t->contains("trusted_proxies") && l.trusted_proxies.empty())
@@ -586,8 +591,8 @@ void Loader::parse_health_check(const toml::node& n, PoolConfig& p) {
              });
   if (!h.starttls)
     for (const char* key : {"tls_verify", "tls_ca_file", "tls_server_name"})
-      if (const toml::node* v = t->get(key); v && !(v->is_boolean() && !v->as_boolean()->get()) &&
-                                              !(v->is_string() && v->as_string()->get().empty()))
+      if (const toml::node* v = t->get(key);
+          v && !(v->is_boolean() && !v->as_boolean()->get()) && !(v->is_string() && v->as_string()->get().empty()))
         error(*v, std::string("'") + key + "' has no effect without starttls = true");
 }
 
@@ -621,8 +626,10 @@ void Loader::parse_server(const toml::node& n, PoolConfig& p, std::set<std::stri
                   }},
                  {"port",
                   [&](const toml::node& v) {
-                    if (auto i = integer(v, "port", 1, 65535)) s.port = uint16_t(*i);
-                    else ok = false;
+                    if (auto i = integer(v, "port", 1, 65535))
+                      s.port = uint16_t(*i);
+                    else
+                      ok = false;
                   }},
                  {"weight",
                   [&](const toml::node& v) {
@@ -638,10 +645,9 @@ void Loader::parse_server(const toml::node& n, PoolConfig& p, std::set<std::stri
                   }},
                  {"state",
                   [&](const toml::node& v) {
-                    if (auto st = choice<AdminState>(v, "state",
-                                                     {{"ready", AdminState::ready},
-                                                      {"drain", AdminState::drain},
-                                                      {"maint", AdminState::maint}}))
+                    if (auto st = choice<AdminState>(
+                            v, "state",
+                            {{"ready", AdminState::ready}, {"drain", AdminState::drain}, {"maint", AdminState::maint}}))
                       s.state = *st;
                   }},
              });
@@ -674,61 +680,60 @@ void Loader::parse_pool(const std::string& name, const toml::node& n, Config& c)
   p.name = name;
   const toml::node* servers_node = nullptr;
   std::set<std::string> names;
-  table_keys(*t, "pool." + name,
-             {
-                 {"algorithm",
-                  [&](const toml::node& v) {
-                    if (auto a = choice<Algorithm>(v, "algorithm",
-                                                   {{"roundrobin", Algorithm::roundrobin},
-                                                    {"leastconn", Algorithm::leastconn}}))
-                      p.algorithm = *a;
-                  }},
-                 {"handoff",
-                  [&](const toml::node& v) {
-                    if (auto h = choice<Handoff>(v, "handoff",
-                                                 {{"banner", Handoff::banner}, {"connect", Handoff::connect}}))
-                      p.handoff = *h;
-                  }},
-                 {"retries",
-                  [&](const toml::node& v) {
-                    if (auto i = integer(v, "retries", 0, 16)) p.retries = unsigned(*i);
-                  }},
-                 {"connect_timeout",
-                  [&](const toml::node& v) {
-                    if (auto d = duration(v, "connect_timeout", Millis(10))) p.connect_timeout = *d;
-                  }},
-                 {"banner_timeout",
-                  [&](const toml::node& v) {
-                    if (auto d = duration(v, "banner_timeout", Millis(10))) p.banner_timeout = *d;
-                  }},
-                 {"server_idle_timeout",
-                  [&](const toml::node& v) {
-                    if (auto d = duration(v, "server_idle_timeout", Millis(1000))) p.server_idle_timeout = *d;
-                  }},
-                 {"health_check", [&](const toml::node& v) { parse_health_check(v, p); }},
-                 {"server",
-                  [&](const toml::node& v) {
-                    servers_node = &v;
-                    auto arr = v.as_array();
-                    if (!arr) return error(v, "servers are written as [[pool." + name + ".server]] tables");
-                    if (arr->empty()) return error(v, "pool '" + name + "' has no servers");
-                    for (const toml::node& s : *arr) parse_server(s, p, names);
-                  }},
-                 {"proxy_protocol",
-                  [&](const toml::node& v) {
-                    if (auto x = choice<ProxyOut>(v, "proxy_protocol",
-                                                  {{"none", ProxyOut::none}, {"v1", ProxyOut::v1}, {"v2", ProxyOut::v2}}))
-                      p.proxy_protocol = *x;
-                  }},
-                 {"queue_timeout",
-                  [&](const toml::node& v) {
-                    if (auto d = duration(v, "queue_timeout", Millis(0))) p.queue_timeout = *d;
-                  }},
-                 {"slow_start",
-                  [&](const toml::node& v) {
-                    if (auto d = duration(v, "slow_start", Millis(0))) p.slow_start = *d;
-                  }},
-             });
+  table_keys(
+      *t, "pool." + name,
+      {
+          {"algorithm",
+           [&](const toml::node& v) {
+             if (auto a = choice<Algorithm>(
+                     v, "algorithm", {{"roundrobin", Algorithm::roundrobin}, {"leastconn", Algorithm::leastconn}}))
+               p.algorithm = *a;
+           }},
+          {"handoff",
+           [&](const toml::node& v) {
+             if (auto h = choice<Handoff>(v, "handoff", {{"banner", Handoff::banner}, {"connect", Handoff::connect}}))
+               p.handoff = *h;
+           }},
+          {"retries",
+           [&](const toml::node& v) {
+             if (auto i = integer(v, "retries", 0, 16)) p.retries = unsigned(*i);
+           }},
+          {"connect_timeout",
+           [&](const toml::node& v) {
+             if (auto d = duration(v, "connect_timeout", Millis(10))) p.connect_timeout = *d;
+           }},
+          {"banner_timeout",
+           [&](const toml::node& v) {
+             if (auto d = duration(v, "banner_timeout", Millis(10))) p.banner_timeout = *d;
+           }},
+          {"server_idle_timeout",
+           [&](const toml::node& v) {
+             if (auto d = duration(v, "server_idle_timeout", Millis(1000))) p.server_idle_timeout = *d;
+           }},
+          {"health_check", [&](const toml::node& v) { parse_health_check(v, p); }},
+          {"server",
+           [&](const toml::node& v) {
+             servers_node = &v;
+             auto arr = v.as_array();
+             if (!arr) return error(v, "servers are written as [[pool." + name + ".server]] tables");
+             if (arr->empty()) return error(v, "pool '" + name + "' has no servers");
+             for (const toml::node& s : *arr) parse_server(s, p, names);
+           }},
+          {"proxy_protocol",
+           [&](const toml::node& v) {
+             if (auto x = choice<ProxyOut>(v, "proxy_protocol",
+                                           {{"none", ProxyOut::none}, {"v1", ProxyOut::v1}, {"v2", ProxyOut::v2}}))
+               p.proxy_protocol = *x;
+           }},
+          {"queue_timeout",
+           [&](const toml::node& v) {
+             if (auto d = duration(v, "queue_timeout", Millis(0))) p.queue_timeout = *d;
+           }},
+          {"slow_start",
+           [&](const toml::node& v) {
+             if (auto d = duration(v, "slow_start", Millis(0))) p.slow_start = *d;
+           }},
+      });
   if (!servers_node) error(n, "pool '" + name + "' has no [[pool." + name + ".server]]");
   c.pools.push_back(std::move(p));
 }
@@ -767,8 +772,10 @@ ConfigLoad Loader::run(std::string_view text) {
                 key + " name \"" + printable(nm, 64) + "\" must be " + kNameRule);
           continue;
         }
-        if (key == "listener") parse_listener(nm, section, *c);
-        else parse_pool(nm, section, *c);
+        if (key == "listener")
+          parse_listener(nm, section, *c);
+        else
+          parse_pool(nm, section, *c);
       }
     } else {
       error(k.source(), "unknown section or key '" + key + "'");
@@ -777,8 +784,10 @@ ConfigLoad Loader::run(std::string_view text) {
 
   if (c->global.hostname.empty()) {
     char host[256] = {};
-    if (gethostname(host, sizeof host - 1) == 0 && host[0]) c->global.hostname = host;
-    else c->global.hostname = "localhost";
+    if (gethostname(host, sizeof host - 1) == 0 && host[0])
+      c->global.hostname = host;
+    else
+      c->global.hostname = "localhost";
   }
   for (auto& p : c->pools)
     if (p.health_check.ehlo_name.empty()) p.health_check.ehlo_name = c->global.hostname;
@@ -798,9 +807,9 @@ ConfigLoad Loader::run(std::string_view text) {
       auto [it, fresh] = binds.emplace(l.bind.to_string(), l.name);
       if (!fresh) {
         auto ref = listener_sources_[l.name];
-        errors_.push_back({file_, ref.begin.line, ref.begin.column,
-                           "listener '" + l.name + "' binds " + l.bind.to_string() + " like listener '" +
-                               it->second + "'"});
+        errors_.push_back(
+            {file_, ref.begin.line, ref.begin.column,
+             "listener '" + l.name + "' binds " + l.bind.to_string() + " like listener '" + it->second + "'"});
       }
     }
   }

@@ -23,8 +23,7 @@ inline void bump(std::atomic<uint64_t>& c, uint64_t n = 1) {
 // Histogram bucket bounds in seconds.
 inline constexpr std::array<double, 12> kLatencyBounds = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                                           0.1,   0.25,   0.5,   1,    2.5,   10};
-inline constexpr std::array<double, 12> kDurationBounds = {0.01, 0.05, 0.1, 0.5, 1,   2.5,
-                                                           5,    10,   30,  60,  300, 1800};
+inline constexpr std::array<double, 12> kDurationBounds = {0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800};
 
 struct Histogram {
   std::array<std::atomic<uint64_t>, 13> buckets{};  // one per bound, then +Inf
@@ -48,13 +47,13 @@ struct alignas(64) ServerWorkerCounters {
   std::atomic<uint64_t> bytes_in{0};   // from the server (relayed to clients)
   std::atomic<uint64_t> bytes_out{0};  // to the server
   std::array<std::atomic<uint64_t>, 4> errors{};
-  Histogram connect;                   // connect -> accepted greeting
+  Histogram connect;  // connect -> accepted greeting
 };
 
 struct alignas(64) ListenerWorkerCounters {
   std::atomic<uint64_t> connections{0};
   std::array<std::atomic<uint64_t>, kTermSlots> terms{};
-  Histogram duration;                  // whole session
+  Histogram duration;  // whole session
 };
 
 }  // namespace smtplb

@@ -8,9 +8,9 @@
 namespace smtplb {
 
 struct CpuBudget {
-  unsigned affinity = 1;          // CPUs in the affinity mask
-  std::optional<double> quota;    // CPUs' worth of cgroup quota, when one is set
-  std::string quota_source;       // the file that set it, for the log
+  unsigned affinity = 1;        // CPUs in the affinity mask
+  std::optional<double> quota;  // CPUs' worth of cgroup quota, when one is set
+  std::string quota_source;     // the file that set it, for the log
 };
 
 CpuBudget probe_cpus();

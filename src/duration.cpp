@@ -26,12 +26,18 @@ std::optional<Millis> parse_duration(std::string_view text) {
     while (i < text.size() && text[i] >= 'a' && text[i] <= 'z') ++i;
     std::string_view unit = text.substr(unit_start, i - unit_start);
     int64_t mult;
-    if (unit == "ms") mult = 1;
-    else if (unit == "s") mult = 1000;
-    else if (unit == "m") mult = 60'000;
-    else if (unit == "h") mult = 3'600'000;
-    else if (unit == "d") mult = 86'400'000;
-    else return std::nullopt;
+    if (unit == "ms")
+      mult = 1;
+    else if (unit == "s")
+      mult = 1000;
+    else if (unit == "m")
+      mult = 60'000;
+    else if (unit == "h")
+      mult = 3'600'000;
+    else if (unit == "d")
+      mult = 86'400'000;
+    else
+      return std::nullopt;
     if (num > kMax / mult) return std::nullopt;
     total += num * mult;
     if (total > kMax) return std::nullopt;

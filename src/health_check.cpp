@@ -70,15 +70,22 @@ HealthChecker::~HealthChecker() {
   if (probe_) probe_->owner = nullptr;
 }
 
-void HealthChecker::start(uint64_t first_delay_ms) { schedule(first_delay_ms); }
+void HealthChecker::start(uint64_t first_delay_ms) {
+  schedule(first_delay_ms);
+}
 
 void HealthChecker::schedule(uint64_t ms) {
-  uv_timer_start(&timer_, [](uv_timer_t* t) {
-    auto* self = static_cast<HealthChecker*>(t->data);
-    if (self->step_ == Step::idle) self->begin();
-    else self->fail(CheckFailure::timeout, "timeout after " + format_duration(self->cfg_.timeout) +
-                                               " waiting for " + step_name(self->step_));
-  }, ms, 0);
+  uv_timer_start(
+      &timer_,
+      [](uv_timer_t* t) {
+        auto* self = static_cast<HealthChecker*>(t->data);
+        if (self->step_ == Step::idle)
+          self->begin();
+        else
+          self->fail(CheckFailure::timeout,
+                     "timeout after " + format_duration(self->cfg_.timeout) + " waiting for " + step_name(self->step_));
+      },
+      ms, 0);
 }
 
 void HealthChecker::stop() {
@@ -102,8 +109,10 @@ void HealthChecker::stop() {
 void HealthChecker::dispose(std::unique_ptr<HealthChecker> checker) {
   HealthChecker* self = checker.release();
   self->stop();
-  if (self->timer_gone_) delete self;
-  else self->disposed_ = true;
+  if (self->timer_gone_)
+    delete self;
+  else
+    self->disposed_ = true;
 }
 
 void HealthChecker::reconfigure(const HealthCheckConfig& cfg, ProxyOut proxy) {
@@ -272,8 +281,8 @@ void HealthChecker::reply_bytes(std::string_view data) {
     return;
   }
   const int code = parser_.code();
-  const std::string what = step_name(step_) + " " + std::to_string(code) +
-                           (parser_.text().empty() ? "" : " " + printable(parser_.text()));
+  const std::string what =
+      step_name(step_) + " " + std::to_string(code) + (parser_.text().empty() ? "" : " " + printable(parser_.text()));
   // Bytes after a complete reply were sent before we spoke: a well-behaved server sends
   // none. A server that does not expect the PROXY header answers it as a command right
   // after its greeting, so this is also how a mismatch shows. After the 220 to STARTTLS
@@ -412,9 +421,9 @@ void HealthChecker::done(bool ok, CheckFailure kind, std::string reason) {
   if (!skipped) {
     server_->check_duration.observe(kLatencyBounds, double(r.duration.count()) / 1000.0);
     if (!ok) bump(server_->check_failures[size_t(r.failure)]);
-    server_->last_check_ms.store(std::chrono::duration_cast<std::chrono::milliseconds>(
-                                     std::chrono::system_clock::now().time_since_epoch())
-                                     .count());
+    server_->last_check_ms.store(
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+            .count());
     server_->last_check_duration_ms.store(uint32_t(r.duration.count()));
     server_->last_check_ok.store(ok);
     server_->last_check_reason = ok ? "" : r.reason;
@@ -429,8 +438,8 @@ void HealthChecker::done(bool ok, CheckFailure kind, std::string reason) {
     spdlog::warn("server {} check failed ({}), {} of {} failures before DOWN", server_->label, r.reason,
                  state_.consecutive_failures(), state_.fall());
   } else if (ok && state_.health() == Health::down) {
-    spdlog::info("server {} check passed, {} of {} successes before UP", server_->label,
-                 state_.consecutive_successes(), state_.rise());
+    spdlog::info("server {} check passed, {} of {} successes before UP", server_->label, state_.consecutive_successes(),
+                 state_.rise());
   } else {
     spdlog::debug("server {} check {} ({}) in {} ms", server_->label, ok ? "passed" : "failed", r.reason,
                   r.duration.count());

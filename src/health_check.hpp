@@ -23,7 +23,7 @@ namespace smtplb {
 struct CheckResult {
   bool ok = false;
   CheckFailure failure = CheckFailure::connect;  // what failed, when !ok
-  std::string reason;  // why, in words: e.g. "greeting 421 4.3.2 All server ports are busy"
+  std::string reason;                            // why, in words: e.g. "greeting 421 4.3.2 All server ports are busy"
   std::chrono::milliseconds duration{0};
   bool passive = false;  // from the data path (failed sessions), not from a check
 };
@@ -35,8 +35,8 @@ class HealthChecker {
 
   // `proxy`: the pool's proxy_protocol; checks send a header too (v2 LOCAL, or v1 with
   // the check connection's own addresses), as a PROXY-expecting Postfix requires.
-  HealthChecker(uv_loop_t* loop, ProxyOut proxy, std::shared_ptr<ServerRuntime> server,
-                const HealthCheckConfig& cfg, OnTransition on_transition);
+  HealthChecker(uv_loop_t* loop, ProxyOut proxy, std::shared_ptr<ServerRuntime> server, const HealthCheckConfig& cfg,
+                OnTransition on_transition);
   ~HealthChecker();
   HealthChecker(const HealthChecker&) = delete;
   HealthChecker& operator=(const HealthChecker&) = delete;
@@ -113,9 +113,9 @@ class HealthChecker {
   // the check in progress (null before STARTTLS was accepted) and the names to present.
   std::shared_ptr<TlsContext> tls_ctx_;
   std::unique_ptr<TlsClient> tls_;
-  std::string tls_name_;               // certificate name to verify: tls_server_name or the address
+  std::string tls_name_;  // certificate name to verify: tls_server_name or the address
   bool expiry_warned_ = false;
-  uint64_t expiry_warned_at_ = 0;      // uv_now() of the last expiry warning (one per hour)
+  uint64_t expiry_warned_at_ = 0;  // uv_now() of the last expiry warning (one per hour)
   HealthState state_;
   uint64_t started_ = 0;
   std::minstd_rand rng_;

@@ -4,9 +4,12 @@ namespace smtplb {
 
 const char* to_string(Health h) {
   switch (h) {
-    case Health::up: return "UP";
-    case Health::down: return "DOWN";
-    case Health::unknown: break;
+    case Health::up:
+      return "UP";
+    case Health::down:
+      return "DOWN";
+    case Health::unknown:
+      break;
   }
   return "UNKNOWN";
 }

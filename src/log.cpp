@@ -24,12 +24,18 @@ constexpr const char* kPattern = "%Y-%m-%dT%H:%M:%S.%e%z %l: %v";
 int priority(spdlog::level::level_enum l) {
   switch (l) {
     case spdlog::level::trace:
-    case spdlog::level::debug: return LOG_DEBUG;
-    case spdlog::level::info: return LOG_INFO;
-    case spdlog::level::warn: return LOG_WARNING;
-    case spdlog::level::err: return LOG_ERR;
-    case spdlog::level::critical: return LOG_CRIT;
-    default: return LOG_INFO;
+    case spdlog::level::debug:
+      return LOG_DEBUG;
+    case spdlog::level::info:
+      return LOG_INFO;
+    case spdlog::level::warn:
+      return LOG_WARNING;
+    case spdlog::level::err:
+      return LOG_ERR;
+    case spdlog::level::critical:
+      return LOG_CRIT;
+    default:
+      return LOG_INFO;
   }
 }
 
@@ -39,7 +45,7 @@ bool stderr_is_journal() {
   if (!js) return false;
   unsigned long long dev = 0, ino = 0;
   if (std::sscanf(js, "%llu:%llu", &dev, &ino) != 2) return false;
-  struct stat st{};
+  struct stat st {};
   return fstat(2, &st) == 0 && st.st_dev == dev && st.st_ino == ino;
 }
 
@@ -52,8 +58,9 @@ class JsonFormatter final : public spdlog::formatter {
     const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(msg.time.time_since_epoch()).count() % 1000;
     tm tmv{};
     gmtime_r(&t, &tmv);
-    fmt::format_to(std::back_inserter(dest), "{{\"time\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z\",\"level\":\"{}\",",
-                   tmv.tm_year + 1900, tmv.tm_mon + 1, tmv.tm_mday, tmv.tm_hour, tmv.tm_min, tmv.tm_sec, int(ms),
+    fmt::format_to(std::back_inserter(dest),
+                   "{{\"time\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z\",\"level\":\"{}\",", tmv.tm_year + 1900,
+                   tmv.tm_mon + 1, tmv.tm_mday, tmv.tm_hour, tmv.tm_min, tmv.tm_sec, int(ms),
                    spdlog::level::to_string_view(msg.level));
     const std::string_view payload(msg.payload.data(), msg.payload.size());
     if (!payload.empty() && payload.front() == '{' && payload.back() == '}') {
@@ -126,11 +133,16 @@ std::shared_ptr<ReopenableFileSink> g_file_sink;
 
 spdlog::level::level_enum to_spdlog(LogLevel level) {
   switch (level) {
-    case LogLevel::trace: return spdlog::level::trace;
-    case LogLevel::debug: return spdlog::level::debug;
-    case LogLevel::info: return spdlog::level::info;
-    case LogLevel::warn: return spdlog::level::warn;
-    case LogLevel::error: return spdlog::level::err;
+    case LogLevel::trace:
+      return spdlog::level::trace;
+    case LogLevel::debug:
+      return spdlog::level::debug;
+    case LogLevel::info:
+      return spdlog::level::info;
+    case LogLevel::warn:
+      return spdlog::level::warn;
+    case LogLevel::error:
+      return spdlog::level::err;
   }
   return spdlog::level::info;
 }
@@ -154,8 +166,10 @@ bool setup_logging(const LogConfig& cfg, LogLevel level, std::string& error) {
   }
   auto logger = std::make_shared<spdlog::logger>("smtplb", sink);
   const bool journal = cfg.target == LogTarget::stderr_stream && stderr_is_journal();
-  if (cfg.format == LogFormat::json) logger->set_formatter(std::make_unique<JsonFormatter>());
-  else logger->set_pattern(cfg.target == LogTarget::syslog ? "%v" : journal ? "%l: %v" : kPattern);
+  if (cfg.format == LogFormat::json)
+    logger->set_formatter(std::make_unique<JsonFormatter>());
+  else
+    logger->set_pattern(cfg.target == LogTarget::syslog ? "%v" : journal ? "%l: %v" : kPattern);
   logger->set_level(to_spdlog(level));
   // Warnings and errors are rare and must not be lost in a crash right after them.
   logger->flush_on(spdlog::level::warn);
@@ -164,7 +178,9 @@ bool setup_logging(const LogConfig& cfg, LogLevel level, std::string& error) {
   return true;
 }
 
-void set_log_level(LogLevel level) { spdlog::default_logger()->set_level(to_spdlog(level)); }
+void set_log_level(LogLevel level) {
+  spdlog::default_logger()->set_level(to_spdlog(level));
+}
 
 bool reopen_log(std::string& error) {
   if (!g_file_sink) return true;

@@ -3,4 +3,6 @@
 
 #include "cli.hpp"
 
-int main(int argc, char** argv) { return smtplb::run_cli(std::vector<std::string>(argv, argv + argc)); }
+int main(int argc, char** argv) {
+  return smtplb::run_cli(std::vector<std::string>(argv, argv + argc));
+}

@@ -107,9 +107,12 @@ ParseResult parse_v1(std::string_view data) {
   for (size_t i = 0; i < n; ++i) empty_part |= parts[i].empty();
   if (n != 5 || empty_part) return fail("v1 header needs: PROXY TCP4|TCP6 SRC DST SPORT DPORT");
   int family;
-  if (parts[0] == "TCP4") family = AF_INET;
-  else if (parts[0] == "TCP6") family = AF_INET6;
-  else return fail("v1 header has an unknown protocol");
+  if (parts[0] == "TCP4")
+    family = AF_INET;
+  else if (parts[0] == "TCP6")
+    family = AF_INET6;
+  else
+    return fail("v1 header has an unknown protocol");
   uint16_t sport, dport;
   if (!parse_ip(parts[1], family, r.header.source) || !parse_ip(parts[2], family, r.header.destination))
     return fail("v1 header has a bad address for its protocol");
@@ -223,9 +226,12 @@ ParseResult parse(std::string_view data, Accept accept) {
   if (maybe_v1) return data.size() < kV1Prefix.size() ? ParseResult{} : parse_v1(data);
   if (maybe_v2) return data.size() < kSignature.size() ? ParseResult{} : parse_v2(data);
   switch (accept) {
-    case Accept::v1: return fail("expected a PROXY v1 header");
-    case Accept::v2: return fail("expected a PROXY v2 header");
-    case Accept::any: break;
+    case Accept::v1:
+      return fail("expected a PROXY v1 header");
+    case Accept::v2:
+      return fail("expected a PROXY v2 header");
+    case Accept::any:
+      break;
   }
   return fail("expected a PROXY header");
 }

@@ -4,7 +4,9 @@
 
 namespace smtplb {
 
-bool same_pool(const PoolConfig& a, const PoolConfig& b) { return a.name == b.name; }
+bool same_pool(const PoolConfig& a, const PoolConfig& b) {
+  return a.name == b.name;
+}
 
 bool same_server(const ServerConfig& a, const ServerConfig& b) {
   return a.name == b.name && a.address == b.address && a.port == b.port && a.addr.len == b.addr.len &&

@@ -20,15 +20,15 @@ struct Resolver::Query {
 // Freed when the last reference goes: one per Query whose callback has not run yet and
 // one for the timer until its close callback. So a late answer always finds its batch.
 struct Resolver::Batch {
-  Resolver* owner = nullptr;        // null once finished or abandoned
+  Resolver* owner = nullptr;  // null once finished or abandoned
   std::vector<HostLookup> results;
-  std::vector<Query*> queries;      // null once answered
-  size_t missing = 0;               // answers still awaited
+  std::vector<Query*> queries;  // null once answered
+  size_t missing = 0;           // answers still awaited
   Millis timeout{0};
   Done done;
   std::shared_ptr<Shared> shared;
   uv_timer_t timer{};
-  int refs = 1;                     // the timer
+  int refs = 1;  // the timer
   bool finished = false;
 };
 

@@ -62,8 +62,7 @@ int Server::run() {
     // slots (a 128-CPU machine must not overrun them).
     const CpuBudget cpus = probe_cpus();
     worker_count_ = workers_for_cpus(cpus.affinity, cpus.quota, unsigned(kMaxWorkers));
-    spdlog::info("workers = 0: running {} workers ({} CPUs in the affinity mask; {}{})", worker_count_,
-                 cpus.affinity,
+    spdlog::info("workers = 0: running {} workers ({} CPUs in the affinity mask; {}{})", worker_count_, cpus.affinity,
                  cpus.quota ? fmt::format("cgroup CPU quota {:.2f} CPUs in {}", *cpus.quota, cpus.quota_source)
                             : std::string("no cgroup CPU quota"),
                  worker_count_ == kMaxWorkers && cpus.affinity > kMaxWorkers
@@ -120,8 +119,8 @@ int Server::run() {
   for (size_t i = 0; i < 4; ++i) {
     uv_signal_init(&loop_, &signals_[i]);
     signals_[i].data = this;
-    uv_signal_start(&signals_[i], [](uv_signal_t* h, int signum) { static_cast<Server*>(h->data)->on_signal(signum); },
-                    sigs[i]);
+    uv_signal_start(
+        &signals_[i], [](uv_signal_t* h, int signum) { static_cast<Server*>(h->data)->on_signal(signum); }, sigs[i]);
   }
   ::signal(SIGPIPE, SIG_IGN);
 
@@ -333,8 +332,10 @@ void Server::on_signal(int signum) {
       break;
     case SIGUSR1: {
       std::string error;
-      if (reopen_log(error)) spdlog::info("received SIGUSR1: log file reopened");
-      else spdlog::error("received SIGUSR1: {}", error);
+      if (reopen_log(error))
+        spdlog::info("received SIGUSR1: log file reopened");
+      else
+        spdlog::error("received SIGUSR1: {}", error);
       break;
     }
   }
@@ -451,7 +452,8 @@ void Server::on_transition(HealthChecker& c, Health from, Health to, const Check
                  pool->cfg->health_check.fall, r.reason, up, total);
   else
     spdlog::warn("server {} is DOWN: check failed ({}), {} of {} servers up", server.label, r.reason, up, total);
-  if (usable == 0 && pending == 0) spdlog::error("pool {} has no usable server: clients get 421 4.3.2", pool->cfg->name);
+  if (usable == 0 && pending == 0)
+    spdlog::error("pool {} has no usable server: clients get 421 4.3.2", pool->cfg->name);
 }
 
 }  // namespace smtplb

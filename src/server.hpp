@@ -97,11 +97,11 @@ class Server {
   std::unordered_map<ServerRuntime*, std::unique_ptr<HealthChecker>> checkers_;
   std::minstd_rand rng_{std::random_device{}()};
   std::unique_ptr<AdminServer> admin_;
-  int64_t start_time_ms_ = 0;           // wall clock at start, for start_time_seconds
-  int64_t generation_loaded_ms_ = 0;    // wall clock when the running generation loaded
+  int64_t start_time_ms_ = 0;         // wall clock at start, for start_time_seconds
+  int64_t generation_loaded_ms_ = 0;  // wall clock when the running generation loaded
   uint64_t reloads_ok_ = 0, reloads_failed_ = 0;
   bool last_reload_ok_ = true;
-  Resolver resolver_{&loop_};            // busy while a reload waits for host names
+  Resolver resolver_{&loop_};               // busy while a reload waits for host names
   std::vector<ReloadDone> reload_waiters_;  // answered by the reload in progress
   std::vector<ReloadDone> next_waiters_;    // answered by the coalesced one after it
   bool reload_again_ = false;               // a reload was asked for while resolving

@@ -71,12 +71,12 @@ struct ServerRuntime {
   std::array<std::atomic<uint64_t>, kCheckFailureCount> check_failures{};
   std::atomic<uint64_t> transitions_up{0}, transitions_down{0};
   Histogram check_duration;
-  std::atomic<int64_t> last_check_ms{0};        // wall clock (Unix ms) of the last check
+  std::atomic<int64_t> last_check_ms{0};  // wall clock (Unix ms) of the last check
   std::atomic<uint32_t> last_check_duration_ms{0};
   std::atomic<bool> last_check_ok{false};
-  std::string last_check_reason;                // control loop only
-  int64_t last_change_ms = 0;                   // wall clock of the last transition; control only
-  std::string last_change_cause;                // control loop only
+  std::string last_check_reason;  // control loop only
+  int64_t last_change_ms = 0;     // wall clock of the last transition; control only
+  std::string last_change_cause;  // control loop only
 
   // May take new sessions (health, admin state and weight; not the connection limit).
   bool usable() const {
@@ -105,10 +105,10 @@ struct PoolRuntime {
 
 // Counters of one listener, kept across reloads while the listener stays.
 struct ListenerState {
-  std::atomic<uint32_t> current{0};             // open client sessions, all workers
-  std::atomic<uint64_t> rejected_limit{0};      // refused: listener or process max_connections
-  std::atomic<uint64_t> rejected_no_server{0};  // refused: no usable server / queue timeout
-  std::atomic<uint64_t> rejected_proxy{0};      // closed: bad/missing PROXY header, untrusted sender
+  std::atomic<uint32_t> current{0};                      // open client sessions, all workers
+  std::atomic<uint64_t> rejected_limit{0};               // refused: listener or process max_connections
+  std::atomic<uint64_t> rejected_no_server{0};           // refused: no usable server / queue timeout
+  std::atomic<uint64_t> rejected_proxy{0};               // closed: bad/missing PROXY header, untrusted sender
   std::atomic<int64_t> last_refusal_log_ms{-1'000'000};  // rate limit for the refusal warning
   std::atomic<int64_t> last_proxy_log_ms{-1'000'000};    // rate limit for PROXY warnings
   std::unique_ptr<ListenerWorkerCounters[]> per_worker{new ListenerWorkerCounters[kMaxWorkers]};

@@ -60,7 +60,9 @@ void delay_acks(int fd) {
 }
 
 // libuv's error codes are negated errno values on Unix; the rest of smtplb speaks them.
-int uv_code(int err) { return -err; }
+int uv_code(int err) {
+  return -err;
+}
 
 }  // namespace
 
@@ -117,7 +119,9 @@ void Session::start(int fd, const SocketAddress& peer) {
 
 void Session::proxy_header_data() {
   const ProxyIn want = listener_.cfg->proxy_protocol;
-  const auto accept = want == ProxyIn::v1 ? proxy::Accept::v1 : want == ProxyIn::v2 ? proxy::Accept::v2 : proxy::Accept::any;
+  const auto accept = want == ProxyIn::v1   ? proxy::Accept::v1
+                      : want == ProxyIn::v2 ? proxy::Accept::v2
+                                            : proxy::Accept::any;
   proxy::ParseResult r = proxy::parse(held_, accept);
   if (r.status == proxy::ParseResult::Status::need_more) return;
   if (r.status == proxy::ParseResult::Status::error) {
@@ -210,25 +214,33 @@ void Session::read_from(Conn& c, uint32_t events) {
       // the event the FIN is next (unless an error came too: then read on and report it).
       const bool drained = size_t(n) < Worker::kScratchSize && !(events & EPOLLPRI);
       const bool eof = drained && (events & EPOLLRDHUP) && !(events & EPOLLERR);
-      if (upstream) upstream_data(buf, size_t(n), eof);
-      else client_data(buf, size_t(n), eof);
+      if (upstream)
+        upstream_data(buf, size_t(n), eof);
+      else
+        client_data(buf, size_t(n), eof);
       if (state_ == State::closing || c.owner != this || !c.reading) return;
       if (!drained) continue;
       if (eof) {
-        if (upstream) upstream_end(UV_EOF);
-        else client_end(UV_EOF);
+        if (upstream)
+          upstream_end(UV_EOF);
+        else
+          client_end(UV_EOF);
       }
       return;
     }
     if (n == 0) {
-      if (upstream) upstream_end(UV_EOF);
-      else client_end(UV_EOF);
+      if (upstream)
+        upstream_end(UV_EOF);
+      else
+        client_end(UV_EOF);
       return;
     }
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) return;
-    if (upstream) upstream_end(uv_code(errno));
-    else client_end(uv_code(errno));
+    if (upstream)
+      upstream_end(uv_code(errno));
+    else
+      client_end(uv_code(errno));
     return;
   }
   // Still more to read: let the other sockets have their turn and come back.
@@ -377,8 +389,10 @@ void Session::connect_to(size_t index) {
   } else {
     up_->conn.fd = fd;
     set_nodelay(fd);
-    if (::connect(fd, sa, server->cfg.addr.len) != 0 && errno != EINPROGRESS) rc = uv_code(errno);
-    else if (!worker_.watch(up_->conn)) rc = UV_ENOMEM;  // epoll set full: ours, not the server's
+    if (::connect(fd, sa, server->cfg.addr.len) != 0 && errno != EINPROGRESS)
+      rc = uv_code(errno);
+    else if (!worker_.watch(up_->conn))
+      rc = UV_ENOMEM;  // epoll set full: ours, not the server's
   }
   if (rc == UV_EMFILE || rc == UV_ENFILE || rc == UV_ENOBUFS || rc == UV_ENOMEM || rc == UV_EADDRNOTAVAIL) {
     // Out of descriptors, memory or source ports here: not the server's fault, so no
@@ -398,7 +412,7 @@ void Session::connect_to(size_t index) {
 void Session::connected(int status) {
   if (state_ != State::connecting) return;
   if (status < 0) {
-    const ConnError kind = status == UV_ETIMEDOUT ? ConnError::timeout
+    const ConnError kind = status == UV_ETIMEDOUT    ? ConnError::timeout
                            : status == UV_ECONNRESET ? ConnError::reset
                                                      : ConnError::refused;
     attempt_failed({status == UV_ETIMEDOUT ? Cause::server_timeout : Cause::server, Phase::connect}, kind,
@@ -571,8 +585,10 @@ void Session::handoff(const char* data, size_t len) {
     held_ = std::string();
     if (!forward(false, held.data(), held.size())) return;
   }
-  if (client_eof_) half_close(false);
-  else if (!up_->conn.blocked()) resume_client();
+  if (client_eof_)
+    half_close(false);
+  else if (!up_->conn.blocked())
+    resume_client();
   arm_idle_timer();
 }
 
@@ -614,13 +630,13 @@ void Session::note_refusal(TermCode term) {
   if (term.cause == Cause::resource)
     why = "out of local resources (" + last_failure_ + ")";
   else if (term.phase == Phase::queue)
-    why = "every server of pool " + pool_.name + " stayed full for queue_timeout " +
-          format_duration(pool_.queue_timeout);
+    why =
+        "every server of pool " + pool_.name + " stayed full for queue_timeout " + format_duration(pool_.queue_timeout);
   else if (tries_ == 0)
     why = "no usable server in pool " + pool_.name;
   else
-    why = "no server of pool " + pool_.name + " could take it after " + std::to_string(tries_) + " tries (last: " +
-          last_failure_ + ")";
+    why = "no server of pool " + pool_.name + " could take it after " + std::to_string(tries_) +
+          " tries (last: " + last_failure_ + ")";
   worker_.log(spdlog::level::warn,
               "listener {}: client {} answered 421 4.3.2: {} (further refusals within a second are only counted)",
               listener_.cfg->name, peer_.to_string(), why);
@@ -658,11 +674,15 @@ bool Session::forward(bool to_client, const char* data, size_t len, bool more) {
   o->off = 0;
   o->len = rest;
   std::memcpy(o->data, data + done, rest);
-  if (c.out_tail) c.out_tail->next = o;
-  else c.out_head = o;
+  if (c.out_tail)
+    c.out_tail->next = o;
+  else
+    c.out_head = o;
   c.out_tail = o;
-  if (to_client) pause_upstream();
-  else pause_client();
+  if (to_client)
+    pause_upstream();
+  else
+    pause_client();
   return true;
 }
 
@@ -686,8 +706,10 @@ void Session::flush(Conn& c) {
     ::shutdown(c.fd, SHUT_WR);
   }
   if (state_ == State::relaying) {
-    if (to_client) resume_upstream();
-    else resume_client();
+    if (to_client)
+      resume_upstream();
+    else
+      resume_client();
     maybe_done();
   }
 }
@@ -704,7 +726,9 @@ void Session::write_failed(bool to_client, int err) {
   finish(to_client ? TermCode{Cause::client, Phase::data} : TermCode{Cause::server, Phase::data});
 }
 
-void Session::pause_client() { client_.reading = false; }
+void Session::pause_client() {
+  client_.reading = false;
+}
 
 void Session::resume_client() {
   if (client_.reading || client_eof_ || state_ == State::closing) return;
@@ -730,8 +754,10 @@ void Session::half_close(bool to_client) {
   done = true;
   Conn& c = to_client ? client_ : up_->conn;
   // After pending writes, so nothing in flight is cut off.
-  if (c.blocked()) c.shut_pending = true;
-  else ::shutdown(c.fd, SHUT_WR);
+  if (c.blocked())
+    c.shut_pending = true;
+  else
+    ::shutdown(c.fd, SHUT_WR);
 }
 
 bool Session::done_when_flushed() const {
@@ -744,14 +770,19 @@ void Session::maybe_done() {
 
 // ---- timers -----------------------------------------------------------------------------
 
-void Session::arm_timer(uint64_t ms) { uv_timer_start(&timer_, on_timer, ms, 0); }
+void Session::arm_timer(uint64_t ms) {
+  uv_timer_start(&timer_, on_timer, ms, 0);
+}
 
-void Session::on_timer(uv_timer_t* t) { owner_of<Session>(t)->timer_fired(); }
+void Session::on_timer(uv_timer_t* t) {
+  owner_of<Session>(t)->timer_fired();
+}
 
 void Session::timer_fired() {
   switch (state_) {
     case State::proxy_header:
-      refuse_proxy("no complete PROXY header within " + format_duration(Millis(kProxyHeaderTimeoutMs)), {Cause::client_timeout, Phase::proxy_header});
+      refuse_proxy("no complete PROXY header within " + format_duration(Millis(kProxyHeaderTimeoutMs)),
+                   {Cause::client_timeout, Phase::proxy_header});
       break;
     case State::queued:
       leave_queue();
@@ -760,10 +791,12 @@ void Session::timer_fired() {
       reply_unavailable(term_);
       break;
     case State::connecting:
-      attempt_failed({Cause::server_timeout, Phase::connect}, ConnError::timeout, "connect timeout after " + format_duration(pool_.connect_timeout));
+      attempt_failed({Cause::server_timeout, Phase::connect}, ConnError::timeout,
+                     "connect timeout after " + format_duration(pool_.connect_timeout));
       break;
     case State::greeting:
-      attempt_failed({Cause::server_timeout, Phase::greeting}, ConnError::banner, "no greeting within " + format_duration(pool_.banner_timeout));
+      attempt_failed({Cause::server_timeout, Phase::greeting}, ConnError::banner,
+                     "no greeting within " + format_duration(pool_.banner_timeout));
       break;
     case State::relaying:
       if (upstream_eof_) {
@@ -822,7 +855,9 @@ void Session::finish(TermCode term) {
   uv_close(as_handle(&timer_), on_closed);
 }
 
-void Session::on_closed(uv_handle_t* h) { static_cast<Session*>(h->data)->closed_one(); }
+void Session::on_closed(uv_handle_t* h) {
+  static_cast<Session*>(h->data)->closed_one();
+}
 
 void Session::closed_one() {
   if (--pending_closes_ == 0) delete this;

@@ -4,10 +4,10 @@
 // termination code, updates counters and writes the access line.
 #include <uv.h>
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
-#include <array>
 
 #include "server_pool.hpp"
 #include "smtplb/access_log.hpp"
@@ -73,12 +73,12 @@ class Session {
  private:
   enum class State : uint8_t {
     proxy_header,  // waiting for the PROXY header of an upstream balancer
-    queued,      // every usable server is at max_connections: waiting for a slot
-    connecting,  // TCP connect to a server in progress
-    greeting,    // connected, waiting for the server's first line
-    relaying,    // handed off: bytes flow both ways
-    replying,    // smtplb itself answers (421) and closes
-    closing,     // handles are closing
+    queued,        // every usable server is at max_connections: waiting for a slot
+    connecting,    // TCP connect to a server in progress
+    greeting,      // connected, waiting for the server's first line
+    relaying,      // handed off: bytes flow both ways
+    replying,      // smtplb itself answers (421) and closes
+    closing,       // handles are closing
   };
   static void on_timer(uv_timer_t* t);
   static void on_closed(uv_handle_t* h);
@@ -145,37 +145,37 @@ class Session {
   Upstream* up_ = nullptr;
 
   State state_ = State::connecting;
-  TermCode term_;                 // what ends the session if nothing better happens
-  int pending_closes_ = 0;        // handles still closing; the last one deletes us
-  bool counted_ = false;          // counted in listener/process connection totals
+  TermCode term_;           // what ends the session if nothing better happens
+  int pending_closes_ = 0;  // handles still closing; the last one deletes us
+  bool counted_ = false;    // counted in listener/process connection totals
   bool in_queue_ = false;
-  bool proxy_local_ = false;      // the inbound PROXY header carried no client address
-  bool client_gone_ = false;      // the client left while a PROXY backend was connecting
+  bool proxy_local_ = false;  // the inbound PROXY header carried no client address
+  bool client_gone_ = false;  // the client left while a PROXY backend was connecting
   bool client_eof_ = false;
   bool upstream_eof_ = false;
-  bool client_shut_ = false;      // FIN sent to the client
-  bool upstream_shut_ = false;    // FIN sent to the server
+  bool client_shut_ = false;            // FIN sent to the client
+  bool upstream_shut_ = false;          // FIN sent to the server
   bool upstream_acks_delayed_ = false;  // TCP_QUICKACK 0 set on the server's socket
 
-  std::string held_;              // client bytes received before the handoff
-  std::string greeting_;          // partial first greeting line
-  std::string last_failure_;      // why the latest backend attempt failed
+  std::string held_;          // client bytes received before the handoff
+  std::string greeting_;      // partial first greeting line
+  std::string last_failure_;  // why the latest backend attempt failed
   // Server indexes attempted, in order (retries are capped at 16 by the config).
   std::array<uint32_t, 17> tried_{};
   uint8_t tries_ = 0;
 
-  SocketAddress peer_;            // the client (from the PROXY header when there is one)
-  SocketAddress local_;           // the address the client connected to
+  SocketAddress peer_;                        // the client (from the PROXY header when there is one)
+  SocketAddress local_;                       // the address the client connected to
   const std::string* server_name_ = nullptr;  // server of the latest attempt (owned by snap_)
-  ServerRuntime* relayed_ = nullptr;  // server the session was handed to (owned by snap_)
-  uint64_t t_accept_ = 0;         // loop time (ms) at accept
-  uint64_t t_attempt_ = 0;        // start of the current connect
-  uint64_t t_queued_ = 0;         // when the session entered the queue
-  int64_t tw_ = 0;                // total time queued
-  int64_t tc_ = -1;               // connect time of the current attempt
-  int64_t tb_ = -1;               // connect -> accepted greeting
-  uint64_t last_activity_ = 0;    // loop time of the latest bytes in either direction
-  bool client_turn_ = false;      // the latest bytes forwarded went to the client
+  ServerRuntime* relayed_ = nullptr;          // server the session was handed to (owned by snap_)
+  uint64_t t_accept_ = 0;                     // loop time (ms) at accept
+  uint64_t t_attempt_ = 0;                    // start of the current connect
+  uint64_t t_queued_ = 0;                     // when the session entered the queue
+  int64_t tw_ = 0;                            // total time queued
+  int64_t tc_ = -1;                           // connect time of the current attempt
+  int64_t tb_ = -1;                           // connect -> accepted greeting
+  uint64_t last_activity_ = 0;                // loop time of the latest bytes in either direction
+  bool client_turn_ = false;                  // the latest bytes forwarded went to the client
   uint64_t bytes_in_ = 0;
   uint64_t bytes_out_ = 0;
 };

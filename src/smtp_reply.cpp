@@ -39,15 +39,14 @@ SmtpReplyParser::Status SmtpReplyParser::feed(std::string_view data, size_t& con
 SmtpReplyParser::Status SmtpReplyParser::finish_line() {
   if (!line_.empty() && line_.back() == '\r') line_.pop_back();
   auto digit = [](char c) { return c >= '0' && c <= '9'; };
-  if (line_.size() < 3 || !digit(line_[0]) || !digit(line_[1]) || !digit(line_[2]) ||
-      line_[0] < '2' || line_[0] > '5' || (line_.size() > 3 && line_[3] != ' ' && line_[3] != '-')) {
+  if (line_.size() < 3 || !digit(line_[0]) || !digit(line_[1]) || !digit(line_[2]) || line_[0] < '2' ||
+      line_[0] > '5' || (line_.size() > 3 && line_[3] != ' ' && line_[3] != '-')) {
     error_ = "malformed reply line \"" + printable(line_, 60) + "\"";
     return status_ = Status::error;
   }
   int code = (line_[0] - '0') * 100 + (line_[1] - '0') * 10 + (line_[2] - '0');
   if (lines_ > 0 && code != code_) {
-    error_ = "reply code changed from " + std::to_string(code_) + " to " + std::to_string(code) +
-             " within one reply";
+    error_ = "reply code changed from " + std::to_string(code_) + " to " + std::to_string(code) + " within one reply";
     return status_ = Status::error;
   }
   code_ = code;

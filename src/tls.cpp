@@ -72,8 +72,8 @@ std::shared_ptr<TlsContext> TlsContext::create(const TlsContextOptions& options,
                                            : SSL_CTX_load_verify_locations(ctx, options.ca_file.c_str(), nullptr);
     if (ok != 1) {
       error = "tls setup: cannot load " +
-              (options.ca_file.empty() ? std::string("the system CA store") : "tls_ca_file " + options.ca_file) +
-              ": " + take_openssl_error("unknown error");
+              (options.ca_file.empty() ? std::string("the system CA store") : "tls_ca_file " + options.ca_file) + ": " +
+              take_openssl_error("unknown error");
       SSL_CTX_free(ctx);
       return nullptr;
     }
@@ -82,12 +82,16 @@ std::shared_ptr<TlsContext> TlsContext::create(const TlsContextOptions& options,
   return std::shared_ptr<TlsContext>(new TlsContext(ctx, options.verify));
 }
 
-TlsContext::~TlsContext() { SSL_CTX_free(ctx_); }
+TlsContext::~TlsContext() {
+  SSL_CTX_free(ctx_);
+}
 
 TlsClient::TlsClient(std::shared_ptr<TlsContext> ctx, SSL* ssl, BIO* in, BIO* out)
     : ctx_(std::move(ctx)), ssl_(ssl), in_(in), out_(out) {}
 
-TlsClient::~TlsClient() { SSL_free(ssl_); }
+TlsClient::~TlsClient() {
+  SSL_free(ssl_);
+}
 
 std::unique_ptr<TlsClient> TlsClient::create(std::shared_ptr<TlsContext> ctx, std::string_view name,
                                              std::string_view sni, std::string& error) {
@@ -155,9 +159,13 @@ void TlsClient::feed(std::string_view ciphertext) {
   }
 }
 
-void TlsClient::feed_eof() { BIO_set_mem_eof_return(in_, 0); }
+void TlsClient::feed_eof() {
+  BIO_set_mem_eof_return(in_, 0);
+}
 
-bool TlsClient::has_output() const { return BIO_ctrl_pending(out_) > 0; }
+bool TlsClient::has_output() const {
+  return BIO_ctrl_pending(out_) > 0;
+}
 
 std::string TlsClient::take_output() {
   std::string s(BIO_ctrl_pending(out_), '\0');
@@ -232,7 +240,9 @@ void TlsClient::shutdown() {
   ERR_clear_error();
 }
 
-long TlsClient::verify_result() const { return SSL_get_verify_result(ssl_); }
+long TlsClient::verify_result() const {
+  return SSL_get_verify_result(ssl_);
+}
 
 std::string TlsClient::description() const {
   if (!established_) return "no TLS session";
@@ -253,8 +263,10 @@ TlsClient::Status TlsClient::fail(int ret, const char* what) {
   const long v = SSL_get_verify_result(ssl_);
   if (!established_ && ctx_->verify() && v != X509_V_OK) {
     error_ = std::string("tls verify: ") + X509_verify_cert_error_string(v) + " (";
-    if (verify_depth_ >= 0) error_ += "depth " + std::to_string(verify_depth_) + ", subject " + verify_subject_;
-    else error_ += "no certificate details";
+    if (verify_depth_ >= 0)
+      error_ += "depth " + std::to_string(verify_depth_) + ", subject " + verify_subject_;
+    else
+      error_ += "no certificate details";
     if (v == X509_V_ERR_HOSTNAME_MISMATCH || v == X509_V_ERR_IP_ADDRESS_MISMATCH) error_ += ", expected " + name_;
     error_ += ")";
     ERR_clear_error();

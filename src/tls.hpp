@@ -16,8 +16,8 @@ using X509_STORE_CTX = struct x509_store_ctx_st;
 namespace smtplb {
 
 struct TlsContextOptions {
-  bool verify = false;   // verify the chain and the name; otherwise any certificate is accepted
-  std::string ca_file;   // trusted CAs (PEM) when verifying; empty: OpenSSL's default paths
+  bool verify = false;  // verify the chain and the name; otherwise any certificate is accepted
+  std::string ca_file;  // trusted CAs (PEM) when verifying; empty: OpenSSL's default paths
 };
 
 // One SSL_CTX: the settings shared by every handshake of a checker or pool.
@@ -55,8 +55,8 @@ class TlsClient {
   // `name` is what the certificate must name when the context verifies: an IP literal is
   // checked against IP SANs, anything else as a DNS name. `sni` is sent as server_name
   // unless it is empty or an IP literal. Null, with `error` set, when OpenSSL fails.
-  static std::unique_ptr<TlsClient> create(std::shared_ptr<TlsContext> ctx, std::string_view name,
-                                           std::string_view sni, std::string& error);
+  static std::unique_ptr<TlsClient> create(std::shared_ptr<TlsContext> ctx, std::string_view name, std::string_view sni,
+                                           std::string& error);
   ~TlsClient();
   TlsClient(const TlsClient&) = delete;
   TlsClient& operator=(const TlsClient&) = delete;

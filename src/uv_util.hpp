@@ -11,9 +11,15 @@ inline T* owner_of(H* handle) {
   return static_cast<T*>(handle->data);
 }
 
-inline uv_handle_t* as_handle(auto* h) { return reinterpret_cast<uv_handle_t*>(h); }
-inline uv_stream_t* as_stream(auto* h) { return reinterpret_cast<uv_stream_t*>(h); }
+inline uv_handle_t* as_handle(auto* h) {
+  return reinterpret_cast<uv_handle_t*>(h);
+}
+inline uv_stream_t* as_stream(auto* h) {
+  return reinterpret_cast<uv_stream_t*>(h);
+}
 
-inline std::string uv_error(int code) { return uv_strerror(code); }
+inline std::string uv_error(int code) {
+  return uv_strerror(code);
+}
 
 }  // namespace smtplb

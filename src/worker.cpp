@@ -36,7 +36,7 @@ void discard_input(int fd, char* buf, size_t size) {
 }
 // A full log ring is retried this often; the loop may otherwise have nothing to wake it.
 constexpr uint64_t kLogRetryMs = 10;
-}
+}  // namespace
 
 void ControlLink::report(PassiveDown event) {
   {
@@ -102,8 +102,10 @@ void Worker::rearm(Conn& c) {
 }
 
 void Worker::retire(Upstream* up) {
-  if (in_dispatch_) retired_.push_back(up);
-  else delete up;
+  if (in_dispatch_)
+    retired_.push_back(up);
+  else
+    delete up;
 }
 
 // The uv loop reported the epoll set readable: take its events and hand each to its
@@ -229,8 +231,8 @@ void Worker::publish_log() {
   // The writer is behind: keep the lines (the batch grows) and try again soon even if
   // no event comes. An active timer costs no system call, only a shorter poll timeout.
   if (!uv_is_active(as_handle(&log_retry_)))
-    uv_timer_start(&log_retry_, [](uv_timer_t* t) { static_cast<Worker*>(t->data)->publish_log(); }, kLogRetryMs,
-                   kLogRetryMs);
+    uv_timer_start(
+        &log_retry_, [](uv_timer_t* t) { static_cast<Worker*>(t->data)->publish_log(); }, kLogRetryMs, kLogRetryMs);
 }
 
 void Worker::send_wake() {
@@ -372,13 +374,16 @@ void Worker::on_readable(Listener& l) {
       if (no_fds) {
         // Stop polling briefly instead of spinning on a socket that stays readable.
         uv_poll_stop(&l.poll);
-        uv_timer_start(&l.pause, [](uv_timer_t* t) {
-          auto* self = static_cast<Listener*>(t->data);
-          uv_poll_start(&self->poll, UV_READABLE, [](uv_poll_t* p, int status, int) {
-            auto* me = static_cast<Listener*>(p->data);
-            if (status == 0) me->worker->on_readable(*me);
-          });
-        }, kAcceptPauseMs, 0);
+        uv_timer_start(
+            &l.pause,
+            [](uv_timer_t* t) {
+              auto* self = static_cast<Listener*>(t->data);
+              uv_poll_start(&self->poll, UV_READABLE, [](uv_poll_t* p, int status, int) {
+                auto* me = static_cast<Listener*>(p->data);
+                if (status == 0) me->worker->on_readable(*me);
+              });
+            },
+            kAcceptPauseMs, 0);
       }
       return;
     }
@@ -436,8 +441,9 @@ void Worker::refuse(int fd, const SocketAddress& peer, ListenerRuntime& lr) {
   }
   lingering_.push_back({fd, now + kRefusalLingerMs});
   if (!uv_is_active(as_handle(&linger_timer_)))
-    uv_timer_start(&linger_timer_, [](uv_timer_t* t) { static_cast<Worker*>(t->data)->close_expired_refusals(false); },
-                   kRefusalLingerMs, 0);
+    uv_timer_start(
+        &linger_timer_, [](uv_timer_t* t) { static_cast<Worker*>(t->data)->close_expired_refusals(false); },
+        kRefusalLingerMs, 0);
 }
 
 void Worker::close_expired_refusals(bool all) {
@@ -448,12 +454,14 @@ void Worker::close_expired_refusals(bool all) {
     lingering_.pop_front();
   }
   if (!lingering_.empty() && linger_timer_open_)
-    uv_timer_start(&linger_timer_, [](uv_timer_t* t) { static_cast<Worker*>(t->data)->close_expired_refusals(false); },
-                   lingering_.front().deadline - now, 0);
+    uv_timer_start(
+        &linger_timer_, [](uv_timer_t* t) { static_cast<Worker*>(t->data)->close_expired_refusals(false); },
+        lingering_.front().deadline - now, 0);
 }
 
 void Worker::log_access(const AccessRecord& r) {
-  if (logs(spdlog::level::info)) log_line(spdlog::level::info, log_json_ ? format_access_json(r) : format_access_text(r));
+  if (logs(spdlog::level::info))
+    log_line(spdlog::level::info, log_json_ ? format_access_json(r) : format_access_text(r));
 }
 
 Selection Worker::pick(const PoolRuntime& pr, std::span<const uint32_t> exclude) {
@@ -471,8 +479,10 @@ void Worker::enqueue(Session* s, const std::shared_ptr<PoolState>& pool) {
   if (!q.head) waiting_pools_.push_back(pool);
   s->q_prev_ = q.tail;
   s->q_next_ = nullptr;
-  if (q.tail) q.tail->q_next_ = s;
-  else q.head = s;
+  if (q.tail)
+    q.tail->q_next_ = s;
+  else
+    q.head = s;
   q.tail = s;
   // Pairs with ServerRuntime::release (both read-modify-write `queued`, acquire and
   // release): a slot freed before this point is seen by the look below, one freed after
@@ -483,14 +493,17 @@ void Worker::enqueue(Session* s, const std::shared_ptr<PoolState>& pool) {
 
 void Worker::dequeue(Session* s, PoolState& pool) {
   PoolWorkerState& q = pool.per_worker[index_];
-  if (s->q_prev_) s->q_prev_->q_next_ = s->q_next_;
-  else q.head = s->q_next_;
-  if (s->q_next_) s->q_next_->q_prev_ = s->q_prev_;
-  else q.tail = s->q_prev_;
+  if (s->q_prev_)
+    s->q_prev_->q_next_ = s->q_next_;
+  else
+    q.head = s->q_next_;
+  if (s->q_next_)
+    s->q_next_->q_prev_ = s->q_prev_;
+  else
+    q.tail = s->q_prev_;
   s->q_prev_ = s->q_next_ = nullptr;
   pool.queued.fetch_sub(1, std::memory_order_relaxed);
-  if (!q.head)
-    std::erase_if(waiting_pools_, [&](const std::shared_ptr<PoolState>& p) { return p.get() == &pool; });
+  if (!q.head) std::erase_if(waiting_pools_, [&](const std::shared_ptr<PoolState>& p) { return p.get() == &pool; });
 }
 
 void Worker::serve_queue(PoolState& pool) {
@@ -535,8 +548,10 @@ void Worker::link(Session* s) {
 }
 
 void Worker::unlink(Session* s) {
-  if (s->prev_) s->prev_->next_ = s->next_;
-  else sessions_ = s->next_;
+  if (s->prev_)
+    s->prev_->next_ = s->next_;
+  else
+    sessions_ = s->next_;
   if (s->next_) s->next_->prev_ = s->prev_;
   s->next_ = s->prev_ = nullptr;
   maybe_finish();

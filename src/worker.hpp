@@ -6,8 +6,8 @@
 #include <uv.h>
 
 #include <atomic>
-#include <deque>
 #include <chrono>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -39,8 +39,8 @@ struct ControlLink {
   std::atomic<uint32_t> connections{0};  // client sessions, whole process
   std::atomic<unsigned> running{0};      // workers whose loop has not ended yet
   std::mutex mu;
-  std::vector<PassiveDown> passive;      // guarded by mu
-  uv_async_t* wake = nullptr;            // the control loop's; set before workers start
+  std::vector<PassiveDown> passive;  // guarded by mu
+  uv_async_t* wake = nullptr;        // the control loop's; set before workers start
 
   void report(PassiveDown event);
   void worker_done();
@@ -140,9 +140,9 @@ class Worker {
   // clients in the kernel's backlog instead of closing them.
   struct Listener {
     uv_poll_t poll;
-    uv_timer_t pause;     // resumes polling after a descriptor shortage
+    uv_timer_t pause;  // resumes polling after a descriptor shortage
     int fd = -1;
-    int closing = 0;      // handles still closing
+    int closing = 0;  // handles still closing
     Worker* worker;
     std::shared_ptr<ListenerRuntime> runtime;
   };
@@ -170,19 +170,19 @@ class Worker {
   ControlLink& link_;
   LogWriter& log_writer_;
   LogQueue& log_;
-  uint64_t log_nudged_ = 0;               // log_.handed_over() when the writer was last nudged
+  uint64_t log_nudged_ = 0;  // log_.handed_over() when the writer was last nudged
   // Hands the log batch over once per loop turn, just before the loop waits; neither
   // handle keeps the loop alive (run() hands over the last batch).
   uv_prepare_t log_turn_{};
-  uv_timer_t log_retry_{};                // while the writer's ring is full
+  uv_timer_t log_retry_{};  // while the writer's ring is full
   bool log_handles_open_ = true;
   uv_loop_t loop_{};
   uv_async_t wake_{};
-  std::mutex wake_mu_;                    // guards wake_open_ against a concurrent close
+  std::mutex wake_mu_;  // guards wake_open_ against a concurrent close
   bool wake_open_ = true;
   std::thread thread_;
   bool thread_started_ = false;
-  std::atomic<int> stop_mode_{0};         // 0 run, 1 drain, 2 stop now
+  std::atomic<int> stop_mode_{0};  // 0 run, 1 drain, 2 stop now
   std::atomic<bool> kicked_{false};
   std::mutex pending_mu_;
   // Every published snapshot, applied in order: a listener added by one reload and kept
@@ -192,19 +192,19 @@ class Worker {
   bool access_log_ = true;
   bool log_json_ = false;
   bool draining_ = false;
-  uint64_t last_accept_error_ms_ = 0;     // accept errors are logged once per burst
+  uint64_t last_accept_error_ms_ = 0;  // accept errors are logged once per burst
   std::vector<Worker*> peers_;
-  std::vector<Listener*> listeners_;      // freed in their close callbacks
+  std::vector<Listener*> listeners_;  // freed in their close callbacks
   // Pools in which this worker has queued sessions (kept alive while they wait).
   std::vector<std::shared_ptr<PoolState>> waiting_pools_;
-  std::vector<ServerView> views_;         // reused by pick()
+  std::vector<ServerView> views_;  // reused by pick()
   std::unique_ptr<char[]> scratch_;
-  int epfd_ = -1;                         // the sessions' epoll set
-  uv_poll_t ep_poll_{};                   // the loop's watch on it
+  int epfd_ = -1;        // the sessions' epoll set
+  uv_poll_t ep_poll_{};  // the loop's watch on it
   bool ep_open_ = false;
   bool in_dispatch_ = false;
-  std::vector<Upstream*> retired_;        // freed at the end of the batch
-  Session* sessions_ = nullptr;           // intrusive list of live sessions
+  std::vector<Upstream*> retired_;  // freed at the end of the batch
+  Session* sessions_ = nullptr;     // intrusive list of live sessions
   // Refused clients waiting out their linger, oldest first (all lingers are equal).
   struct Lingering {
     int fd;

@@ -8,9 +8,9 @@ namespace smtplb {
 struct AdminRoute {
   enum class Kind { metrics, status, healthz, reload, server_state, server_weight, not_found, wrong_method };
   Kind kind = Kind::not_found;
-  std::string_view pool;    // server_state / server_weight
+  std::string_view pool;  // server_state / server_weight
   std::string_view server;
-  std::string_view allow;   // wrong_method: the methods to list in Allow
+  std::string_view allow;  // wrong_method: the methods to list in Allow
 };
 
 // GET/HEAD /metrics /status /healthz; POST /reload, /servers/POOL/SERVER/state|weight.

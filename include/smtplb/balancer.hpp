@@ -10,9 +10,9 @@
 namespace smtplb {
 
 struct Candidate {
-  uint32_t weight = 0;   // effective weight; 0 = not selectable
-  uint32_t active = 0;   // current connections (leastconn)
-  bool eligible = false; // usable right now and not excluded by the caller
+  uint32_t weight = 0;    // effective weight; 0 = not selectable
+  uint32_t active = 0;    // current connections (leastconn)
+  bool eligible = false;  // usable right now and not excluded by the caller
 };
 
 // Smooth weighted round-robin (the nginx algorithm): over any window of sum(weights)

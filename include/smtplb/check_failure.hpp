@@ -23,21 +23,31 @@ inline constexpr std::array<std::string_view, 8> kCheckFailureNames = {"connect"
                                                                        "starttls", "tls",     "quit",     "proxy"};
 inline constexpr size_t kCheckFailureCount = kCheckFailureNames.size();
 
-constexpr std::string_view to_string(CheckFailure f) { return kCheckFailureNames[size_t(f)]; }
+constexpr std::string_view to_string(CheckFailure f) {
+  return kCheckFailureNames[size_t(f)];
+}
 
 // The steps of a check dialogue, in order.
 enum class CheckStep : uint8_t { idle, connect, greeting, ehlo, starttls, tls_handshake, ehlo_tls, quit };
 
 constexpr std::string_view to_string(CheckStep s) {
   switch (s) {
-    case CheckStep::connect: return "connect";
-    case CheckStep::greeting: return "greeting";
-    case CheckStep::ehlo: return "ehlo";
-    case CheckStep::starttls: return "starttls";
-    case CheckStep::tls_handshake: return "tls handshake";
-    case CheckStep::ehlo_tls: return "ehlo-tls";
-    case CheckStep::quit: return "quit";
-    case CheckStep::idle: break;
+    case CheckStep::connect:
+      return "connect";
+    case CheckStep::greeting:
+      return "greeting";
+    case CheckStep::ehlo:
+      return "ehlo";
+    case CheckStep::starttls:
+      return "starttls";
+    case CheckStep::tls_handshake:
+      return "tls handshake";
+    case CheckStep::ehlo_tls:
+      return "ehlo-tls";
+    case CheckStep::quit:
+      return "quit";
+    case CheckStep::idle:
+      break;
   }
   return "idle";
 }
@@ -49,13 +59,19 @@ constexpr CheckFailure failure_of(CheckStep step, bool proxy_mismatch) {
   if (proxy_mismatch) return CheckFailure::proxy;
   switch (step) {
     case CheckStep::idle:
-    case CheckStep::connect: return CheckFailure::connect;
-    case CheckStep::greeting: return CheckFailure::greeting;
+    case CheckStep::connect:
+      return CheckFailure::connect;
+    case CheckStep::greeting:
+      return CheckFailure::greeting;
     case CheckStep::ehlo:
-    case CheckStep::ehlo_tls: return CheckFailure::ehlo;
-    case CheckStep::starttls: return CheckFailure::starttls;
-    case CheckStep::tls_handshake: return CheckFailure::tls;
-    case CheckStep::quit: return CheckFailure::quit;
+    case CheckStep::ehlo_tls:
+      return CheckFailure::ehlo;
+    case CheckStep::starttls:
+      return CheckFailure::starttls;
+    case CheckStep::tls_handshake:
+      return CheckFailure::tls;
+    case CheckStep::quit:
+      return CheckFailure::quit;
   }
   return CheckFailure::connect;
 }

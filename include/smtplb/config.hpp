@@ -31,10 +31,10 @@ enum class ProxyIn : uint8_t { none, v1, v2, any };
 enum class ProxyOut : uint8_t { none, v1, v2 };
 
 struct GlobalConfig {
-  std::string hostname;             // default: the machine's host name
-  unsigned workers = 0;             // 0 = one per core
-  unsigned max_connections = 20000; // process-wide client sessions
-  Millis shutdown_grace{30000};     // SIGTERM: how long relaying sessions may finish
+  std::string hostname;              // default: the machine's host name
+  unsigned workers = 0;              // 0 = one per core
+  unsigned max_connections = 20000;  // process-wide client sessions
+  Millis shutdown_grace{30000};      // SIGTERM: how long relaying sessions may finish
 };
 
 struct LogConfig {
@@ -42,14 +42,14 @@ struct LogConfig {
   bool access_log = true;
   LogTarget target = LogTarget::stderr_stream;
   LogFormat format = LogFormat::text;
-  std::string file;                 // target = file
+  std::string file;  // target = file
 };
 
 struct AdminConfig {
   // Unix socket with the full API (read and write), mode 0660. Empty: none.
   std::string socket = "/run/smtplb/admin.sock";
-  bool socket_configured = false;   // written in the file: failing to bind it is fatal
-  std::string listen;               // "host:port" read-only HTTP; empty: off
+  bool socket_configured = false;  // written in the file: failing to bind it is fatal
+  std::string listen;              // "host:port" read-only HTTP; empty: off
 };
 
 struct SocketAddress {
@@ -64,7 +64,7 @@ struct SocketAddress {
 
 // An address block such as 10.0.0.0/8 or 2001:db8::/32.
 struct Cidr {
-  int family = 0;           // AF_INET or AF_INET6
+  int family = 0;            // AF_INET or AF_INET6
   unsigned char addr[16]{};  // network bytes (4 used for IPv4)
   unsigned prefix = 0;
   // IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) match IPv4 blocks.
@@ -77,9 +77,9 @@ bool parse_cidr(std::string_view text, Cidr& out);
 
 struct ListenerConfig {
   std::string name;
-  std::string address;              // as written
-  uint16_t port = 25;               // 0 = any free port (tests); the bound port is logged
-  SocketAddress bind;               // parsed: listeners take IP literals only
+  std::string address;  // as written
+  uint16_t port = 25;   // 0 = any free port (tests); the bound port is logged
+  SocketAddress bind;   // parsed: listeners take IP literals only
   std::string pool;
   unsigned max_connections = 10000;
   Millis client_idle_timeout{300000};
@@ -89,30 +89,30 @@ struct ListenerConfig {
 
 struct HealthCheckConfig {
   Millis interval{2000};
-  Millis timeout{10000};            // covers the whole dialogue
+  Millis timeout{10000};  // covers the whole dialogue
   unsigned rise = 2;
   unsigned fall = 3;
-  std::string ehlo_name;            // resolved: global.hostname when empty
-  bool starttls = false;            // STARTTLS + TLS handshake + EHLO again
-  bool tls_verify = false;          // verify the certificate chain and name
-  std::string tls_ca_file;          // empty: the system store
-  std::string tls_server_name;      // SNI and name to verify; empty: the server's address
+  std::string ehlo_name;        // resolved: global.hostname when empty
+  bool starttls = false;        // STARTTLS + TLS handshake + EHLO again
+  bool tls_verify = false;      // verify the certificate chain and name
+  std::string tls_ca_file;      // empty: the system store
+  std::string tls_server_name;  // SNI and name to verify; empty: the server's address
 };
 
 struct ServerConfig {
   std::string name;
-  std::string address;              // as written
+  std::string address;  // as written
   uint16_t port = 25;
   // An IP literal is parsed at load; a host name is not looked up there (loading does no
   // DNS): needs_resolution says so, and the control loop fills `addr` off the loop
   // (include/smtplb/resolve_plan.hpp) before the configuration is used.
   SocketAddress addr;
   bool needs_resolution = false;
-  uint32_t address_line = 0;        // where 'address' is written, for resolution errors
+  uint32_t address_line = 0;  // where 'address' is written, for resolution errors
   uint32_t address_column = 0;
-  unsigned weight = 1;              // 0..256; 0 = no new sessions
-  unsigned max_connections = 0;     // 0 = unlimited
-  bool backup = false;              // used only while no non-backup server is usable
+  unsigned weight = 1;           // 0..256; 0 = no new sessions
+  unsigned max_connections = 0;  // 0 = unlimited
+  bool backup = false;           // used only while no non-backup server is usable
   AdminState state = AdminState::ready;
 };
 
@@ -120,12 +120,12 @@ struct PoolConfig {
   std::string name;
   Algorithm algorithm = Algorithm::roundrobin;
   Handoff handoff = Handoff::banner;
-  unsigned retries = 3;             // further servers tried after a failed attempt
+  unsigned retries = 3;  // further servers tried after a failed attempt
   Millis connect_timeout{5000};
   Millis banner_timeout{15000};
   Millis server_idle_timeout{300000};
-  Millis queue_timeout{5000};       // wait for a slot when every usable server is full
-  Millis slow_start{0};             // ramp a recovered server's weight over this time
+  Millis queue_timeout{5000};                // wait for a slot when every usable server is full
+  Millis slow_start{0};                      // ramp a recovered server's weight over this time
   ProxyOut proxy_protocol = ProxyOut::none;  // header sent first on backend connections
   HealthCheckConfig health_check;
   std::vector<ServerConfig> servers;
@@ -136,9 +136,9 @@ struct Config {
   GlobalConfig global;
   LogConfig log;
   AdminConfig admin;
-  SocketAddress admin_listen;               // admin.listen parsed (an IP literal)
-  std::vector<ListenerConfig> listeners;   // sorted by name
-  std::vector<PoolConfig> pools;           // sorted by name
+  SocketAddress admin_listen;             // admin.listen parsed (an IP literal)
+  std::vector<ListenerConfig> listeners;  // sorted by name
+  std::vector<PoolConfig> pools;          // sorted by name
 
   const PoolConfig* find_pool(std::string_view name) const;
 };

@@ -13,10 +13,10 @@ inline constexpr size_t kMaxHead = 8 * 1024;
 inline constexpr size_t kMaxBody = 64 * 1024;
 
 struct Request {
-  std::string method;   // "GET", "POST", ... (case-sensitive, as RFC 9110 says)
-  std::string target;   // origin-form path with any query, e.g. "/metrics?x=1"
-  std::string path;     // target without the query
-  int version_minor = 1;  // HTTP/1.<minor>
+  std::string method;                                        // "GET", "POST", ... (case-sensitive, as RFC 9110 says)
+  std::string target;                                        // origin-form path with any query, e.g. "/metrics?x=1"
+  std::string path;                                          // target without the query
+  int version_minor = 1;                                     // HTTP/1.<minor>
   std::vector<std::pair<std::string, std::string>> headers;  // names lower-cased, values trimmed
   std::string body;
   bool keep_alive = true;  // HTTP/1.1 default unless "Connection: close"; 1.0 only with keep-alive

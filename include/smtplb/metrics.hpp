@@ -23,8 +23,8 @@ class Writer {
   // name_bucket{...,le="b"} for each bound (cumulative counts given per bucket, not yet
   // accumulated: counts[i] = observations in (bounds[i-1], bounds[i]], with one more
   // entry for +Inf), then name_sum and name_count.
-  void histogram(std::string_view name, Labels labels, std::span<const double> bounds,
-                 std::span<const uint64_t> counts, double sum);
+  void histogram(std::string_view name, Labels labels, std::span<const double> bounds, std::span<const uint64_t> counts,
+                 double sum);
 
   const std::string& text() const { return out_; }
   std::string take() { return std::move(out_); }

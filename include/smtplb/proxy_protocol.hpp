@@ -38,7 +38,7 @@ struct ParseResult {
   size_t consumed = 0;  // header length when ok
   Version version = Version::v1;
   Header header;
-  std::string error;    // when error: what was wrong, for the log
+  std::string error;  // when error: what was wrong, for the log
 };
 
 // Parses the start of a connection's bytes. need_more until a complete header (or a

@@ -18,7 +18,7 @@ namespace smtplb {
 
 // One server as the chooser sees it at this instant.
 struct ServerView {
-  bool usable = false;           // health UP, admin state ready, weight > 0
+  bool usable = false;  // health UP, admin state ready, weight > 0
   bool backup = false;
   bool full = false;             // at its max_connections
   uint32_t weight = 0;           // configured (or admin-set) weight, unscaled

@@ -37,7 +37,7 @@ class SmtpReplyParser {
 
   size_t max_line_;
   size_t max_lines_;
-  std::string line_;   // current partial line
+  std::string line_;  // current partial line
   std::string text_;
   std::string error_;
   int code_ = 0;

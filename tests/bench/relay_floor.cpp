@@ -35,8 +35,8 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <csignal>
 #include <chrono>
+#include <csignal>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -57,13 +57,13 @@ struct Conn {
   int pipe_r = -1, pipe_w = -1;  // splice: the pipe that feeds this fd
   size_t piped = 0;              // bytes in that pipe
   bool connected = false;
-  bool active = false;    // we connected it (the backend side)
-  bool fin_seen = false;  // an event said EPOLLRDHUP: the peer's FIN is in
-  bool greeted = false;   // backend side: bytes from it went to the client from user space
+  bool active = false;        // we connected it (the backend side)
+  bool fin_seen = false;      // an event said EPOLLRDHUP: the peer's FIN is in
+  bool greeted = false;       // backend side: bytes from it went to the client from user space
   bool acks_delayed = false;  // TCP_QUICKACK 0 set
-  bool eof_in = false;    // read EOF from this fd
-  bool shut_out = false;  // shut down this fd's write side
-  bool blocked = false;   // not reading: the peer has bytes waiting
+  bool eof_in = false;        // read EOF from this fd
+  bool shut_out = false;      // shut down this fd's write side
+  bool blocked = false;       // not reading: the peer has bytes waiting
   bool in_map = false;
   bool map_refused = false;
   bool draining = false;  // sockmap: EOF seen, waiting for the kernel to write out the rest
@@ -86,7 +86,9 @@ struct Key {  // as the verdict program builds it from struct __sk_buff
   uint32_t remote_ip4, local_ip4, remote_port, local_port;
 };
 
-long bpf(int cmd, bpf_attr* attr) { return syscall(__NR_bpf, cmd, attr, sizeof *attr); }
+long bpf(int cmd, bpf_attr* attr) {
+  return syscall(__NR_bpf, cmd, attr, sizeof *attr);
+}
 
 [[noreturn]] void die(const char* what) {
   std::perror(what);
@@ -165,7 +167,7 @@ Key key_of(const Conn* c) {
   k.remote_ip4 = c->remote_ip4;  // network order, as __sk_buff has it
   k.local_ip4 = c->local_ip4;
   k.remote_port = static_cast<uint32_t>(c->remote_port) << 16;  // network order, upper half
-  k.local_port = ntohs(c->local_port);                           // host order
+  k.local_port = ntohs(c->local_port);                          // host order
   return k;
 }
 
@@ -195,9 +197,9 @@ void map_delete(const Key& k) {
 void join_map(Conn* c) {
   Conn* p = c->peer;
   Conn* server = c->active ? c : p;
-  if (mode != Mode::sockmap || c->in_map || c->map_refused || !server->greeted || !c->connected ||
-      !p->connected || c->pending.size() > c->pending_off || p->pending.size() > p->pending_off || c->fin_seen ||
-      p->fin_seen || c->eof_in || p->eof_in)
+  if (mode != Mode::sockmap || c->in_map || c->map_refused || !server->greeted || !c->connected || !p->connected ||
+      c->pending.size() > c->pending_off || p->pending.size() > p->pending_off || c->fin_seen || p->fin_seen ||
+      c->eof_in || p->eof_in)
     return;
   const Key kc = key_of(c), kp = key_of(p);
   if (map_put(kc, p->fd)) {  // bytes arriving on c leave through its peer
@@ -218,8 +220,7 @@ bool kernel_drained(const Conn* c) {
   socklen_t l1 = sizeof in, l2 = sizeof out;
   int queued = 0;
   if (getsockopt(c->fd, IPPROTO_TCP, TCP_INFO, &in, &l1) != 0 ||
-      getsockopt(c->peer->fd, IPPROTO_TCP, TCP_INFO, &out, &l2) != 0 ||
-      ioctl(c->peer->fd, SIOCOUTQ, &queued) != 0)
+      getsockopt(c->peer->fd, IPPROTO_TCP, TCP_INFO, &out, &l2) != 0 || ioctl(c->peer->fd, SIOCOUTQ, &queued) != 0)
     return true;
   return in.tcpi_bytes_received - 1 == out.tcpi_bytes_acked + static_cast<uint64_t>(queued) - (c->peer->active ? 1 : 0);
 }
@@ -267,8 +268,7 @@ int flush(Conn* c) {
     c->piped -= static_cast<size_t>(n);
   }
   while (c->pending_off < c->pending.size()) {
-    const ssize_t n = send(c->fd, c->pending.data() + c->pending_off, c->pending.size() - c->pending_off,
-                           MSG_NOSIGNAL);
+    const ssize_t n = send(c->fd, c->pending.data() + c->pending_off, c->pending.size() - c->pending_off, MSG_NOSIGNAL);
     if (n < 0) return errno == EAGAIN ? 0 : -1;
     c->pending_off += static_cast<size_t>(n);
   }
@@ -451,8 +451,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string m = argc > 3 ? argv[3] : "plain";
-  if (m == "splice") mode = Mode::splice;
-  else if (m == "sockmap") mode = Mode::sockmap;
+  if (m == "splice")
+    mode = Mode::splice;
+  else if (m == "sockmap")
+    mode = Mode::sockmap;
   else if (m != "plain") {
     std::fprintf(stderr, "relay_floor: unknown mode %s\n", m.c_str());
     return 2;
@@ -475,8 +477,7 @@ int main(int argc, char** argv) {
   la.sin_family = AF_INET;
   la.sin_port = htons(static_cast<uint16_t>(std::atoi(argv[1])));
   la.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (bind(listen_fd, reinterpret_cast<sockaddr*>(&la), sizeof la) != 0 || listen(listen_fd, 4096) != 0)
-    die("listen");
+  if (bind(listen_fd, reinterpret_cast<sockaddr*>(&la), sizeof la) != 0 || listen(listen_fd, 4096) != 0) die("listen");
   const int ep = epoll_create1(EPOLL_CLOEXEC);
   epoll_event e{};
   e.events = EPOLLIN;
@@ -487,8 +488,10 @@ int main(int argc, char** argv) {
   for (;;) {
     const int n = epoll_wait(ep, events, 256, draining.empty() ? -1 : 1);
     for (int i = 0; i < n; ++i) {
-      if (events[i].data.ptr == nullptr) accept_all(listen_fd, la, ep);
-      else on_event(static_cast<Conn*>(events[i].data.ptr), events[i].events);
+      if (events[i].data.ptr == nullptr)
+        accept_all(listen_fd, la, ep);
+      else
+        on_event(static_cast<Conn*>(events[i].data.ptr), events[i].events);
     }
     // sockmap: pass on the FINs whose bytes the kernel has written out since.
     std::vector<Conn*> still;
@@ -496,8 +499,10 @@ int main(int argc, char** argv) {
     for (Conn* c : draining) {
       if (c->closed) continue;
       if (!kernel_drained(c)) {
-        if (now - c->draining_since > kDrainLimit) close_pair(c);
-        else still.push_back(c);
+        if (now - c->draining_since > kDrainLimit)
+          close_pair(c);
+        else
+          still.push_back(c);
         continue;
       }
       c->draining = false;

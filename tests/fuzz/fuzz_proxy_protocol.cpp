@@ -54,7 +54,9 @@ ParseResult parse_copy(std::string_view data, Accept accept) {
   return proxy::parse(std::string_view(buf.get(), data.size()), accept);
 }
 
-bool is_ip(const SocketAddress& a) { return a.family() == AF_INET || a.family() == AF_INET6; }
+bool is_ip(const SocketAddress& a) {
+  return a.family() == AF_INET || a.family() == AF_INET6;
+}
 
 // Family, address bytes and port (not flow info or scope, which neither version carries).
 bool same_address(const SocketAddress& a, const SocketAddress& b) {
@@ -80,7 +82,9 @@ bool accepts(Accept accept, Version v) {
   return accept == Accept::any || (accept == Accept::v1) == (v == Version::v1);
 }
 
-size_t limit(Version v) { return v == Version::v1 ? proxy::kMaxV1 : proxy::kMaxV2; }
+size_t limit(Version v) {
+  return v == Version::v1 ? proxy::kMaxV1 : proxy::kMaxV2;
+}
 
 // Encodes h (an IP pair) with v, parses it back and checks it is h again.
 void check_round_trip(const Header& h, Version v) {

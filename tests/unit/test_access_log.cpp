@@ -9,8 +9,8 @@
 
 using smtplb::AccessRecord;
 using smtplb::Cause;
-using smtplb::Phase;
 using smtplb::format_access_text;
+using smtplb::Phase;
 
 TEST_CASE("access log: the line of docs/logging.md") {
   AccessRecord r;

@@ -117,9 +117,20 @@ TEST_CASE("roundrobin: the nginx sequences") {
 
 TEST_CASE("roundrobin: exact counts over every window of sum(weights)") {
   const std::vector<std::vector<uint32_t>> sets = {
-      {1},       {1, 1},         {5, 1, 1},       {3, 2, 1},     {2, 3, 5, 7}, {100, 50, 1},
-      {256, 1},  {10, 1},        {7, 3},          {256, 256, 256}, {1, 2, 4, 8, 16, 32, 64, 128},
-      {13, 0, 7}, {97, 89, 83, 79}, {255, 254, 1, 1},
+      {1},
+      {1, 1},
+      {5, 1, 1},
+      {3, 2, 1},
+      {2, 3, 5, 7},
+      {100, 50, 1},
+      {256, 1},
+      {10, 1},
+      {7, 3},
+      {256, 256, 256},
+      {1, 2, 4, 8, 16, 32, 64, 128},
+      {13, 0, 7},
+      {97, 89, 83, 79},
+      {255, 254, 1, 1},
   };
   for (const auto& w : sets) {
     auto c = with_weights(w);
@@ -183,8 +194,10 @@ TEST_CASE("roundrobin: same choices as the nginx reference on random pools") {
       // Now and then a server changes eligibility or weight, as health checks and slow start do.
       if (rng.next() % 50 == 0) {
         auto& x = c[rng.next() % c.size()];
-        if (rng.next() % 2) x.eligible = !x.eligible;
-        else x.weight = rng.next() % 257;
+        if (rng.next() % 2)
+          x.eligible = !x.eligible;
+        else
+          x.weight = rng.next() % 257;
       }
       auto got = rr.pick(c);
       auto want = ref.pick(c);
@@ -299,11 +312,7 @@ TEST_CASE("leastconn: a filling pool spreads in proportion to weight") {
     std::string first;  // the first picks, counting each pick as a new connection
   };
   const std::vector<Case> cases = {
-      {{1, 1, 1}, "012012"},
-      {{3, 1}, "00100010001"},
-      {{5, 2, 1}, ""},
-      {{1, 2, 4, 8}, ""},
-      {{256, 1, 7}, ""},
+      {{1, 1, 1}, "012012"}, {{3, 1}, "00100010001"}, {{5, 2, 1}, ""}, {{1, 2, 4, 8}, ""}, {{256, 1, 7}, ""},
   };
   for (const auto& tc : cases) {
     auto c = with_weights(tc.weights);

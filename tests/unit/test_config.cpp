@@ -37,7 +37,9 @@ const std::string kPool =
     "name = \"a\"\n"
     "address = \"127.0.0.1\"\n";
 
-ConfigLoad load(const std::string& text) { return load_config_string(text, "test.toml"); }
+ConfigLoad load(const std::string& text) {
+  return load_config_string(text, "test.toml");
+}
 
 std::string dump(const ConfigLoad& r) {
   std::string s;
@@ -336,7 +338,8 @@ TEST_CASE("config: integers out of range") {
   expect_one_error(kListener + kPool + "weight = 257\n", 8, 10, "'weight' must be between 0 and 256, not 257");
   expect_one_error(kListener + kPool + "weight = -1\n", 8, 10, "'weight' must be between 0 and 256, not -1");
   expect_one_error(kListener + kPool + "port = 0\n", 8, 8, "'port' must be between 1 and 65535, not 0");
-  expect_one_error(kListener + kPool + "[pool.pf.health_check]\nrise = 0\n", 9, 8, "'rise' must be between 1 and 100, not 0");
+  expect_one_error(kListener + kPool + "[pool.pf.health_check]\nrise = 0\n", 9, 8,
+                   "'rise' must be between 1 and 100, not 0");
   expect_one_error(kListener + kPool + "[pool.pf.health_check]\nfall = 101\n", 9, 8,
                    "'fall' must be between 1 and 100, not 101");
   expect_one_error("[global]\nworkers = 9223372036854775807\n" + kListener + kPool, 2, 11, "between 0 and 64");
@@ -372,9 +375,8 @@ TEST_CASE("config: listener problems") {
   expect_one_error("listener = 1\n" + kListener + kPool, 3, 1, "redefine");  // a TOML error
   expect_one_error("[[listener.mx]]\naddress = \"127.0.0.1\"\npool = \"pf\"\n" + kPool, 1, 1,
                    "[listener.mx] must be a table");
-  expect_one_error(
-      kListener + kPool + "[listener.mx2]\naddress = \"127.0.0.1\"\npool = \"pf\"\n", 8, 1,
-      "listener 'mx2' binds 127.0.0.1:25 like listener 'mx'");
+  expect_one_error(kListener + kPool + "[listener.mx2]\naddress = \"127.0.0.1\"\npool = \"pf\"\n", 8, 1,
+                   "listener 'mx2' binds 127.0.0.1:25 like listener 'mx'");
   // Two listeners on port 0 each get their own free port: no conflict.
   expect_ok(kListener + "port = 0\n" + kPool + "[listener.mx2]\naddress = \"127.0.0.1\"\nport = 0\npool = \"pf\"\n");
   // Same port on different addresses is fine.
@@ -383,7 +385,8 @@ TEST_CASE("config: listener problems") {
 
 TEST_CASE("config: pool and server problems") {
   expect_one_error(kListener + "[pool.pf]\nretries = 1\n", 4, 1, "pool 'pf' has no [[pool.pf.server]]");
-  expect_one_error(kListener + "[pool.pf]\nserver = \"a\"\n", 5, 10, "servers are written as [[pool.pf.server]] tables");
+  expect_one_error(kListener + "[pool.pf]\nserver = \"a\"\n", 5, 10,
+                   "servers are written as [[pool.pf.server]] tables");
   expect_one_error(kListener + "[pool.pf]\nserver = [1]\n", 5, 11, "each [[pool.pf.server]] must be a table");
   expect_one_error(kListener + "[pool.pf]\n[[pool.pf.server]]\naddress = \"127.0.0.1\"\n", 5, 1,
                    "a server in pool 'pf' needs 'name'");
@@ -435,10 +438,10 @@ TEST_CASE("config: server host names are checked for form only, never looked up"
   const std::string long_label(64, 'a');
   std::string long_name;
   for (int i = 0; i < 64; ++i) long_name += "abc.";
-  for (const std::string& bad : {std::string(""), std::string("mx 1.example.net"), std::string("a..b"),
-                                 std::string(".a"), std::string("-a.b"), std::string("a-.b"), std::string("a/b"),
-                                 std::string("a@b"), std::string("a\\tb"), long_label + ".net", long_name,
-                                 std::string("a..")}) {
+  for (const std::string& bad :
+       {std::string(""), std::string("mx 1.example.net"), std::string("a..b"), std::string(".a"), std::string("-a.b"),
+        std::string("a-.b"), std::string("a/b"), std::string("a@b"), std::string("a\\tb"), long_label + ".net",
+        long_name, std::string("a..")}) {
     auto r = load(server(bad));
     INFO("'" << bad << "'\n" << dump(r));
     CHECK_FALSE(r.ok());
@@ -628,7 +631,8 @@ TEST_CASE("config: listeners without a usable address get no bind conflict") {
   CHECK(has_error(r, 1, 1, "[listener.a] needs 'address'"));
   CHECK(has_error(r, 3, 1, "[listener.b] needs 'address'"));
 
-  auto bad = load("[listener.a]\naddress = \"x\"\npool = \"pf\"\n[listener.b]\naddress = \"y\"\npool = \"pf\"\n" + kPool);
+  auto bad =
+      load("[listener.a]\naddress = \"x\"\npool = \"pf\"\n[listener.b]\naddress = \"y\"\npool = \"pf\"\n" + kPool);
   INFO(dump(bad));
   CHECK(bad.errors.size() == 2);
   CHECK(has_error(bad, 2, 11, "'x' is not a valid IP address"));
@@ -654,8 +658,9 @@ TEST_CASE("config: listener and pool names refuse line breaks") {
   INFO(dump(r));
   CHECK_FALSE(r.ok());
   CHECK(has_error(r, 1, 11, "listener name"));
-  auto p = load("[listener.mx]\naddress = \"127.0.0.1\"\npool = \"p\\rq\"\n"
-                "[pool.\"p\\rq\"]\n[[pool.\"p\\rq\".server]]\nname = \"a\"\naddress = \"127.0.0.1\"\n");
+  auto p = load(
+      "[listener.mx]\naddress = \"127.0.0.1\"\npool = \"p\\rq\"\n"
+      "[pool.\"p\\rq\"]\n[[pool.\"p\\rq\".server]]\nname = \"a\"\naddress = \"127.0.0.1\"\n");
   INFO(dump(p));
   CHECK_FALSE(p.ok());
   CHECK(has_error(p, 4, 7, "pool name"));
@@ -663,12 +668,13 @@ TEST_CASE("config: listener and pool names refuse line breaks") {
 
 TEST_CASE("config: an address with an embedded NUL is refused") {
   expect_one_error("[listener.mx]\naddress = \"127.0.0.1\\u0000x\"\npool = \"pf\"\n" + kPool, 2, 11, "");
-  expect_one_error(kListener + "[pool.pf]\n[[pool.pf.server]]\nname = \"a\"\naddress = \"10.0.0.1\\u0000.evil\"\n", 7, 11,
-                   "");
+  expect_one_error(kListener + "[pool.pf]\n[[pool.pf.server]]\nname = \"a\"\naddress = \"10.0.0.1\\u0000.evil\"\n", 7,
+                   11, "");
 }
 
 TEST_CASE("config: failover keys (backup, limits, queue, slow start, admin state)") {
-  auto r = load(kListener + "[pool.pf]\nqueue_timeout = \"250ms\"\nslow_start = \"30s\"\n"
+  auto r = load(kListener +
+                "[pool.pf]\nqueue_timeout = \"250ms\"\nslow_start = \"30s\"\n"
                 "[[pool.pf.server]]\nname = \"a\"\naddress = \"127.0.0.1\"\nmax_connections = 50\n"
                 "backup = true\nstate = \"drain\"\n"
                 "[[pool.pf.server]]\nname = \"b\"\naddress = \"127.0.0.1\"\nstate = \"maint\"\n");
@@ -695,7 +701,8 @@ TEST_CASE("config: failover keys (backup, limits, queue, slow start, admin state
 }
 
 TEST_CASE("config: STARTTLS check keys") {
-  auto r = load(kListener + kPool + "[pool.pf.health_check]\nstarttls = true\ntls_verify = true\n"
+  auto r = load(kListener + kPool +
+                "[pool.pf.health_check]\nstarttls = true\ntls_verify = true\n"
                 "tls_server_name = \"mx.example.net\"\n");
   INFO(dump(r));
   REQUIRE(r.ok());
@@ -706,14 +713,16 @@ TEST_CASE("config: STARTTLS check keys") {
   CHECK(h.tls_ca_file.empty());
   expect_one_error(kListener + kPool + "[pool.pf.health_check]\ntls_verify = true\n", 9, 14,
                    "'tls_verify' has no effect without starttls = true");
-  expect_one_error(kListener + kPool + "[pool.pf.health_check]\nstarttls = true\ntls_ca_file = \"/nonexistent/ca.pem\"\n",
-                   10, 15, "'tls_ca_file' \"/nonexistent/ca.pem\" cannot be read");
+  expect_one_error(
+      kListener + kPool + "[pool.pf.health_check]\nstarttls = true\ntls_ca_file = \"/nonexistent/ca.pem\"\n", 10, 15,
+      "'tls_ca_file' \"/nonexistent/ca.pem\" cannot be read");
 }
 
 TEST_CASE("config: PROXY protocol in and out") {
-  auto r = load("[listener.mx]\naddress = \"127.0.0.1\"\npool = \"pf\"\nproxy_protocol = \"any\"\n"
-                "trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]\n"
-                "[pool.pf]\nproxy_protocol = \"v2\"\n[[pool.pf.server]]\nname = \"a\"\naddress = \"127.0.0.1\"\n");
+  auto r = load(
+      "[listener.mx]\naddress = \"127.0.0.1\"\npool = \"pf\"\nproxy_protocol = \"any\"\n"
+      "trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]\n"
+      "[pool.pf]\nproxy_protocol = \"v2\"\n[[pool.pf.server]]\nname = \"a\"\naddress = \"127.0.0.1\"\n");
   INFO(dump(r));
   REQUIRE(r.ok());
   const auto& l = r.config->listeners.at(0);
@@ -771,8 +780,8 @@ TEST_CASE("config: address blocks") {
   REQUIRE(parse_cidr("::1", c));
   CHECK(c.prefix == 128);
   CHECK(c.contains(addr("::1")));
-  for (const char* bad : {"", "/8", "10.0.0.0/", "10.0.0.0/33", "10.0.0.0/08", "10.0.0.0/-1", "10.0.0.1/8",
-                          "10.0.0/8", "2001:db8::/129", "2001:db8::1/32", "host.example/8", "10.0.0.0/8 "})
+  for (const char* bad : {"", "/8", "10.0.0.0/", "10.0.0.0/33", "10.0.0.0/08", "10.0.0.0/-1", "10.0.0.1/8", "10.0.0/8",
+                          "2001:db8::/129", "2001:db8::1/32", "host.example/8", "10.0.0.0/8 "})
     CHECK_MESSAGE(!parse_cidr(bad, c), bad);
 }
 
@@ -794,7 +803,8 @@ TEST_CASE("config: log targets and shutdown_grace") {
   expect_one_error("[log]\ntarget = \"file\"\n" + kListener + kPool, 1, 1, "log.target = \"file\" needs log.file");
   expect_one_error("[log]\nfile = \"/tmp/x.log\"\n" + kListener + kPool, 2, 8, "log.file has no effect");
   expect_one_error("[log]\ntarget = \"file\"\nfile = \"x.log\"\n" + kListener + kPool, 3, 8, "absolute path");
-  expect_one_error("[log]\ntarget = \"journal\"\n" + kListener + kPool, 2, 10, "'target' must be one of: stderr, syslog, file");
+  expect_one_error("[log]\ntarget = \"journal\"\n" + kListener + kPool, 2, 10,
+                   "'target' must be one of: stderr, syslog, file");
   expect_one_error("[global]\nshutdown_grace = \"soon\"\n" + kListener + kPool, 2, 18, "bad duration");
 }
 

@@ -16,10 +16,10 @@ TEST_CASE("workers = 0 never exceeds the per-worker counter slots") {
 TEST_CASE("workers = 0 follows the affinity mask and the cgroup quota") {
   CHECK(workers_for_cpus(1, std::nullopt, 64) == 1);
   CHECK(workers_for_cpus(0, std::nullopt, 64) == 1);  // unknown: at least one
-  CHECK(workers_for_cpus(16, 2.0, 64) == 2);           // a container limited to 2 CPUs
-  CHECK(workers_for_cpus(16, 1.5, 64) == 2);           // 1.5 CPUs keep two threads busy
+  CHECK(workers_for_cpus(16, 2.0, 64) == 2);          // a container limited to 2 CPUs
+  CHECK(workers_for_cpus(16, 1.5, 64) == 2);          // 1.5 CPUs keep two threads busy
   CHECK(workers_for_cpus(16, 0.25, 64) == 1);
-  CHECK(workers_for_cpus(2, 8.0, 64) == 2);            // a quota above the mask changes nothing
+  CHECK(workers_for_cpus(2, 8.0, 64) == 2);  // a quota above the mask changes nothing
   CHECK(workers_for_cpus(128, 100.0, 64) == 64);
 }
 

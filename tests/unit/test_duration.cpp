@@ -37,9 +37,9 @@ TEST_CASE("duration: compound values add up") {
 TEST_CASE("duration: bare numbers and malformed text are rejected") {
   // A bare number must never silently mean milliseconds (or seconds).
   const std::vector<std::string> bad = {
-      "",     "5",     "0",    "s",     "ms",   "5x",   "5S",    "5MS",  "5 s",  " 5s",
-      "5s ",  "-5s",   "+5s",  "1.5s",  "5sec", "5mss", "1m30",  "m5",   "5s,",  "5\ts",
-      "1e3ms", "0x10s", "5ns", "5us",   "5y",   "5w",   "5s5",   "\xff", "5s\n", "1_000ms",
+      "",      "5",     "0",   "s",    "ms",   "5x",   "5S",   "5MS",  "5 s",  " 5s",
+      "5s ",   "-5s",   "+5s", "1.5s", "5sec", "5mss", "1m30", "m5",   "5s,",  "5\ts",
+      "1e3ms", "0x10s", "5ns", "5us",  "5y",   "5w",   "5s5",  "\xff", "5s\n", "1_000ms",
   };
   for (const auto& text : bad) {
     CAPTURE(text);
@@ -81,8 +81,8 @@ TEST_CASE("duration: format uses days when exact") {
 }
 
 TEST_CASE("duration: format then parse is the identity") {
-  std::vector<int64_t> values = {0, 1, 10, 999, 1'000, 1'001, 59'999, 60'000, 61'000, 3'599'999, 3'600'000,
-                                 86'400'000, kMaxMs - 1, kMaxMs};
+  std::vector<int64_t> values = {0,      1,      10,        999,       1'000,      1'001,      59'999,
+                                 60'000, 61'000, 3'599'999, 3'600'000, 86'400'000, kMaxMs - 1, kMaxMs};
   // A deterministic spread over the whole accepted range.
   uint64_t x = 88172645463325252ULL;
   for (int i = 0; i < 2000; ++i) {

@@ -13,7 +13,9 @@ using namespace std::chrono_literals;
 namespace {
 
 // An injected clock: tests name instants instead of sleeping.
-HealthState::TimePoint at(int seconds) { return HealthState::TimePoint{} + std::chrono::seconds(seconds); }
+HealthState::TimePoint at(int seconds) {
+  return HealthState::TimePoint{} + std::chrono::seconds(seconds);
+}
 
 }  // namespace
 

@@ -258,9 +258,9 @@ TEST_CASE("proxy v1: bytes after the header are left unconsumed") {
 
 TEST_CASE("proxy v1: truncated and oversized lines") {
   // No LF yet and fewer than 107 bytes: wait.
-  for (const std::string& partial : {"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443"s,
-                                     "PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r"s, "PROXY "s,
-                                     "PROXY " + std::string(100, 'x')}) {
+  for (const std::string& partial :
+       {"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443"s, "PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r"s, "PROXY "s,
+        "PROXY " + std::string(100, 'x')}) {
     CAPTURE(partial);
     REQUIRE(partial.size() < kMaxV1);
     CHECK(parse(partial, Accept::v1).status == Status::need_more);
@@ -295,7 +295,8 @@ TEST_CASE("proxy v1: bad signatures") {
     check_error("X", accept);
     check_error(std::string(1, '\0'), accept);
     // A prefix of "PROXY " is not decided yet.
-    for (size_t n = 1; n < 6; ++n) CHECK(parse(std::string_view("PROXY ").substr(0, n), accept).status == Status::need_more);
+    for (size_t n = 1; n < 6; ++n)
+      CHECK(parse(std::string_view("PROXY ").substr(0, n), accept).status == Status::need_more);
   }
   CHECK(parse("", Accept::v1).status == Status::need_more);
   CHECK(parse("", Accept::v2).status == Status::need_more);
@@ -373,7 +374,8 @@ TEST_CASE("proxy v1: bad fields") {
     check_error(line + "EHLO x\r\n", Accept::any);
     // Not decided before the line end: every proper prefix waits.
     const size_t lf = line.find('\n');
-    for (size_t i = 0; i < lf; ++i) CHECK(parse(std::string_view(line).substr(0, i), Accept::v1).status == Status::need_more);
+    for (size_t i = 0; i < lf; ++i)
+      CHECK(parse(std::string_view(line).substr(0, i), Accept::v1).status == Status::need_more);
   }
 }
 
@@ -498,7 +500,8 @@ TEST_CASE("proxy v2: bad signatures") {
     check_error("\r\n\r\n\r\n"s, accept);
     check_error("\r\n\r\n\0\r\nQUIT\r\n"s, accept);
     // A prefix of the signature is not decided yet.
-    for (size_t n = 1; n < 12; ++n) CHECK(parse(std::string_view(kSig).substr(0, n), accept).status == Status::need_more);
+    for (size_t n = 1; n < 12; ++n)
+      CHECK(parse(std::string_view(kSig).substr(0, n), accept).status == Status::need_more);
   }
 }
 
@@ -627,7 +630,7 @@ TEST_CASE("proxy encode: local headers") {
 }
 
 TEST_CASE("proxy: encode then parse round trip") {
-  const std::vector<const char*> v4 = {"0.0.0.0",     "127.0.0.1",   "192.168.0.1",     "10.1.2.3",
+  const std::vector<const char*> v4 = {"0.0.0.0",      "127.0.0.1",   "192.168.0.1",     "10.1.2.3",
                                        "172.16.254.1", "203.0.113.7", "255.255.255.255", "1.0.0.0"};
   const std::vector<const char*> v6 = {"::",
                                        "::1",
@@ -644,10 +647,12 @@ TEST_CASE("proxy: encode then parse round trip") {
   std::vector<Header> headers;
   for (size_t i = 0; i < v4.size(); ++i)
     for (size_t j = 0; j < ports.size(); ++j)
-      headers.push_back(header(ip4(v4[i], ports[j]), ip4(v4[(i + j + 1) % v4.size()], ports[(j * 3 + 1) % ports.size()])));
+      headers.push_back(
+          header(ip4(v4[i], ports[j]), ip4(v4[(i + j + 1) % v4.size()], ports[(j * 3 + 1) % ports.size()])));
   for (size_t i = 0; i < v6.size(); ++i)
     for (size_t j = 0; j < ports.size(); ++j)
-      headers.push_back(header(ip6(v6[i], ports[j]), ip6(v6[(i + j + 1) % v6.size()], ports[(j * 5 + 2) % ports.size()])));
+      headers.push_back(
+          header(ip6(v6[i], ports[j]), ip6(v6[(i + j + 1) % v6.size()], ports[(j * 5 + 2) % ports.size()])));
 
   for (const Header& h : headers) {
     for (Version v : {Version::v1, Version::v2}) {

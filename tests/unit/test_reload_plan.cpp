@@ -10,8 +10,8 @@ using namespace smtplb;
 namespace {
 
 std::shared_ptr<const Config> cfg(const std::string& body) {
-  ConfigLoad load = load_config_string("[global]\nhostname = \"lb.test\"\n[admin]\nsocket = \"\"\nlisten = \"\"\n" + body,
-                                       "t.toml");
+  ConfigLoad load =
+      load_config_string("[global]\nhostname = \"lb.test\"\n[admin]\nsocket = \"\"\nlisten = \"\"\n" + body, "t.toml");
   REQUIRE(load.ok());
   return load.config;
 }
@@ -22,8 +22,8 @@ std::string listener(const std::string& name, int port) {
 
 std::string server(const std::string& pool, const std::string& name, const std::string& addr, int port,
                    const std::string& extra = "") {
-  return "[[pool." + pool + ".server]]\nname = \"" + name + "\"\naddress = \"" + addr + "\"\nport = " +
-         std::to_string(port) + "\n" + extra;
+  return "[[pool." + pool + ".server]]\nname = \"" + name + "\"\naddress = \"" + addr +
+         "\"\nport = " + std::to_string(port) + "\n" + extra;
 }
 
 }  // namespace

@@ -19,24 +19,24 @@ namespace {
 
 // Two pools: a literal, a name used twice (with different ports), a second name.
 const std::string kText =
-    "[listener.mx]\n"                    // 1
-    "address = \"127.0.0.1\"\n"          // 2
-    "pool = \"a\"\n"                     // 3
-    "[pool.a]\n"                         // 4
-    "[[pool.a.server]]\n"                // 5
-    "name = \"lit\"\n"                   // 6
-    "address = \"192.0.2.1\"\n"          // 7
-    "[[pool.a.server]]\n"                // 8
-    "name = \"n1\"\n"                    // 9
-    "address = \"mx1.example.net\"\n"    // 10
-    "port = 2525\n"                      // 11
-    "[pool.b]\n"                         // 12
-    "[[pool.b.server]]\n"                // 13
-    "name = \"n2\"\n"                    // 14
-    "address = \"mx2.example.net\"\n"    // 15
-    "[[pool.b.server]]\n"                // 16
-    "name = \"n1\"\n"                    // 17
-    "address    = \"mx1.example.net\"\n"; // 18
+    "[listener.mx]\n"                      // 1
+    "address = \"127.0.0.1\"\n"            // 2
+    "pool = \"a\"\n"                       // 3
+    "[pool.a]\n"                           // 4
+    "[[pool.a.server]]\n"                  // 5
+    "name = \"lit\"\n"                     // 6
+    "address = \"192.0.2.1\"\n"            // 7
+    "[[pool.a.server]]\n"                  // 8
+    "name = \"n1\"\n"                      // 9
+    "address = \"mx1.example.net\"\n"      // 10
+    "port = 2525\n"                        // 11
+    "[pool.b]\n"                           // 12
+    "[[pool.b.server]]\n"                  // 13
+    "name = \"n2\"\n"                      // 14
+    "address = \"mx2.example.net\"\n"      // 15
+    "[[pool.b.server]]\n"                  // 16
+    "name = \"n1\"\n"                      // 17
+    "address    = \"mx1.example.net\"\n";  // 18
 
 SocketAddress v4(const char* ip) {
   SocketAddress a;
@@ -47,8 +47,12 @@ SocketAddress v4(const char* ip) {
   return a;
 }
 
-HostLookup answer(const char* host, const char* ip) { return {host, true, v4(ip), ""}; }
-HostLookup failure(const char* host, const char* why) { return {host, false, {}, why}; }
+HostLookup answer(const char* host, const char* ip) {
+  return {host, true, v4(ip), ""};
+}
+HostLookup failure(const char* host, const char* why) {
+  return {host, false, {}, why};
+}
 
 }  // namespace
 
@@ -87,8 +91,8 @@ TEST_CASE("resolve plan: answers fill every server naming the host, each with it
 TEST_CASE("resolve plan: a failed or missing answer is an error where each server names it") {
   ConfigLoad r = load_config_string(kText, "t.toml");
   REQUIRE(r.ok());
-  ConfigLoad done = apply_lookups(*r.config, {failure("mx1.example.net", "unknown node or service"),
-                                              answer("mx2.example.net", "198.51.100.2")});
+  ConfigLoad done = apply_lookups(
+      *r.config, {failure("mx1.example.net", "unknown node or service"), answer("mx2.example.net", "198.51.100.2")});
   CHECK_FALSE(done.ok());
   REQUIRE(done.errors.size() == 2);
   CHECK(done.errors[0].to_string() == "t.toml:10:11: cannot resolve 'mx1.example.net': unknown node or service");

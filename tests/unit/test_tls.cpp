@@ -33,7 +33,9 @@ struct CertFree {
 using Key = std::unique_ptr<EVP_PKEY, KeyFree>;
 using Cert = std::unique_ptr<X509, CertFree>;
 
-Key make_key() { return Key(EVP_EC_gen("P-256")); }
+Key make_key() {
+  return Key(EVP_EC_gen("P-256"));
+}
 
 void add_ext(X509* cert, X509* issuer, int nid, const char* value) {
   X509V3_CTX ctx;

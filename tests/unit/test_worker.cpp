@@ -88,7 +88,9 @@ TEST_CASE("worker: a pool allocated where a removed pool was starts with fresh b
 
   // Two pools' states at the same address, one after the other (what the allocator may do).
   alignas(PoolState) static unsigned char storage[sizeof(PoolState)];
-  auto at_storage = [] { return std::shared_ptr<PoolState>(new (storage) PoolState, [](PoolState* p) { p->~PoolState(); }); };
+  auto at_storage = [] {
+    return std::shared_ptr<PoolState>(new (storage) PoolState, [](PoolState* p) { p->~PoolState(); });
+  };
 
   auto pool_with = [&](std::shared_ptr<PoolState> state, std::vector<uint32_t> weights) {
     auto pc = std::make_shared<PoolConfig>();
