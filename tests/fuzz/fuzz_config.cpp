@@ -16,7 +16,7 @@
 #include <string>
 #include <string_view>
 
-#include "smtplb/config.hpp"
+#include "smtplb/config/config.hpp"
 
 #define FUZZ_CHECK(cond)                                                                  \
   do {                                                                                    \

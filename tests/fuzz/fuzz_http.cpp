@@ -15,7 +15,7 @@
 #include <utility>
 #include <vector>
 
-#include "smtplb/http.hpp"
+#include "smtplb/proto/http.hpp"
 
 namespace {
 

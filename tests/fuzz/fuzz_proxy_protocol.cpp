@@ -27,7 +27,7 @@
 #include <string>
 #include <string_view>
 
-#include "smtplb/proxy_protocol.hpp"
+#include "smtplb/proto/proxy_protocol.hpp"
 
 namespace {
 

@@ -12,7 +12,7 @@
 #include <string_view>
 #include <vector>
 
-#include "smtplb/smtp_reply.hpp"
+#include "smtplb/proto/smtp_reply.hpp"
 
 namespace {
 

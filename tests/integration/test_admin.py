@@ -1049,7 +1049,7 @@ class HttpTest(AdminTestCase):
 
     def test_head_content_length(self):
         # BUG: HEAD answers Content-Length: 0 instead of the length a GET would have
-        # (src/admin.cpp clears the body before computing Content-Length); RFC 9110 8.6
+        # (src/control/admin.cpp clears the body before computing Content-Length); RFC 9110 8.6
         # forbids a Content-Length in a HEAD response that differs from the GET one.
         c = self.conn()
         c.send(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

@@ -5,7 +5,7 @@
 #include <set>
 #include <string>
 
-#include "smtplb/access_log.hpp"
+#include "smtplb/log/access_log.hpp"
 
 using smtplb::AccessRecord;
 using smtplb::Cause;

@@ -1,6 +1,6 @@
 #include <doctest/doctest.h>
 
-#include "smtplb/admin_routes.hpp"
+#include "smtplb/proto/admin_routes.hpp"
 
 using smtplb::AdminRoute;
 using smtplb::route_admin;

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "smtplb/balancer.hpp"
+#include "smtplb/lb/balancer.hpp"
 
 using smtplb::Candidate;
 using smtplb::LeastConnections;

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "smtplb/config.hpp"
+#include "smtplb/config/config.hpp"
 
 using smtplb::AdminState;
 using smtplb::Algorithm;

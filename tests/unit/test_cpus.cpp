@@ -1,7 +1,7 @@
 // workers = 0: how many workers the CPUs this process may use allow.
 #include <doctest/doctest.h>
 
-#include "smtplb/cpus.hpp"
+#include "smtplb/config/cpus.hpp"
 
 using namespace smtplb;
 

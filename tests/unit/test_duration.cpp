@@ -4,7 +4,7 @@
 #include <string>
 #include <vector>
 
-#include "smtplb/duration.hpp"
+#include "smtplb/config/duration.hpp"
 
 using smtplb::format_duration;
 using smtplb::Millis;

@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <string>
 
-#include "smtplb/health_state.hpp"
+#include "smtplb/lb/health_state.hpp"
 
 using smtplb::Health;
 using smtplb::HealthState;

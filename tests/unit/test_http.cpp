@@ -5,7 +5,7 @@
 #include <utility>
 #include <vector>
 
-#include "smtplb/http.hpp"
+#include "smtplb/proto/http.hpp"
 
 using smtplb::http::kMaxBody;
 using smtplb::http::kMaxHead;

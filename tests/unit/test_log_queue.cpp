@@ -5,7 +5,7 @@
 #include <thread>
 #include <vector>
 
-#include "smtplb/log_queue.hpp"
+#include "smtplb/log/log_queue.hpp"
 
 using namespace smtplb;
 

@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "smtplb/metrics.hpp"
+#include "smtplb/log/metrics.hpp"
 
 using smtplb::metrics::escape_help;
 using smtplb::metrics::escape_label;

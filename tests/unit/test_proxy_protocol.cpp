@@ -8,7 +8,7 @@
 #include <string_view>
 #include <vector>
 
-#include "smtplb/proxy_protocol.hpp"
+#include "smtplb/proto/proxy_protocol.hpp"
 
 using smtplb::SocketAddress;
 using smtplb::proxy::Accept;

@@ -3,7 +3,7 @@
 
 #include <string>
 
-#include "smtplb/reload_plan.hpp"
+#include "smtplb/config/reload_plan.hpp"
 
 using namespace smtplb;
 

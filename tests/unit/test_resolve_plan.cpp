@@ -5,8 +5,8 @@
 #include <string>
 #include <vector>
 
-#include "smtplb/config.hpp"
-#include "smtplb/resolve_plan.hpp"
+#include "smtplb/config/config.hpp"
+#include "smtplb/config/resolve_plan.hpp"
 
 using smtplb::apply_lookups;
 using smtplb::ConfigLoad;

@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "resolver.hpp"
-#include "smtplb/config.hpp"
+#include "control/resolver.hpp"
+#include "smtplb/config/config.hpp"
 
 using smtplb::HostLookup;
 using smtplb::Millis;

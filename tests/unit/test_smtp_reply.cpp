@@ -4,7 +4,7 @@
 #include <string_view>
 #include <vector>
 
-#include "smtplb/smtp_reply.hpp"
+#include "smtplb/proto/smtp_reply.hpp"
 
 using smtplb::is_positive_greeting;
 using smtplb::printable;

@@ -13,7 +13,7 @@
 #include <memory>
 #include <string>
 
-#include "tls.hpp"
+#include "control/tls.hpp"
 
 using smtplb::is_ip_literal;
 using smtplb::TlsClient;

@@ -9,10 +9,10 @@
 #include <new>
 #include <string>
 
-#include "listener.hpp"
-#include "log_writer.hpp"
-#include "server_pool.hpp"
-#include "worker.hpp"
+#include "data/listener.hpp"
+#include "data/worker.hpp"
+#include "log/log_writer.hpp"
+#include "runtime/server_pool.hpp"
 
 using namespace smtplb;
 

@@ -1,0 +1,164 @@
+#pragma once
+// The validated, immutable configuration. Loading reports every problem at once, each
+// with file, line and column, and never yields a half-valid Config. Loading never looks
+// a host name up: server addresses written as names are resolved afterwards.
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "smtplb/config/duration.hpp"
+
+namespace smtplb {
+
+enum class LogLevel : uint8_t { trace, debug, info, warn, error };
+enum class LogTarget : uint8_t { stderr_stream, syslog, file };
+enum class LogFormat : uint8_t { text, json };
+enum class Algorithm : uint8_t { roundrobin, leastconn };
+enum class Handoff : uint8_t { banner, connect };
+// Operator's intent for a server, separate from its health: drain takes no new sessions
+// but keeps being checked; maint takes none and is not checked.
+enum class AdminState : uint8_t { ready, drain, maint };
+
+const char* to_string(AdminState s);
+
+// PROXY protocol expected from clients (an upstream balancer) and sent to backends.
+enum class ProxyIn : uint8_t { none, v1, v2, any };
+enum class ProxyOut : uint8_t { none, v1, v2 };
+
+struct GlobalConfig {
+  std::string hostname;              // default: the machine's host name
+  unsigned workers = 0;              // 0 = one per core
+  unsigned max_connections = 20000;  // process-wide client sessions
+  Millis shutdown_grace{30000};      // SIGTERM: how long relaying sessions may finish
+};
+
+struct LogConfig {
+  LogLevel level = LogLevel::info;
+  bool access_log = true;
+  LogTarget target = LogTarget::stderr_stream;
+  LogFormat format = LogFormat::text;
+  std::string file;  // target = file
+};
+
+struct AdminConfig {
+  // Unix socket with the full API (read and write), mode 0660. Empty: none.
+  std::string socket = "/run/smtplb/admin.sock";
+  bool socket_configured = false;  // written in the file: failing to bind it is fatal
+  std::string listen;              // "host:port" read-only HTTP; empty: off
+};
+
+struct SocketAddress {
+  sockaddr_storage storage{};
+  socklen_t len = 0;
+  const sockaddr* sa() const { return reinterpret_cast<const sockaddr*>(&storage); }
+  int family() const { return storage.ss_family; }
+  uint16_t port() const;
+  void set_port(uint16_t port);
+  std::string to_string() const;  // "1.2.3.4:25" or "[::1]:25"
+};
+
+// An address block such as 10.0.0.0/8 or 2001:db8::/32.
+struct Cidr {
+  int family = 0;            // AF_INET or AF_INET6
+  unsigned char addr[16]{};  // network bytes (4 used for IPv4)
+  unsigned prefix = 0;
+  // IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) match IPv4 blocks.
+  bool contains(const SocketAddress& a) const;
+  std::string to_string() const;
+};
+// Parses "a.b.c.d/n", "x::y/n" or a bare address (a /32 or /128); false if malformed or
+// if host bits are set (10.0.0.1/8 is almost always a typo).
+bool parse_cidr(std::string_view text, Cidr& out);
+
+struct ListenerConfig {
+  std::string name;
+  std::string address;  // as written
+  uint16_t port = 25;   // 0 = any free port (tests); the bound port is logged
+  SocketAddress bind;   // parsed: listeners take IP literals only
+  std::string pool;
+  unsigned max_connections = 10000;
+  Millis client_idle_timeout{300000};
+  ProxyIn proxy_protocol = ProxyIn::none;
+  std::vector<Cidr> trusted_proxies;  // who may send a PROXY header
+};
+
+struct HealthCheckConfig {
+  Millis interval{2000};
+  Millis timeout{10000};  // covers the whole dialogue
+  unsigned rise = 2;
+  unsigned fall = 3;
+  std::string ehlo_name;        // resolved: global.hostname when empty
+  bool starttls = false;        // STARTTLS + TLS handshake + EHLO again
+  bool tls_verify = false;      // verify the certificate chain and name
+  std::string tls_ca_file;      // empty: the system store
+  std::string tls_server_name;  // SNI and name to verify; empty: the server's address
+};
+
+struct ServerConfig {
+  std::string name;
+  std::string address;  // as written
+  uint16_t port = 25;
+  // An IP literal is parsed at load; a host name is not looked up there (loading does no
+  // DNS): needs_resolution says so, and the control loop fills `addr` off the loop
+  // (include/smtplb/config/resolve_plan.hpp) before the configuration is used.
+  SocketAddress addr;
+  bool needs_resolution = false;
+  uint32_t address_line = 0;  // where 'address' is written, for resolution errors
+  uint32_t address_column = 0;
+  unsigned weight = 1;           // 0..256; 0 = no new sessions
+  unsigned max_connections = 0;  // 0 = unlimited
+  bool backup = false;           // used only while no non-backup server is usable
+  AdminState state = AdminState::ready;
+};
+
+struct PoolConfig {
+  std::string name;
+  Algorithm algorithm = Algorithm::roundrobin;
+  Handoff handoff = Handoff::banner;
+  unsigned retries = 3;  // further servers tried after a failed attempt
+  Millis connect_timeout{5000};
+  Millis banner_timeout{15000};
+  Millis server_idle_timeout{300000};
+  Millis queue_timeout{5000};                // wait for a slot when every usable server is full
+  Millis slow_start{0};                      // ramp a recovered server's weight over this time
+  ProxyOut proxy_protocol = ProxyOut::none;  // header sent first on backend connections
+  HealthCheckConfig health_check;
+  std::vector<ServerConfig> servers;
+};
+
+struct Config {
+  std::string path;
+  GlobalConfig global;
+  LogConfig log;
+  AdminConfig admin;
+  SocketAddress admin_listen;             // admin.listen parsed (an IP literal)
+  std::vector<ListenerConfig> listeners;  // sorted by name
+  std::vector<PoolConfig> pools;          // sorted by name
+
+  const PoolConfig* find_pool(std::string_view name) const;
+};
+
+struct ConfigError {
+  std::string file;
+  uint32_t line = 0;
+  uint32_t column = 0;
+  std::string message;
+  std::string to_string() const;  // "FILE:LINE:COL: message"
+};
+
+struct ConfigLoad {
+  std::shared_ptr<const Config> config;  // null when errors is not empty
+  std::vector<ConfigError> errors;
+  bool ok() const { return config != nullptr; }
+};
+
+ConfigLoad load_config_file(const std::string& path);
+// `path` only labels the errors.
+ConfigLoad load_config_string(std::string_view text, const std::string& path);
+
+}  // namespace smtplb

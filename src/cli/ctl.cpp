@@ -1,0 +1,158 @@
+#include "cli/ctl.hpp"
+
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "cli/cli.hpp"
+#include "smtplb/config/config.hpp"
+
+namespace smtplb {
+
+namespace {
+
+constexpr const char* kCtlUsage =
+    "usage: smtplb ctl [--socket PATH | -f CONFIG] COMMAND\n"
+    "  status                   listeners and servers with health, admin state, sessions\n"
+    "  drain POOL/SERVER        no new sessions; open ones continue; checks go on\n"
+    "  ready POOL/SERVER        back to normal\n"
+    "  maint POOL/SERVER        no new sessions, no checks\n"
+    "  weight POOL/SERVER N     runtime weight 0..256\n"
+    "  reload                   reload the configuration file (like SIGHUP)\n"
+    "The socket defaults to admin.socket of the configuration file (default\n"
+    "/etc/smtplb/smtplb.toml), or /run/smtplb/admin.sock.\n";
+
+int usage(const std::string& msg) {
+  std::fprintf(stderr, "smtplb ctl: %s\n%s", msg.c_str(), kCtlUsage);
+  return kExitUsage;
+}
+
+// One request over a fresh connection; returns the HTTP status (0 on a transport error,
+// with `body` saying why).
+int request(const std::string& socket_path, const std::string& method, const std::string& path,
+            const std::string& payload, std::string& body) {
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (fd < 0 || socket_path.size() >= sizeof addr.sun_path) {
+    body = "cannot use socket " + socket_path;
+    if (fd >= 0) ::close(fd);
+    return 0;
+  }
+  std::memcpy(addr.sun_path, socket_path.c_str(), socket_path.size() + 1);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    body = "cannot connect to " + socket_path + ": " + std::strerror(errno) + " (is smtplb running? see --socket)";
+    ::close(fd);
+    return 0;
+  }
+  const std::string req = method + " " + path + " HTTP/1.1\r\nHost: smtplb\r\nConnection: close\r\nContent-Length: " +
+                          std::to_string(payload.size()) + "\r\n\r\n" + payload;
+  size_t off = 0;
+  while (off < req.size()) {
+    const ssize_t n = ::send(fd, req.data() + off, req.size() - off, MSG_NOSIGNAL);
+    if (n <= 0) {
+      body = std::string("write: ") + std::strerror(errno);
+      ::close(fd);
+      return 0;
+    }
+    off += size_t(n);
+  }
+  std::string resp;
+  char buf[16384];
+  for (;;) {
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, 30000) <= 0) {
+      body = "no answer from smtplb within 30 s";
+      ::close(fd);
+      return 0;
+    }
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    resp.append(buf, size_t(n));
+  }
+  ::close(fd);
+  const size_t sp = resp.find(' ');
+  const size_t hdr_end = resp.find("\r\n\r\n");
+  if (resp.rfind("HTTP/1.", 0) != 0 || sp == std::string::npos || hdr_end == std::string::npos) {
+    body = "malformed answer from smtplb";
+    return 0;
+  }
+  body = resp.substr(hdr_end + 4);
+  return std::atoi(resp.c_str() + sp + 1);
+}
+
+}  // namespace
+
+int run_ctl(const std::vector<std::string>& args) {
+  std::string socket_path, config_path = kDefaultConfig;
+  bool explicit_config = false;
+  std::vector<std::string> words;
+  for (size_t i = 1; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a == "--socket" || a == "-s") {
+      if (++i >= args.size()) return usage("--socket needs a path");
+      socket_path = args[i];
+    } else if (a == "-f" || a == "--config") {
+      if (++i >= args.size()) return usage(a + " needs a file name");
+      config_path = args[i];
+      explicit_config = true;
+    } else if (a == "-h" || a == "--help") {
+      std::fputs(kCtlUsage, stdout);
+      return kExitOk;
+    } else {
+      words.push_back(a);
+    }
+  }
+  if (socket_path.empty()) {
+    ConfigLoad load = load_config_file(config_path);
+    if (load.ok()) {
+      socket_path = load.config->admin.socket;
+    } else if (explicit_config) {
+      for (const auto& e : load.errors) std::fprintf(stderr, "%s\n", e.to_string().c_str());
+      return kExitConfig;
+    } else {
+      socket_path = AdminConfig{}.socket;
+    }
+    if (socket_path.empty()) return usage("admin.socket is off in " + config_path + "; use --socket");
+  }
+  if (words.empty()) return usage("a command is needed");
+  const std::string& cmd = words[0];
+  std::string method = "GET", path, payload;
+  if (cmd == "status" && words.size() == 1) {
+    path = "/status?format=text";
+  } else if (cmd == "reload" && words.size() == 1) {
+    method = "POST";
+    path = "/reload";
+  } else if ((cmd == "drain" || cmd == "ready" || cmd == "maint") && words.size() == 2) {
+    if (words[1].find('/') == std::string::npos) return usage("name the server as POOL/SERVER");
+    method = "POST";
+    path = "/servers/" + words[1] + "/state";
+    payload = cmd;
+  } else if (cmd == "weight" && words.size() == 3) {
+    if (words[1].find('/') == std::string::npos) return usage("name the server as POOL/SERVER");
+    method = "POST";
+    path = "/servers/" + words[1] + "/weight";
+    payload = words[2];
+  } else {
+    return usage("unknown command or wrong arguments: " + cmd);
+  }
+  std::string body;
+  const int status = request(socket_path, method, path, payload, body);
+  if (status >= 200 && status < 300) {
+    std::fputs(body.c_str(), stdout);
+    return kExitOk;
+  }
+  std::fprintf(stderr, "smtplb ctl: %s%s", status ? ("error " + std::to_string(status) + ": ").c_str() : "",
+               body.c_str());
+  if (body.empty() || body.back() != '\n') std::fputc('\n', stderr);
+  return kExitFailure;
+}
+
+}  // namespace smtplb

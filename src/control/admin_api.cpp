@@ -1,0 +1,509 @@
+// The admin API of Process: /metrics, /status, /healthz and runtime changes. Names follow
+// docs/operations.md lists the endpoints and metrics.
+#include <spdlog/spdlog.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <dirent.h>
+#include <charconv>
+#include <cstdio>
+#include <ctime>
+#include <fstream>
+#include <optional>
+#include <sstream>
+
+#include "control/process.hpp"
+#include "smtplb/log/metrics.hpp"
+#include "smtplb/proto/admin_routes.hpp"
+#include "smtplb/version.hpp"
+
+namespace smtplb {
+
+namespace {
+
+std::string json_string(std::string_view s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    switch (c) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      default:
+        if (c < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04x", c);
+          out += buf;
+        } else {
+          out += char(c);
+        }
+    }
+  }
+  return out + "\"";
+}
+
+std::string iso_time(int64_t unix_ms) {
+  if (unix_ms <= 0) return "null";
+  const time_t t = time_t(unix_ms / 1000);
+  tm tmv{};
+  gmtime_r(&t, &tmv);
+  char buf[96];
+  std::snprintf(buf, sizeof buf, "\"%04d-%02d-%02dT%02d:%02d:%02d.%03dZ\"", tmv.tm_year + 1900, tmv.tm_mon + 1,
+                tmv.tm_mday, tmv.tm_hour, tmv.tm_min, tmv.tm_sec, int(unix_ms % 1000));
+  return buf;
+}
+
+const char* health_name(Health h) {
+  return h == Health::up ? "up" : h == Health::down ? "down" : "unchecked";
+}
+
+// Sums a per-worker field over all worker slots.
+template <typename Slots, typename Field>
+uint64_t sum(const Slots& slots, Field field) {
+  uint64_t total = 0;
+  for (size_t w = 0; w < kMaxWorkers; ++w) total += field(slots[w]).load(std::memory_order_relaxed);
+  return total;
+}
+
+void merged_histogram(std::array<uint64_t, 13>& counts, double& sum_s, const Histogram& h) {
+  for (size_t i = 0; i < counts.size(); ++i) counts[i] += h.buckets[i].load(std::memory_order_relaxed);
+  sum_s += double(h.sum_us.load(std::memory_order_relaxed)) / 1e6;
+}
+
+struct ProcessStats {
+  double cpu_seconds = 0;
+  uint64_t rss_bytes = 0;
+  uint64_t open_fds = 0;
+  uint64_t max_fds = 0;
+};
+
+ProcessStats process_stats() {
+  ProcessStats p;
+  rusage ru{};
+  if (getrusage(RUSAGE_SELF, &ru) == 0)
+    p.cpu_seconds =
+        double(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) + double(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmRSS:", 0) == 0) p.rss_bytes = std::stoull(line.substr(6)) * 1024;
+  if (DIR* d = opendir("/proc/self/fd")) {
+    while (dirent* e = readdir(d))
+      if (e->d_name[0] != '.') ++p.open_fds;
+    closedir(d);
+    --p.open_fds;  // the directory stream itself
+  }
+  rlimit rl{};
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0) p.max_fds = rl.rlim_cur;
+  return p;
+}
+
+AdminResponse text(int status, std::string body) {
+  return {status, "text/plain; charset=utf-8", std::move(body), ""};
+}
+
+}  // namespace
+
+ServerRuntime* Process::find_server(std::string_view pool, std::string_view server, const PoolRuntime** out) const {
+  for (const auto& p : snapshot_->pools)
+    if (p.cfg->name == pool)
+      for (const auto& s : p.servers)
+        if (s->cfg.name == server) {
+          if (out) *out = &p;
+          return s.get();
+        }
+  return nullptr;
+}
+
+AdminResponse Process::admin(const AdminServer::Request& req) {
+  using K = AdminRoute::Kind;
+  const AdminRoute r = route_admin(req.method, req.path);
+  switch (r.kind) {
+    case K::metrics:
+      return {200, "text/plain; version=0.0.4; charset=utf-8", render_metrics(), ""};
+    case K::status:
+      if (req.query == "format=text") return text(200, render_status_text());
+      return {200, "application/json", render_status_json(), ""};
+    case K::healthz:
+      return healthz();
+    case K::reload: {
+      if (phase_ != Phase::running) return text(503, "stopping\n");
+      spdlog::info("reload requested through the admin API");
+      // Answered when the reload is done: at once with IP literals only, otherwise once
+      // host names are resolved (the response is deferred; the loop goes on meanwhile).
+      struct Answer {
+        bool deferred = false;
+        std::optional<AdminResponse> now;
+      };
+      auto answer = std::make_shared<Answer>();
+      reload([this, answer, ticket = req.ticket](const ReloadResult& rr) {
+        AdminResponse resp;
+        if (rr.abandoned) {
+          resp = text(503, "stopping: reload abandoned\n");
+        } else {
+          std::string body = rr.ok ? "reloaded: generation " + std::to_string(rr.generation) + "\n"
+                                   : "reload failed; still running generation " + std::to_string(rr.generation) + "\n";
+          for (const auto& e : rr.errors) body += e + "\n";
+          resp = text(rr.ok ? 200 : 422, body);
+        }
+        if (!answer->deferred)
+          answer->now = std::move(resp);
+        else if (admin_)
+          admin_->complete(ticket, std::move(resp));
+      });
+      if (answer->now) return std::move(*answer->now);
+      answer->deferred = true;
+      return AdminResponse::deferred();
+    }
+    case K::server_state:
+      return change_server(r.pool, r.server, "state", req.body);
+    case K::server_weight:
+      return change_server(r.pool, r.server, "weight", req.body);
+    case K::wrong_method: {
+      AdminResponse resp = text(405, "use " + std::string(r.allow) + "\n");
+      resp.allow = std::string(r.allow);
+      return resp;
+    }
+    case K::not_found:
+      break;
+  }
+  return text(404, "not found: /metrics /status /healthz /reload /servers/POOL/SERVER/{state,weight}\n");
+}
+
+AdminResponse Process::change_server(std::string_view pool, std::string_view server, std::string_view what,
+                                     std::string_view body) {
+  const PoolRuntime* pr = nullptr;
+  ServerRuntime* s = find_server(pool, server, &pr);
+  if (!s) return text(404, "no server " + std::string(pool) + "/" + std::string(server) + "\n");
+  while (!body.empty() && (body.back() == '\n' || body.back() == '\r' || body.back() == ' ')) body.remove_suffix(1);
+  if (what == "weight") {
+    unsigned w = 0;
+    auto [end, ec] = std::from_chars(body.data(), body.data() + body.size(), w);
+    if (ec != std::errc() || end != body.data() + body.size() || body.empty() || w > 256)
+      return text(400, "weight must be a number from 0 to 256\n");
+    const unsigned before = s->weight.exchange(w);
+    spdlog::info("server {} weight {} -> {} (cause: admin)", s->label, before, w);
+    if (w > before)
+      for (auto& wk : workers_) wk->kick();  // capacity for queued sessions
+    return text(200, s->label + " weight " + std::to_string(w) + "\n");
+  }
+  AdminState st;
+  if (body == "ready")
+    st = AdminState::ready;
+  else if (body == "drain")
+    st = AdminState::drain;
+  else if (body == "maint")
+    st = AdminState::maint;
+  else
+    return text(400, "state must be ready, drain or maint\n");
+  const AdminState before = s->admin.exchange(st);
+  spdlog::info("server {} state {} -> {} (cause: admin)", s->label, to_string(before), to_string(st));
+  if (st == AdminState::maint && checkers_.count(s)) {
+    retire_checker(s);
+    s->health.store(Health::unknown);
+    spdlog::info("server {} is in maintenance: checks stopped", s->label);
+  } else if (st != AdminState::maint && !checkers_.count(s) && phase_ == Phase::running) {
+    for (const auto& sp : pr->servers)
+      if (sp.get() == s) start_checker(sp, *pr->cfg, 0);
+  }
+  if (st == AdminState::ready)
+    for (auto& w : workers_) w->kick();  // capacity for queued sessions
+  return text(200, s->label + " state " + to_string(st) + "\n");
+}
+
+AdminResponse Process::healthz() const {
+  std::string bad;
+  for (const auto& p : snapshot_->pools) {
+    const bool any = std::any_of(p.servers.begin(), p.servers.end(), [](const auto& s) { return s->usable(); });
+    if (!any) bad += "pool " + p.cfg->name + " has no usable server\n";
+  }
+  if (phase_ != Phase::running) bad += "stopping\n";
+  return bad.empty() ? text(200, "ok\n") : text(503, bad);
+}
+
+std::string Process::render_metrics() const {
+  metrics::Writer m;
+  const ProcessStats ps = process_stats();
+  m.family("smtplb_build_info", "gauge", "Version of smtplb.");
+  m.sample("smtplb_build_info", {{"version", kVersion}}, uint64_t{1});
+  m.family("smtplb_start_time_seconds", "gauge", "Start time of the process since the Unix epoch.");
+  m.sample("smtplb_start_time_seconds", {}, double(start_time_ms_) / 1000.0);
+  m.family("smtplb_config_generation", "gauge", "Configuration generation running (1 at start, +1 per reload).");
+  m.sample("smtplb_config_generation", {}, generation_);
+  m.family("smtplb_config_reloads_total", "counter", "Configuration reloads by result.");
+  m.sample("smtplb_config_reloads_total", {{"result", "success"}}, reloads_ok_);
+  m.sample("smtplb_config_reloads_total", {{"result", "failure"}}, reloads_failed_);
+  m.family("smtplb_config_last_reload_successful", "gauge", "1 if the last reload succeeded (or none happened).");
+  m.sample("smtplb_config_last_reload_successful", {}, uint64_t{last_reload_ok_ ? 1u : 0u});
+  m.family("smtplb_access_log_dropped_total", "counter",
+           "Log lines of the workers (access lines above all) dropped because the log destination did not keep up.");
+  m.sample("smtplb_access_log_dropped_total", {}, log_writer_ ? log_writer_->dropped() : uint64_t{0});
+
+  m.family("smtplb_listener_connections_total", "counter", "Client connections accepted.");
+  for (const auto& l : snapshot_->listeners)
+    m.sample("smtplb_listener_connections_total", {{"listener", l->cfg->name}},
+             sum(
+                 l->state->per_worker, [](const ListenerWorkerCounters& c) -> const auto& { return c.connections; }));
+  m.family("smtplb_listener_current_connections", "gauge", "Client sessions open now.");
+  for (const auto& l : snapshot_->listeners)
+    m.sample("smtplb_listener_current_connections", {{"listener", l->cfg->name}}, uint64_t{l->state->current.load()});
+  m.family("smtplb_listener_rejected_connections_total", "counter",
+           "Clients refused or closed by smtplb itself, by reason.");
+  for (const auto& l : snapshot_->listeners) {
+    const auto& st = *l->state;
+    m.sample("smtplb_listener_rejected_connections_total", {{"listener", l->cfg->name}, {"reason", "limit"}},
+             st.rejected_limit.load());
+    m.sample("smtplb_listener_rejected_connections_total", {{"listener", l->cfg->name}, {"reason", "no_server"}},
+             st.rejected_no_server.load());
+    m.sample("smtplb_listener_rejected_connections_total", {{"listener", l->cfg->name}, {"reason", "proxy_protocol"}},
+             st.rejected_proxy.load());
+  }
+
+  m.family("smtplb_pool_servers", "gauge", "Servers of the pool by state: up, down, unchecked, drain, maint.");
+  m.family("smtplb_pool_no_server_total", "counter", "Clients answered 421 because no server could take them.");
+  m.family("smtplb_pool_queue_current", "gauge", "Sessions waiting for a free server slot.");
+  m.family("smtplb_pool_queue_timeouts_total", "counter", "Clients answered 421 after queue_timeout.");
+  std::string body;
+  for (const auto& p : snapshot_->pools) {
+    uint64_t up = 0, down = 0, unchecked = 0, drain = 0, maint = 0;
+    for (const auto& s : p.servers) {
+      const AdminState a = s->admin.load();
+      if (a == AdminState::maint)
+        ++maint;
+      else if (a == AdminState::drain)
+        ++drain;
+      else if (s->health.load() == Health::up)
+        ++up;
+      else if (s->health.load() == Health::down)
+        ++down;
+      else
+        ++unchecked;
+    }
+    const std::string_view pn = p.cfg->name;
+    m.sample("smtplb_pool_servers", {{"pool", pn}, {"state", "up"}}, up);
+    m.sample("smtplb_pool_servers", {{"pool", pn}, {"state", "down"}}, down);
+    m.sample("smtplb_pool_servers", {{"pool", pn}, {"state", "unchecked"}}, unchecked);
+    m.sample("smtplb_pool_servers", {{"pool", pn}, {"state", "drain"}}, drain);
+    m.sample("smtplb_pool_servers", {{"pool", pn}, {"state", "maint"}}, maint);
+    m.sample("smtplb_pool_no_server_total", {{"pool", pn}}, p.state->no_server.load());
+    m.sample("smtplb_pool_queue_current", {{"pool", pn}}, uint64_t{p.state->queued.load()});
+    m.sample("smtplb_pool_queue_timeouts_total", {{"pool", pn}}, p.state->queue_timeouts.load());
+  }
+
+  struct ServerFamily {
+    const char* name;
+    const char* type;
+    const char* help;
+  };
+  const ServerFamily families[] = {
+      {"smtplb_server_up", "gauge", "1 when the server's health is up."},
+      {"smtplb_server_admin_state", "gauge", "Admin state of the server (one series per state, 1 for the current)."},
+      {"smtplb_server_weight", "gauge", "Configured (or runtime) weight of the server."},
+      {"smtplb_server_current_connections", "gauge", "Sessions connected or connecting to the server now."},
+      {"smtplb_server_connections_total", "counter", "Client sessions handed off to the server."},
+      {"smtplb_server_connection_errors_total", "counter", "Failed backend attempts of client sessions, by reason."},
+      {"smtplb_server_bytes_received_total", "counter", "Bytes received from the server and relayed to clients."},
+      {"smtplb_server_bytes_sent_total", "counter", "Bytes of clients relayed to the server."},
+      {"smtplb_server_check_failures_total", "counter", "Failed health checks, by reason."},
+      {"smtplb_server_check_transitions_total", "counter", "Health transitions, by new state."},
+      {"smtplb_server_tls_cert_not_after_seconds", "gauge",
+       "notAfter of the certificate seen by the last STARTTLS check (0 when none)."},
+  };
+  for (const auto& f : families) {
+    m.family(f.name, f.type, f.help);
+    for (const auto& p : snapshot_->pools)
+      for (const auto& sp : p.servers) {
+        const ServerRuntime& s = *sp;
+        const std::string_view pn = p.cfg->name, sn = s.cfg.name;
+        const std::string_view n = f.name;
+        if (n == "smtplb_server_up") {
+          m.sample(f.name, {{"pool", pn}, {"server", sn}}, uint64_t{s.health.load() == Health::up ? 1u : 0u});
+        } else if (n == "smtplb_server_admin_state") {
+          for (AdminState a : {AdminState::ready, AdminState::drain, AdminState::maint})
+            m.sample(f.name, {{"pool", pn}, {"server", sn}, {"state", to_string(a)}},
+                     uint64_t{s.admin.load() == a ? 1u : 0u});
+        } else if (n == "smtplb_server_weight") {
+          m.sample(f.name, {{"pool", pn}, {"server", sn}}, uint64_t{s.weight.load()});
+        } else if (n == "smtplb_server_current_connections") {
+          m.sample(f.name, {{"pool", pn}, {"server", sn}}, uint64_t{s.active.load()});
+        } else if (n == "smtplb_server_connections_total") {
+          m.sample(f.name, {{"pool", pn}, {"server", sn}},
+                   sum(
+                       s.per_worker, [](const ServerWorkerCounters& c) -> const auto& { return c.sessions; }));
+        } else if (n == "smtplb_server_connection_errors_total") {
+          for (size_t i = 0; i < kConnErrorNames.size(); ++i)
+            m.sample(f.name, {{"pool", pn}, {"server", sn}, {"reason", kConnErrorNames[i]}},
+                     sum(
+                         s.per_worker, [i](const ServerWorkerCounters& c) -> const auto& { return c.errors[i]; }));
+        } else if (n == "smtplb_server_bytes_received_total") {
+          m.sample(f.name, {{"pool", pn}, {"server", sn}},
+                   sum(
+                       s.per_worker, [](const ServerWorkerCounters& c) -> const auto& { return c.bytes_in; }));
+        } else if (n == "smtplb_server_bytes_sent_total") {
+          m.sample(f.name, {{"pool", pn}, {"server", sn}},
+                   sum(
+                       s.per_worker, [](const ServerWorkerCounters& c) -> const auto& { return c.bytes_out; }));
+        } else if (n == "smtplb_server_check_failures_total") {
+          for (size_t i = 0; i < kCheckFailureNames.size(); ++i)
+            m.sample(f.name, {{"pool", pn}, {"server", sn}, {"reason", kCheckFailureNames[i]}},
+                     s.check_failures[i].load());
+        } else if (n == "smtplb_server_check_transitions_total") {
+          m.sample(f.name, {{"pool", pn}, {"server", sn}, {"to", "up"}}, s.transitions_up.load());
+          m.sample(f.name, {{"pool", pn}, {"server", sn}, {"to", "down"}}, s.transitions_down.load());
+        } else {
+          m.sample(f.name, {{"pool", pn}, {"server", sn}}, double(s.tls_not_after.load()));
+        }
+      }
+  }
+
+  m.family("smtplb_server_connect_duration_seconds", "histogram",
+           "Backend connect to accepted greeting, for sessions handed off.");
+  for (const auto& p : snapshot_->pools)
+    for (const auto& s : p.servers) {
+      std::array<uint64_t, 13> counts{};
+      double total = 0;
+      for (size_t w = 0; w < kMaxWorkers; ++w) merged_histogram(counts, total, s->per_worker[w].connect);
+      m.histogram("smtplb_server_connect_duration_seconds", {{"pool", p.cfg->name}, {"server", s->cfg.name}},
+                  kLatencyBounds, counts, total);
+    }
+  m.family("smtplb_server_check_duration_seconds", "histogram", "Duration of health check dialogues.");
+  for (const auto& p : snapshot_->pools) {
+    std::array<uint64_t, 13> counts{};
+    double total = 0;
+    for (const auto& s : p.servers) merged_histogram(counts, total, s->check_duration);
+    m.histogram("smtplb_server_check_duration_seconds", {{"pool", p.cfg->name}}, kLatencyBounds, counts, total);
+  }
+  m.family("smtplb_session_duration_seconds", "histogram", "Client session duration, accept to close.");
+  for (const auto& l : snapshot_->listeners) {
+    std::array<uint64_t, 13> counts{};
+    double total = 0;
+    for (size_t w = 0; w < kMaxWorkers; ++w) merged_histogram(counts, total, l->state->per_worker[w].duration);
+    m.histogram("smtplb_session_duration_seconds", {{"listener", l->cfg->name}}, kDurationBounds, counts, total);
+  }
+  m.family("smtplb_sessions_terminated_total", "counter", "Finished sessions by termination code (docs/logging.md).");
+  for (const auto& l : snapshot_->listeners)
+    for (size_t idx = 0; idx < kTermSlots; ++idx) {
+      const uint64_t v = sum(
+          l->state->per_worker, [idx](const ListenerWorkerCounters& lc) -> const auto& { return lc.terms[idx]; });
+      if (v == 0) continue;  // 63 codes per listener: only the ones seen
+      m.sample("smtplb_sessions_terminated_total",
+               {{"listener", l->cfg->name}, {"term", TermCode::from_index(idx).text()}}, v);
+    }
+
+  m.family("process_cpu_seconds_total", "counter", "User and system CPU time spent, seconds.");
+  m.sample("process_cpu_seconds_total", {}, ps.cpu_seconds);
+  m.family("process_resident_memory_bytes", "gauge", "Resident memory size, bytes.");
+  m.sample("process_resident_memory_bytes", {}, ps.rss_bytes);
+  m.family("process_open_fds", "gauge", "Open file descriptors.");
+  m.sample("process_open_fds", {}, ps.open_fds);
+  m.family("process_max_fds", "gauge", "Limit of open file descriptors.");
+  m.sample("process_max_fds", {}, ps.max_fds);
+  m.family("process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch.");
+  m.sample("process_start_time_seconds", {}, double(start_time_ms_) / 1000.0);
+  return m.take();
+}
+
+std::string Process::render_status_json() const {
+  std::ostringstream o;
+  o << "{\"version\":" << json_string(kVersion) << ",\"generation\":" << generation_
+    << ",\"loaded_at\":" << iso_time(generation_loaded_ms_) << ",\"started_at\":" << iso_time(start_time_ms_)
+    << ",\"state\":" << json_string(phase_ == Phase::running ? "running" : "stopping")
+    << ",\"last_reload_successful\":" << (last_reload_ok_ ? "true" : "false") << ",\"listeners\":[";
+  bool first = true;
+  for (const auto& l : snapshot_->listeners) {
+    o << (first ? "" : ",") << "{\"name\":" << json_string(l->cfg->name)
+      << ",\"address\":" << json_string(l->bound.to_string()) << ",\"pool\":" << json_string(l->cfg->pool)
+      << ",\"current_connections\":" << l->state->current.load() << ",\"connections_total\":"
+      << sum(
+             l->state->per_worker, [](const ListenerWorkerCounters& c) -> const auto& { return c.connections; })
+      << "}";
+    first = false;
+  }
+  o << "],\"pools\":[";
+  first = true;
+  for (const auto& p : snapshot_->pools) {
+    o << (first ? "" : ",") << "{\"name\":" << json_string(p.cfg->name)
+      << ",\"algorithm\":" << json_string(p.cfg->algorithm == Algorithm::leastconn ? "leastconn" : "roundrobin")
+      << ",\"queued\":" << p.state->queued.load() << ",\"servers\":[";
+    first = false;
+    bool sfirst = true;
+    for (const auto& sp : p.servers) {
+      const ServerRuntime& s = *sp;
+      const int64_t ramp = s.ramp_start_ms.load();
+      const uint32_t eff =
+          effective_weight(s.weight.load(), ramp < 0 ? -1 : int64_t(uv_now(const_cast<uv_loop_t*>(&loop_))) - ramp,
+                           p.cfg->slow_start.count()) /
+          kWeightScale;
+      o << (sfirst ? "" : ",") << "{\"name\":" << json_string(s.cfg.name)
+        << ",\"address\":" << json_string(s.cfg.addr.to_string())
+        << ",\"health\":" << json_string(health_name(s.health.load()))
+        << ",\"admin_state\":" << json_string(to_string(s.admin.load()))
+        << ",\"backup\":" << (s.backup.load() ? "true" : "false") << ",\"weight\":" << s.weight.load()
+        << ",\"effective_weight\":" << eff << ",\"max_connections\":" << s.max_connections.load()
+        << ",\"current_connections\":" << s.active.load() << ",\"connections_total\":"
+        << sum(
+               s.per_worker, [](const ServerWorkerCounters& c) -> const auto& { return c.sessions; })
+        << ",\"last_check\":{\"time\":" << iso_time(s.last_check_ms.load())
+        << ",\"duration_ms\":" << s.last_check_duration_ms.load() << ",\"result\":"
+        << json_string(s.last_check_ms.load() == 0 ? "none"
+                       : s.last_check_ok.load()    ? "passed"
+                                                   : "failed")
+        << ",\"reason\":" << json_string(s.last_check_reason)
+        << "},\"last_change\":{\"time\":" << iso_time(s.last_change_ms)
+        << ",\"cause\":" << json_string(s.last_change_cause) << "}}";
+      sfirst = false;
+    }
+    o << "]}";
+  }
+  o << "]}\n";
+  return o.str();
+}
+
+std::string Process::render_status_text() const {
+  std::ostringstream o;
+  o << "smtplb " << kVersion << ", generation " << generation_ << (last_reload_ok_ ? "" : " (last reload FAILED)")
+    << (phase_ == Phase::running ? "" : ", stopping") << "\n\n";
+  char line[512];
+  std::snprintf(line, sizeof line, "%-16s %-28s %-12s %8s %8s\n", "LISTENER", "ADDRESS", "POOL", "CURRENT", "TOTAL");
+  o << line;
+  for (const auto& l : snapshot_->listeners) {
+    std::snprintf(
+        line, sizeof line, "%-16s %-28s %-12s %8u %8llu\n", l->cfg->name.c_str(), l->bound.to_string().c_str(),
+        l->cfg->pool.c_str(), l->state->current.load(),
+        (unsigned long long)sum(
+            l->state->per_worker, [](const ListenerWorkerCounters& c) -> const auto& { return c.connections; }));
+    o << line;
+  }
+  o << "\n";
+  std::snprintf(line, sizeof line, "%-24s %-24s %-9s %-6s %6s %7s %8s  %s\n", "SERVER", "ADDRESS", "HEALTH", "ADMIN",
+                "WEIGHT", "CURRENT", "TOTAL", "LAST CHECK");
+  o << line;
+  for (const auto& p : snapshot_->pools)
+    for (const auto& sp : p.servers) {
+      const ServerRuntime& s = *sp;
+      const std::string check = s.last_check_ms.load() == 0 ? "-"
+                                : s.last_check_ok.load()    ? "passed"
+                                                            : "failed: " + s.last_check_reason;
+      std::snprintf(line, sizeof line, "%-24s %-24s %-9s %-6s %6u %7u %8llu  %s\n", s.label.c_str(),
+                    s.cfg.addr.to_string().c_str(), health_name(s.health.load()), to_string(s.admin.load()),
+                    s.weight.load(), s.active.load(),
+                    (unsigned long long)sum(
+                        s.per_worker, [](const ServerWorkerCounters& c) -> const auto& { return c.sessions; }),
+                    check.c_str());
+      o << line;
+    }
+  return o.str();
+}
+
+}  // namespace smtplb

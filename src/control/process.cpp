@@ -1,0 +1,459 @@
+#include "control/process.hpp"
+
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <set>
+#include <thread>
+
+#include "control/cpu_probe.hpp"
+#include "data/listener.hpp"
+#include "log/log.hpp"
+#include "runtime/uv_util.hpp"
+#include "smtplb/config/cpus.hpp"
+#include "smtplb/config/resolve_plan.hpp"
+#include "smtplb/version.hpp"
+
+namespace smtplb {
+
+Process::Process(std::shared_ptr<const Config> config, std::optional<LogLevel> level_override)
+    : config_(std::move(config)), level_override_(level_override), signals_(4) {
+  uv_loop_init(&loop_);
+}
+
+Process::~Process() {
+  // Handles are all closed by the time run() returns; workers join in their destructors.
+  workers_.clear();
+  checkers_.clear();
+  if (snapshot_)
+    for (auto& l : snapshot_->listeners) close_listener_fds(*l);
+  uv_loop_close(&loop_);
+}
+
+void Process::raise_fd_limit() {
+  rlimit rl{};
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+  if (rl.rlim_cur < rl.rlim_max) {
+    const rlim_t before = rl.rlim_cur;
+    rl.rlim_cur = rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0) rl.rlim_cur = before;
+  }
+  // Each relayed session needs two descriptors.
+  spdlog::info("open files limit {} (about {} sessions)", (unsigned long long)rl.rlim_cur,
+               (unsigned long long)rl.rlim_cur / 2);
+}
+
+namespace {
+int64_t wall_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+}  // namespace
+
+int Process::run() {
+  start_time_ms_ = generation_loaded_ms_ = wall_ms();
+  raise_fd_limit();
+  snapshot_ = build_snapshot(config_, generation_);
+  worker_count_ = config_->global.workers;
+  if (worker_count_ == 0) {
+    // One per CPU this process may really use; never more than the per-worker counter
+    // slots (a 128-CPU machine must not overrun them).
+    const CpuBudget cpus = probe_cpus();
+    worker_count_ = workers_for_cpus(cpus.affinity, cpus.quota, unsigned(kMaxWorkers));
+    spdlog::info("workers = 0: running {} workers ({} CPUs in the affinity mask; {}{})", worker_count_, cpus.affinity,
+                 cpus.quota ? fmt::format("cgroup CPU quota {:.2f} CPUs in {}", *cpus.quota, cpus.quota_source)
+                            : std::string("no cgroup CPU quota"),
+                 worker_count_ == kMaxWorkers && cpus.affinity > kMaxWorkers
+                     ? fmt::format("; capped at {}", kMaxWorkers)
+                     : std::string());
+  }
+
+  log_writer_ = std::make_unique<LogWriter>(worker_count_);
+  std::string error;
+  for (auto& l : snapshot_->listeners) {
+    if (!bind_listener(*l, worker_count_, error)) {
+      spdlog::error("{}", error);
+      return 1;
+    }
+  }
+  for (unsigned i = 0; i < worker_count_; ++i) {
+    workers_.push_back(std::make_unique<Worker>(i, snapshot_, link_, *log_writer_));
+    if (!workers_.back()->open_listeners(error)) {
+      spdlog::error("{}", error);
+      return 1;
+    }
+  }
+  std::vector<Worker*> peers;
+  for (auto& w : workers_) peers.push_back(w.get());
+  for (auto& w : workers_) w->set_peers(peers);
+  uv_async_init(&loop_, &control_wake_, [](uv_async_t* a) { static_cast<Process*>(a->data)->on_control_wake(); });
+  control_wake_.data = this;
+  link_.wake = &control_wake_;
+  uv_timer_init(&loop_, &grace_timer_);
+  grace_timer_.data = this;
+
+  // The first checks start at once, about 2 ms apart (200 servers: within 0.4 s), so a
+  // restarted balancer takes traffic within one check dialogue, sends none to an
+  // unchecked server, and does not probe a large fleet in the same millisecond.
+  size_t total = 0;
+  for (const auto& p : snapshot_->pools) total += p.servers.size();
+  const uint64_t window = std::max<uint64_t>(1, 2 * total);
+  for (const auto& p : snapshot_->pools)
+    for (const auto& s : p.servers) start_checker(s, *p.cfg, rng_() % window);
+
+  admin_ = std::make_unique<AdminServer>(&loop_, [this](const AdminServer::Request& r) { return admin(r); });
+  if (!admin_->start(*config_, error)) {
+    spdlog::error("{}", error);
+    admin_->stop();
+    for (auto& w : workers_) w->request_stop();
+    uv_close(as_handle(&control_wake_), nullptr);
+    uv_close(as_handle(&grace_timer_), nullptr);
+    for (auto& [s, c] : checkers_) c->stop();
+    uv_run(&loop_, UV_RUN_DEFAULT);
+    return 1;
+  }
+
+  const int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGUSR1};
+  for (size_t i = 0; i < 4; ++i) {
+    uv_signal_init(&loop_, &signals_[i]);
+    signals_[i].data = this;
+    uv_signal_start(
+        &signals_[i], [](uv_signal_t* h, int signum) { static_cast<Process*>(h->data)->on_signal(signum); }, sigs[i]);
+  }
+  ::signal(SIGPIPE, SIG_IGN);
+
+  for (auto& w : workers_) w->start();
+  for (auto& l : snapshot_->listeners)
+    spdlog::info("listener {} listening on {} for pool {} ({} workers)", l->cfg->name, l->bound.to_string(),
+                 l->cfg->pool, worker_count_);
+  spdlog::info("smtplb {} started: generation {}, {} listeners, {} pools, {} servers", kVersion, generation_,
+               snapshot_->listeners.size(), snapshot_->pools.size(), total);
+  notifier_.ready("generation " + std::to_string(generation_) + " running, " +
+                  std::to_string(snapshot_->listeners.size()) + " listeners");
+
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  for (auto& w : workers_) w->join();
+  // Every access line is written before the last line.
+  log_writer_->stop();
+  spdlog::info("smtplb stopped");
+  return 0;
+}
+
+void Process::start_checker(const std::shared_ptr<ServerRuntime>& s, const PoolConfig& pool, uint64_t delay_ms) {
+  if (s->admin.load() == AdminState::maint) {
+    spdlog::info("server {} is in maintenance (state = \"maint\"): not checked, no sessions", s->label);
+    return;
+  }
+  if (s->admin.load() == AdminState::drain)
+    spdlog::info("server {} is draining (state = \"drain\"): checked, no new sessions", s->label);
+  auto c = std::make_unique<HealthChecker>(
+      &loop_, pool.proxy_protocol, s, pool.health_check,
+      [this](HealthChecker& hc, Health from, Health to, const CheckResult& r) { on_transition(hc, from, to, r); });
+  c->start(std::min<uint64_t>(delay_ms, uint64_t(pool.health_check.interval.count())));
+  checkers_[s.get()] = std::move(c);
+}
+
+void Process::retire_checker(ServerRuntime* s) {
+  auto it = checkers_.find(s);
+  if (it == checkers_.end()) return;
+  HealthChecker::dispose(std::move(it->second));
+  checkers_.erase(it);
+}
+
+void Process::reload(ReloadDone done) {
+  if (phase_ != Phase::running) {
+    ReloadResult r;
+    r.abandoned = true;
+    r.generation = generation_;
+    if (done) done(r);
+    return;
+  }
+  if (resolver_.busy()) {
+    if (!reload_again_) spdlog::info("reload requested while the previous one waits for host names: it follows");
+    reload_again_ = true;
+    if (done) next_waiters_.push_back(std::move(done));
+    return;
+  }
+  if (done) reload_waiters_.push_back(std::move(done));
+  start_reload();
+}
+
+void Process::start_reload() {
+  notifier_.reloading();
+  spdlog::info("reloading configuration from {}", config_->path);
+  ConfigLoad load = load_config_file(config_->path);
+  if (!load.ok()) {
+    std::vector<std::string> errors;
+    for (const auto& e : load.errors) errors.push_back(e.to_string());
+    return answer_reload(fail_reload(std::move(errors)));
+  }
+  std::vector<std::string> hosts = hosts_to_resolve(*load.config);
+  if (hosts.empty()) return answer_reload(apply_reload(load.config));
+  std::string list;
+  for (const auto& h : hosts) list += (list.empty() ? "" : ", ") + h;
+  spdlog::info("reload: resolving {} host name{}: {}", hosts.size(), hosts.size() == 1 ? "" : "s", list);
+  resolver_.start(std::move(hosts), kResolveTimeout, [this, cfg = load.config](std::vector<HostLookup> lookups) {
+    ConfigLoad resolved = apply_lookups(*cfg, lookups);
+    if (!resolved.ok()) {
+      std::vector<std::string> errors;
+      for (const auto& e : resolved.errors) errors.push_back(e.to_string());
+      return answer_reload(fail_reload(std::move(errors)));
+    }
+    answer_reload(apply_reload(resolved.config));
+  });
+}
+
+void Process::answer_reload(const ReloadResult& r) {
+  std::vector<ReloadDone> waiters;
+  waiters.swap(reload_waiters_);
+  for (auto& w : waiters) w(r);
+  if (reload_again_ && phase_ == Phase::running && !resolver_.busy()) {
+    reload_again_ = false;
+    reload_waiters_.swap(next_waiters_);
+    start_reload();
+  }
+}
+
+void Process::abandon_reload() {
+  if (!resolver_.busy() && !reload_again_) return;
+  resolver_.cancel();
+  reload_again_ = false;
+  spdlog::info("reload abandoned: stopping");
+  ReloadResult r;
+  r.abandoned = true;
+  r.generation = generation_;
+  std::vector<ReloadDone> waiters;
+  waiters.swap(reload_waiters_);
+  for (auto& w : next_waiters_) waiters.push_back(std::move(w));
+  next_waiters_.clear();
+  for (auto& w : waiters) w(r);
+}
+
+Process::ReloadResult Process::fail_reload(std::vector<std::string> errors) {
+  ReloadResult result;
+  result.generation = generation_;
+  ++reloads_failed_;
+  last_reload_ok_ = false;
+  for (const auto& e : errors) spdlog::error("reload: {}", e);
+  spdlog::error("reload failed ({} errors); still running generation {}", errors.size(), generation_);
+  notifier_.ready("reload failed (" + std::to_string(errors.size()) + " errors); generation " +
+                  std::to_string(generation_) + " running");
+  result.errors = std::move(errors);
+  return result;
+}
+
+Process::ReloadResult Process::apply_reload(std::shared_ptr<const Config> cfg) {
+  ReloadResult result;
+  result.generation = generation_;
+  if (cfg->global.workers != config_->global.workers)
+    spdlog::warn("reload: global.workers changed to {}; it takes effect at the next restart ({} workers run)",
+                 cfg->global.workers, worker_count_);
+  if (cfg->log.target != config_->log.target || cfg->log.file != config_->log.file ||
+      cfg->log.format != config_->log.format)
+    spdlog::warn("reload: log.target, log.file and log.format take effect at the next restart");
+
+  const ReloadPlan plan = plan_reload(*config_, *cfg);
+  auto next = build_snapshot(cfg, generation_ + 1, snapshot_.get(), &plan);
+  // New listeners get their sockets now; a failure leaves everything as it was.
+  std::vector<ListenerRuntime*> bound;
+  for (size_t li = 0; li < next->listeners.size(); ++li) {
+    if (plan.listeners[li]) continue;  // kept: the workers keep their sockets
+    ListenerRuntime& lr = *next->listeners[li];
+    std::string error;
+    if (!bind_listener(lr, worker_count_, error)) {
+      for (ListenerRuntime* b : bound) close_listener_fds(*b);
+      return fail_reload({error});
+    }
+    bound.push_back(&lr);
+  }
+
+  // From here on the reload cannot fail.
+  apply_settings(*next);
+  set_log_level(level_override_.value_or(cfg->log.level));
+  for (size_t pi = 0; pi < next->pools.size(); ++pi) {
+    const PoolRuntime& p = next->pools[pi];
+    for (const auto& s : p.servers) {
+      auto it = checkers_.find(s.get());
+      const bool maint = s->admin.load() == AdminState::maint;
+      if (it != checkers_.end() && maint) {
+        retire_checker(s.get());
+        s->health.store(Health::unknown);
+        spdlog::info("server {} is in maintenance (state = \"maint\"): checks stopped", s->label);
+      } else if (it != checkers_.end()) {
+        it->second->reconfigure(p.cfg->health_check, p.cfg->proxy_protocol);
+      } else {
+        start_checker(s, *p.cfg, rng_() % 100);  // new, or back from maint
+      }
+    }
+  }
+  for (const auto& [pi, si] : plan.removed_servers) {
+    const auto& s = snapshot_->pools[pi].servers[si];
+    retire_checker(s.get());
+    spdlog::info("server {} removed: no new sessions; {} open ones run to their end", s->label, s->active.load());
+  }
+  for (size_t li : plan.removed_listeners) {
+    const ListenerRuntime& ol = *snapshot_->listeners[li];
+    spdlog::info("listener {} on {} removed: it stops accepting; its sessions run to their end", ol.cfg->name,
+                 ol.bound.to_string());
+  }
+  for (ListenerRuntime* lr : bound)
+    spdlog::info("listener {} listening on {} for pool {} ({} workers)", lr->cfg->name, lr->bound.to_string(),
+                 lr->cfg->pool, worker_count_);
+
+  if (cfg->admin.socket != config_->admin.socket || cfg->admin.listen != config_->admin.listen)
+    spdlog::warn("reload: [admin] changes take effect at the next restart");
+  snapshot_ = next;
+  config_ = cfg;
+  ++generation_;
+  ++reloads_ok_;
+  last_reload_ok_ = true;
+  generation_loaded_ms_ = wall_ms();
+  for (auto& w : workers_) w->publish(next);
+  spdlog::info("configuration reloaded: generation {} ({} servers added, {} removed; {} listeners added, {} removed)",
+               generation_, plan.added_servers(), plan.removed_servers.size(), plan.added_listeners(),
+               plan.removed_listeners.size());
+  notifier_.ready("generation " + std::to_string(generation_) + " loaded");
+  result.ok = true;
+  result.generation = generation_;
+  return result;
+}
+
+void Process::on_signal(int signum) {
+  switch (signum) {
+    case SIGINT:
+    case SIGTERM:
+      spdlog::info("received {}", signum == SIGINT ? "SIGINT" : "SIGTERM");
+      begin_stop();
+      break;
+    case SIGHUP:
+      if (phase_ == Phase::running) reload();
+      break;
+    case SIGUSR1: {
+      std::string error;
+      if (reopen_log(error))
+        spdlog::info("received SIGUSR1: log file reopened");
+      else
+        spdlog::error("received SIGUSR1: {}", error);
+      break;
+    }
+  }
+}
+
+void Process::begin_stop() {
+  if (phase_ != Phase::running) {
+    spdlog::warn("second stop signal: closing every session now");
+    stop_now();
+    return;
+  }
+  phase_ = Phase::draining;
+  abandon_reload();
+  notifier_.stopping();
+  const auto grace = config_->global.shutdown_grace;
+  spdlog::info("stopping: listeners closed, {} open sessions may finish within shutdown_grace {}",
+               link_.connections.load(), format_duration(grace));
+  for (auto& w : workers_) w->request_drain();
+  for (auto& [s, c] : checkers_) HealthChecker::dispose(std::move(c));
+  checkers_.clear();
+  uv_timer_start(
+      &grace_timer_,
+      [](uv_timer_t* t) {
+        auto* self = static_cast<Process*>(t->data);
+        spdlog::warn("shutdown_grace passed: closing the {} remaining sessions", self->link_.connections.load());
+        self->stop_now();
+      },
+      uint64_t(grace.count()), 0);
+  finish_if_done();
+}
+
+void Process::stop_now() {
+  phase_ = Phase::stopped;
+  for (auto& w : workers_) w->request_stop();
+  finish_if_done();
+}
+
+void Process::on_control_wake() {
+  std::vector<PassiveDown> events;
+  {
+    std::lock_guard<std::mutex> lock(link_.mu);
+    events.swap(link_.passive);
+  }
+  // The workers' warnings about these failures go first.
+  if (!events.empty()) log_writer_->sync();
+  for (auto& e : events) {
+    auto it = checkers_.find(e.server.get());
+    if (it != checkers_.end()) it->second->force_down(e.reason);
+  }
+  finish_if_done();
+}
+
+void Process::finish_if_done() {
+  if (phase_ == Phase::running || link_.running.load() != 0) return;
+  if (uv_is_closing(as_handle(&control_wake_))) return;
+  // Every worker has ended: close the control loop's own handles so run() returns.
+  if (admin_) admin_->stop();
+  uv_close(as_handle(&control_wake_), nullptr);
+  uv_close(as_handle(&grace_timer_), nullptr);
+  close_signals();
+}
+
+void Process::close_signals() {
+  // A lookup abandoned at stop may still run on its thread (it cannot be stopped), and
+  // the loop ends only after it comes back. Closing the signal handles restores the
+  // default actions: until then a second SIGTERM must reach on_signal, not kill us.
+  if (resolver_.in_flight() > 0) return resolver_.when_idle([this] { close_signals(); });
+  for (auto& s : signals_) uv_close(as_handle(&s), nullptr);
+}
+
+const PoolRuntime* Process::pool_of(const ServerRuntime& s) const {
+  for (const auto& p : snapshot_->pools)
+    if (p.state == s.pool_state) return &p;
+  return nullptr;
+}
+
+void Process::on_transition(HealthChecker& c, Health from, Health to, const CheckResult& r) {
+  ServerRuntime& server = c.server();
+  bump(to == Health::up ? server.transitions_up : server.transitions_down);
+  server.last_change_ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+          .count();
+  server.last_change_cause = to == Health::up ? "check passed"
+                             : r.passive      ? "failed sessions: " + r.reason
+                                              : "check failed: " + r.reason;
+  const PoolRuntime* pool = pool_of(server);
+  if (!pool) return;  // removed by a reload while the check ran
+  size_t up = 0, usable = 0, pending = 0;
+  for (const auto& s : pool->servers) {
+    const Health h = s->health.load(std::memory_order_relaxed);
+    up += h == Health::up;
+    usable += s->usable();
+    // Not checked yet, but would take sessions once UP.
+    pending += h == Health::unknown && s->admin.load() == AdminState::ready && s->weight.load() > 0;
+  }
+  const size_t total = pool->servers.size();
+  if (to == Health::up) {
+    server.passive_failures.store(0, std::memory_order_relaxed);
+    const auto ramp = pool->cfg->slow_start;
+    if (from == Health::down && ramp.count() > 0) {
+      server.ramp_start_ms.store(int64_t(uv_now(&loop_)), std::memory_order_relaxed);
+      spdlog::info("server {} slow start: weight ramps to {} over {}", server.label, server.weight.load(),
+                   format_duration(ramp));
+    }
+    spdlog::info("server {} is UP: check passed{}, {} of {} servers up", server.label,
+                 from == Health::unknown ? " (first check)" : "", up, total);
+    // New capacity: sessions queued for a full pool may go now.
+    for (auto& w : workers_) w->kick();
+    return;
+  }
+  server.ramp_start_ms.store(-1, std::memory_order_relaxed);
+  if (r.passive)
+    spdlog::warn("server {} is DOWN: {} failed sessions in a row ({}), {} of {} servers up", server.label,
+                 pool->cfg->health_check.fall, r.reason, up, total);
+  else
+    spdlog::warn("server {} is DOWN: check failed ({}), {} of {} servers up", server.label, r.reason, up, total);
+  if (usable == 0 && pending == 0)
+    spdlog::error("pool {} has no usable server: clients get 421 4.3.2", pool->cfg->name);
+}
+
+}  // namespace smtplb

@@ -1,0 +1,110 @@
+#pragma once
+// The process: control loop on the main thread (signals, configuration reloads, health
+// checks, snapshot publishing, systemd notifications) and the worker threads of the
+// data path.
+#include <uv.h>
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "control/admin.hpp"
+#include "control/health_check.hpp"
+#include "control/resolver.hpp"
+#include "control/systemd.hpp"
+#include "data/worker.hpp"
+#include "log/log_writer.hpp"
+#include "runtime/server_pool.hpp"
+
+namespace smtplb {
+
+class Process {
+ public:
+  Process(std::shared_ptr<const Config> config, std::optional<LogLevel> level_override);
+  ~Process();
+  Process(const Process&) = delete;
+  Process& operator=(const Process&) = delete;
+
+  // Binds, starts workers and checks, runs until stopped. Returns the exit code.
+  int run();
+
+  struct ReloadResult {
+    bool ok = false;
+    bool abandoned = false;           // stopping: the reload was dropped before it applied
+    std::vector<std::string> errors;  // "FILE:LINE:COL: message" or a runtime error
+    uint64_t generation = 0;          // the generation running afterwards
+  };
+  using ReloadDone = std::function<void(const ReloadResult&)>;
+  // Reads and validates the configuration file at once; host names in it are then looked
+  // up off the loop (checks, signals and the admin API go on meanwhile), and the new
+  // snapshot is built and applied when every answer is in. On any error the running
+  // configuration stays as it is. `done` gets the outcome: inside this call when nothing
+  // needs resolving (IP literals only), later otherwise. A reload asked for while one
+  // waits for names is coalesced: one more runs after it, reading the file again, and
+  // answers everyone who asked meanwhile.
+  void reload(ReloadDone done = nullptr);
+
+  // Admin API (src/control/admin_api.cpp): one entry point for both endpoints.
+  AdminResponse admin(const AdminServer::Request& req);
+
+ private:
+  std::string render_metrics() const;
+  std::string render_status_json() const;
+  std::string render_status_text() const;
+  AdminResponse healthz() const;
+  AdminResponse change_server(std::string_view pool, std::string_view server, std::string_view what,
+                              std::string_view body);
+  ServerRuntime* find_server(std::string_view pool, std::string_view server, const PoolRuntime** pr = nullptr) const;
+
+  enum class Phase { running, draining, stopped };
+
+  void start_reload();
+  ReloadResult fail_reload(std::vector<std::string> errors);
+  ReloadResult apply_reload(std::shared_ptr<const Config> cfg);
+  void answer_reload(const ReloadResult& r);
+  void abandon_reload();
+
+  void on_signal(int signum);
+  void begin_stop();
+  void stop_now();
+  void on_control_wake();
+  void finish_if_done();
+  void close_signals();
+  void raise_fd_limit();
+  void start_checker(const std::shared_ptr<ServerRuntime>& s, const PoolConfig& pool, uint64_t delay_ms);
+  void retire_checker(ServerRuntime* s);
+  const PoolRuntime* pool_of(const ServerRuntime& s) const;
+  void on_transition(HealthChecker& c, Health from, Health to, const CheckResult& r);
+
+  std::shared_ptr<const Config> config_;
+  std::optional<LogLevel> level_override_;  // --log-level wins over the file
+  std::shared_ptr<Snapshot> snapshot_;
+  uint64_t generation_ = 1;
+  unsigned worker_count_ = 1;  // fixed at start: changing it needs a restart
+  Phase phase_ = Phase::running;
+  uv_loop_t loop_{};
+  std::vector<uv_signal_t> signals_;
+  uv_async_t control_wake_{};  // workers: passive ejections, a worker finished
+  uv_timer_t grace_timer_{};   // shutdown_grace after SIGTERM
+  ControlLink link_;
+  SystemdNotifier notifier_;
+  // Before the workers, so it outlives them: they log into its queues.
+  std::unique_ptr<LogWriter> log_writer_;
+  std::vector<std::unique_ptr<Worker>> workers_;
+  std::unordered_map<ServerRuntime*, std::unique_ptr<HealthChecker>> checkers_;
+  std::minstd_rand rng_{std::random_device{}()};
+  std::unique_ptr<AdminServer> admin_;
+  int64_t start_time_ms_ = 0;         // wall clock at start, for start_time_seconds
+  int64_t generation_loaded_ms_ = 0;  // wall clock when the running generation loaded
+  uint64_t reloads_ok_ = 0, reloads_failed_ = 0;
+  bool last_reload_ok_ = true;
+  Resolver resolver_{&loop_};               // busy while a reload waits for host names
+  std::vector<ReloadDone> reload_waiters_;  // answered by the reload in progress
+  std::vector<ReloadDone> next_waiters_;    // answered by the coalesced one after it
+  bool reload_again_ = false;               // a reload was asked for while resolving
+};
+
+}  // namespace smtplb

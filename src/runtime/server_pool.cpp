@@ -1,0 +1,109 @@
+#include "runtime/server_pool.hpp"
+
+#include <unistd.h>
+
+#include <cstring>
+
+namespace smtplb {
+
+ServerRuntime::ServerRuntime(const PoolConfig& pool, const ServerConfig& server, std::shared_ptr<PoolState> ps)
+    : cfg(server),
+      label(pool.name + "/" + server.name),
+      pool_state(std::move(ps)),
+      admin(server.state),
+      configured_admin(server.state),
+      configured_weight(server.weight),
+      weight(server.weight),
+      max_connections(server.max_connections),
+      backup(server.backup) {}
+
+void ServerRuntime::apply(const ServerConfig& server) {
+  // Runtime changes (admin API) last until the configured value itself changes.
+  if (configured_weight.exchange(server.weight, std::memory_order_relaxed) != server.weight)
+    weight.store(server.weight, std::memory_order_relaxed);
+  max_connections.store(server.max_connections, std::memory_order_relaxed);
+  backup.store(server.backup, std::memory_order_relaxed);
+  if (configured_admin.exchange(server.state, std::memory_order_relaxed) != server.state)
+    admin.store(server.state, std::memory_order_relaxed);
+}
+
+bool ServerRuntime::try_acquire() {
+  const uint32_t max = max_connections.load(std::memory_order_relaxed);
+  if (!max) {
+    active.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+  uint32_t cur = active.load(std::memory_order_relaxed);
+  do {
+    if (cur >= max) return false;
+  } while (!active.compare_exchange_weak(cur, cur + 1, std::memory_order_relaxed));
+  return true;
+}
+
+bool ServerRuntime::release() {
+  active.fetch_sub(1, std::memory_order_relaxed);
+  if (!max_connections.load(std::memory_order_relaxed)) return false;
+  // We write `active` then read `queued`; a waiter writes `queued` then reads `active`.
+  // Plain loads could each miss the other's write, and the waiter would sleep until
+  // queue_timeout next to a free slot. Reading `queued` with a read-modify-write orders
+  // the two: either it sees the waiter, or the waiter's own read-modify-write of
+  // `queued` (Worker::enqueue) comes after it and so sees the slot we freed.
+  return pool_state->queued.fetch_add(0, std::memory_order_acq_rel) > 0;
+}
+
+ServerView ServerRuntime::view(int64_t now_ms) const {
+  const int64_t ramp = ramp_start_ms.load(std::memory_order_relaxed);
+  return {usable(),
+          backup.load(std::memory_order_relaxed),
+          full(),
+          weight.load(std::memory_order_relaxed),
+          ramp < 0 ? -1 : now_ms - ramp,
+          active.load(std::memory_order_relaxed)};
+}
+
+ListenerRuntime::~ListenerRuntime() {
+  for (int fd : fds)
+    if (fd >= 0) ::close(fd);
+}
+
+void apply_settings(const Snapshot& snap) {
+  for (const auto& p : snap.pools)
+    for (size_t i = 0; i < p.servers.size(); ++i) p.servers[i]->apply(p.cfg->servers[i]);
+}
+
+std::shared_ptr<Snapshot> build_snapshot(std::shared_ptr<const Config> config, uint64_t generation,
+                                         const Snapshot* previous, const ReloadPlan* plan) {
+  auto snap = std::make_shared<Snapshot>();
+  snap->config = config;
+  snap->generation = generation;
+  for (size_t pi = 0; pi < config->pools.size(); ++pi) {
+    const PoolConfig& p = config->pools[pi];
+    const PoolRuntime* old = previous && plan && plan->pools[pi] ? &previous->pools[*plan->pools[pi]] : nullptr;
+    PoolRuntime pr;
+    pr.cfg = &p;
+    pr.state = old ? old->state : std::make_shared<PoolState>();
+    for (size_t si = 0; si < p.servers.size(); ++si) {
+      const auto& same = old ? plan->servers[pi][si] : std::nullopt;
+      // A kept server takes its new settings in apply_settings(), once the reload is sure.
+      pr.servers.push_back(same ? old->servers[*same] : std::make_shared<ServerRuntime>(p, p.servers[si], pr.state));
+    }
+    snap->pools.push_back(std::move(pr));
+  }
+  for (size_t li = 0; li < config->listeners.size(); ++li) {
+    const ListenerConfig& l = config->listeners[li];
+    auto lr = std::make_shared<ListenerRuntime>();
+    lr->cfg = &l;
+    for (size_t i = 0; i < config->pools.size(); ++i)
+      if (config->pools[i].name == l.pool) lr->pool = i;
+    lr->bound = l.bind;
+    if (previous && plan && plan->listeners[li]) {
+      const ListenerRuntime& old = *previous->listeners[*plan->listeners[li]];
+      lr->state = old.state;  // the workers recognise a kept listener by this object
+      lr->bound = old.bound;
+    }
+    snap->listeners.push_back(std::move(lr));
+  }
+  return snap;
+}
+
+}  // namespace smtplb
