@@ -493,23 +493,28 @@ int main(int argc, char** argv) {
       else
         on_event(static_cast<Conn*>(events[i].data.ptr), events[i].events);
     }
-    // sockmap: pass on the FINs whose bytes the kernel has written out since.
-    std::vector<Conn*> still;
+    // sockmap: pass on the FINs whose bytes the kernel has written out since. An entry
+    // whose FIN flush() passed on meanwhile is done: kernel_drained() never holds again
+    // once the peer's own FIN counts in its sequence numbers. pass_fin() may list c anew.
+    std::vector<Conn*> waiting;
+    waiting.swap(draining);
     const auto now = std::chrono::steady_clock::now();
-    for (Conn* c : draining) {
+    for (Conn* c : waiting) {
       if (c->closed) continue;
-      if (!kernel_drained(c)) {
+      if (!c->peer->shut_out && !kernel_drained(c)) {
         if (now - c->draining_since > kDrainLimit)
           close_pair(c);
         else
-          still.push_back(c);
+          draining.push_back(c);
         continue;
       }
       c->draining = false;
       pass_fin(c);
-      if (finished(c)) close_pair(c);
+      if (!c->closed && finished(c)) close_pair(c);
     }
-    draining.swap(still);
+    // An entry kept above whose pair closed later (its peer's entry finished it) is freed
+    // below: no entry may outlive its Conn, or a new Conn in the same memory inherits it.
+    std::erase_if(draining, [](const Conn* c) { return c->closed; });
     for (Conn* c : graveyard) delete c;
     graveyard.clear();
   }
