@@ -123,8 +123,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* bytes, size_t size) {
       FUZZ_CHECK(names.insert(s.name).second);
       FUZZ_CHECK(s.weight <= 256);
       FUZZ_CHECK(s.port >= 1);
-      FUZZ_CHECK(s.addr.family() == AF_INET || s.addr.family() == AF_INET6);
-      FUZZ_CHECK(s.addr.port() == s.port);
+      if (s.needs_resolution) {
+        // A host name: kept as written for the control loop to resolve, never a literal.
+        FUZZ_CHECK(s.addr.len == 0);
+        FUZZ_CHECK(!s.address.empty() && s.address.size() <= 254);
+      } else {
+        FUZZ_CHECK(s.addr.family() == AF_INET || s.addr.family() == AF_INET6);
+        FUZZ_CHECK(s.addr.port() == s.port);
+      }
     }
   }
   return 0;
