@@ -386,17 +386,23 @@ void HealthChecker::write_raw(std::string data) {
   auto* w = new Write;
   w->data = std::move(data);
   w->req.data = w;
+  w->step = step_;
   uv_buf_t b = uv_buf_init(w->data.data(), unsigned(w->data.size()));
   int rc = uv_write(&w->req, as_stream(&probe_->tcp), &b, 1, [](uv_write_t* req, int st) {
     // Runs before the handle's close callback, so the probe is still there.
     auto* p = static_cast<Probe*>(req->handle->data);
-    delete static_cast<Write*>(req->data);
-    // A failed write fails the step whose command (or PROXY header) it carried.
-    if (st < 0 && st != UV_ECANCELED && p->owner) p->owner->fail_step(std::string("write: ") + uv_strerror(st));
+    auto* wr = static_cast<Write*>(req->data);
+    const CheckStep step = wr->step;
+    delete wr;
+    // A failed write fails the step whose command (or PROXY header) it carried, even
+    // when libuv reports it after the dialogue moved on (a header write fails as the
+    // connect it follows, not as the greeting the checker waits for by then).
+    if (st < 0 && st != UV_ECANCELED && p->owner)
+      p->owner->fail(failure_of(step, false), std::string("write: ") + uv_strerror(st));
   });
   if (rc < 0) {
     delete w;
-    fail_step(std::string("write: ") + uv_strerror(rc));
+    fail(failure_of(step_, false), std::string("write: ") + uv_strerror(rc));
   }
 }
 

@@ -69,6 +69,7 @@ class HealthChecker {
   struct Write {
     uv_write_t req{};
     std::string data;
+    CheckStep step;  // the step whose command (or PROXY header) it carries
   };
   using Step = CheckStep;
 

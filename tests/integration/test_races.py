@@ -11,6 +11,7 @@ everything started is stopped by PID, also on failure.
 """
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -238,21 +239,22 @@ class RefusalCostTest(TestCase):
         held[1].quit()
 
 
-class VanishingClientProxyTest(TestCase):
-    """A PROXY v2 backend (a minimal one: it reads the header before it greets, like
-    Postfix with smtpd_upstream_proxy_protocol = haproxy) and clients that connect and
-    leave at once, like a port scanner."""
+class ProxyBackend:
+    """A minimal PROXY v2 backend: it reads the header before it greets, like Postfix
+    with smtpd_upstream_proxy_protocol = haproxy. results: per connection "check" (a
+    LOCAL header: smtplb's health check), "header" (a client's), "eof-before-header" or
+    "not-proxy"."""
 
-    def setUp(self):
+    def __init__(self, name="pv"):
+        self.name = name
         self.lsock = socket.socket()
         self.lsock.bind(("127.0.0.1", 0))
         self.lsock.listen(128)
         self.port = self.lsock.getsockname()[1]
-        self.results = []  # per connection: "header" (complete, then anything) or "eof-before-header"
+        self.results = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.accept_loop, daemon=True)
         self.thread.start()
-        self.addCleanup(self.close)
 
     def close(self):
         self.stop.set()
@@ -283,7 +285,7 @@ class VanishingClientProxyTest(TestCase):
             local = buf[12] & 0x0F == 0
             # Whatever happens next (smtplb may close, and reset our 220), the header came.
             self.results.append("check" if local else "header")
-            c.sendall(b"220 pv ESMTP\r\n")
+            c.sendall(b"220 %s ESMTP\r\n" % self.name.encode())
             data = buf[16 + struct.unpack("!H", buf[14:16])[0]:]
             while True:
                 while b"\r\n" in data:
@@ -301,9 +303,20 @@ class VanishingClientProxyTest(TestCase):
                     return
                 data += chunk
         except OSError:
-            pass  # after the header: how the dialogue ends is not what this test checks
+            pass  # after the header: how the dialogue ends is not what these tests check
         finally:
             c.close()
+
+
+class VanishingClientProxyTest(TestCase):
+    """Clients that connect and leave at once, like a port scanner, in front of a PROXY
+    v2 backend."""
+
+    def setUp(self):
+        self.backend = ProxyBackend()
+        self.addCleanup(self.backend.close)
+        self.port = self.backend.port
+        self.results = self.backend.results
 
     def test_client_gone_during_connect_still_sends_the_header(self):
         cfg = build_config({"mx": "p"}, {"p": [("pv", "127.0.0.1", self.port)]},
@@ -322,6 +335,68 @@ class VanishingClientProxyTest(TestCase):
         c = self.client(lb.port())
         self.assertEqual(c.greeting(), b"220 pv ESMTP\r\n")
         self.assertEqual(c.quit(), b"221 bye\r\n")
+
+
+class ProxyHeaderWriteFaultTest(TestCase):
+    """The write of a PROXY header fails (ECONNRESET, injected with LD_PRELOAD:
+    faults/proxy_write_fault.cpp; a real reset that arrives first shows as a failed
+    connect instead, so sockets cannot produce this on demand)."""
+
+    def setUp(self):
+        self.lib = os.environ.get("SMTPLB_FAULT_LIB") or os.path.join(
+            HERE, "..", "..", "build", "tests", "integration", "libsmtplb_faults.so")
+        if not os.path.exists(self.lib):
+            self.skipTest("fault injector not built: %s" % self.lib)
+        self.backends = [ProxyBackend("pv1"), ProxyBackend("pv2")]
+        for b in self.backends:
+            self.addCleanup(b.close)
+
+    def start(self, faults, admin_path=None):
+        # The injector is not instrumented first in line: AddressSanitizer must not insist
+        # on being the first library.
+        asan = os.environ.get("ASAN_OPTIONS", "")
+        wrapper = ["env", "LD_PRELOAD=" + os.path.abspath(self.lib),
+                   "ASAN_OPTIONS=" + (asan + ":" if asan else "") + "verify_asan_link_order=0"]
+        wrapper += ["%s=%d" % kv for kv in faults.items()]
+        cfg = build_config({"mx": "p"}, {"p": [("pv1", "127.0.0.1", self.backends[0].port),
+                                               ("pv2", "127.0.0.1", self.backends[1].port)]},
+                           pool_opts={"p": {"proxy_protocol": "v2", "retries": 3}})
+        if admin_path:
+            cfg += admin_table(admin_path)
+        return self.smtplb(cfg, wrapper=wrapper)
+
+    def test_failed_header_send_tries_the_next_server(self):
+        """A client session's header cannot be written to the first server: that attempt
+        fails and the next server greets the client (it used to end the session, SD)."""
+        lb = self.start({"SMTPLB_FAULT_SEND_PROXY": 1})
+        lb.wait_log(r"server p/pv1 is UP")
+        lb.wait_log(r"server p/pv2 is UP")
+        c = self.client(lb.port())
+        g = c.greeting()
+        self.assertIn(g, (b"220 pv1 ESMTP\r\n", b"220 pv2 ESMTP\r\n"))
+        label = c.label()
+        self.assertEqual(c.quit(), b"221 bye\r\n")
+        a = lb.wait_access(client=label)[0]
+        self.assertEqual((a["tries"], a["term"]), (2, "--"), a)
+        lb.wait_log(r"client=%s .*tries=2" % re.escape(label))
+
+    def test_failed_header_write_of_a_check_counts_as_connect(self):
+        """A health check's header cannot be written: the failure counts under `connect`
+        (the step it belongs to), not `greeting` (where the check was when libuv reported
+        it), and not as a PROXY mismatch."""
+        path = os.path.join(make_tmpdir(self), "admin.sock")
+        lb = self.start({"SMTPLB_FAULT_WRITE_PROXY": 1}, admin_path=path)
+        line = lb.wait_log(r"server p/pv[12] is DOWN")[0]
+        self.assertIn("write: connection reset by peer", line)
+        self.assertNotIn("mismatch", line)
+        out = admin_pipelined(path, [("GET", "/metrics", b"")]).decode()
+        rows = {}  # by reason, both servers together (one of them had the fault)
+        for m in re.finditer(r'^smtplb_server_check_failures_total\{pool="p",server="pv[12]",reason="(\w+)"\} (\d+)$',
+                             out, re.M):
+            rows[m.group(1)] = rows.get(m.group(1), 0) + int(m.group(2))
+        self.assertEqual(rows.get("connect"), 1, rows)
+        self.assertEqual(rows.get("greeting"), 0, rows)
+        self.assertEqual(rows.get("proxy"), 0, rows)
 
 
 if __name__ == "__main__":
