@@ -88,14 +88,18 @@ void HealthChecker::schedule(uint64_t ms) {
       ms, 0);
 }
 
-void HealthChecker::stop() {
+void HealthChecker::abort_dialogue() {
   if (probe_) {
-    probe_->owner = nullptr;
+    probe_->owner = nullptr;  // a callback still queued for it finds nobody
     uv_close(as_handle(&probe_->tcp), [](uv_handle_t* h) { delete static_cast<Probe*>(h->data); });
     probe_ = nullptr;
   }
   tls_.reset();
   step_ = Step::idle;
+}
+
+void HealthChecker::stop() {
+  abort_dialogue();
   if (!timer_closed_) {
     timer_closed_ = true;
     uv_close(as_handle(&timer_), [](uv_handle_t* h) {
@@ -409,13 +413,7 @@ void HealthChecker::write_raw(std::string data) {
 void HealthChecker::done(bool ok, CheckFailure kind, std::string reason) {
   if (step_ == Step::idle) return;
   CheckResult r{ok, kind, std::move(reason), std::chrono::milliseconds(uv_now(loop_) - started_)};
-  if (probe_) {
-    probe_->owner = nullptr;
-    uv_close(as_handle(&probe_->tcp), [](uv_handle_t* h) { delete static_cast<Probe*>(h->data); });
-    probe_ = nullptr;
-  }
-  tls_.reset();
-  step_ = Step::idle;
+  abort_dialogue();
   if (pending_cfg_) {
     apply_config(*pending_cfg_);
     pending_cfg_.reset();

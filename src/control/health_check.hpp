@@ -78,6 +78,8 @@ class HealthChecker {
   // would (the pool sends one, and the greeting or EHLO step failed).
   bool looks_like_proxy_mismatch() const;
   std::string mismatch_hint() const;
+  // Closes the check connection in progress (if any) and forgets the dialogue.
+  void abort_dialogue();
   // Fails the step in progress (a bad reply, the server leaving, a read or write error).
   void fail_step(std::string reason);
   void apply_config(const HealthCheckConfig& cfg);
