@@ -5,7 +5,6 @@
 #include <sys/resource.h>
 
 #include <algorithm>
-#include <set>
 #include <thread>
 
 #include "control/cpu_probe.hpp"

@@ -96,8 +96,7 @@ void Session::start(int fd, const SocketAddress& peer) {
   bump(listener_.state->per_worker[worker_.index()].connections);
   if (!worker_.watch(client_)) {
     // The epoll set is full (fs.epoll.max_user_watches): say so, best effort, and close.
-    const std::string text =
-        "421 4.3.2 " + snap_->config->global.hostname + " Service not available, try again later\r\n";
+    const std::string text = service_unavailable_reply(snap_->config->global.hostname);
     (void)!::send(fd, text.data(), text.size(), MSG_NOSIGNAL);
     finish({Cause::resource, Phase::connect});
     return;
@@ -595,7 +594,7 @@ void Session::handoff(const char* data, size_t len) {
 // ---- replies from smtplb itself ---------------------------------------------------------
 
 void Session::reply_unavailable(TermCode term) {
-  std::string text = "421 4.3.2 " + snap_->config->global.hostname + " Service not available, try again later\r\n";
+  std::string text = service_unavailable_reply(snap_->config->global.hostname);
   leave_queue();
   abandon_upstream();
   term_ = term;

@@ -13,6 +13,7 @@
 
 #include "data/session.hpp"
 #include "runtime/uv_util.hpp"
+#include "smtplb/proto/smtp_reply.hpp"
 
 namespace smtplb {
 
@@ -403,9 +404,10 @@ void Worker::on_readable(Listener& l) {
 }
 
 void Worker::refuse(int fd, const SocketAddress& peer, ListenerRuntime& lr) {
+  constexpr TermCode kTerm{Cause::resource, Phase::connect};
   const uint64_t now = uv_now(&loop_);
   const auto& global = snapshot_->config->global;
-  const std::string text = "421 4.3.2 " + global.hostname + " Service not available, try again later\r\n";
+  const std::string text = service_unavailable_reply(global.hostname);
   discard_input(fd, scratch_.get(), kScratchSize);
   const ssize_t sent = ::send(fd, text.data(), text.size(), MSG_NOSIGNAL);
   ::shutdown(fd, SHUT_WR);
@@ -413,7 +415,7 @@ void Worker::refuse(int fd, const SocketAddress& peer, ListenerRuntime& lr) {
   ListenerState& st = *lr.state;
   ListenerWorkerCounters& lc = st.per_worker[index_];
   bump(lc.connections);
-  bump(lc.terms[TermCode{Cause::resource, Phase::connect}.index()]);
+  bump(lc.terms[kTerm.index()]);
   lc.duration.observe(kDurationBounds, 0);
   st.rejected_limit.fetch_add(1, std::memory_order_relaxed);
   int64_t last = st.last_refusal_log_ms.load(std::memory_order_relaxed);
@@ -430,33 +432,31 @@ void Worker::refuse(int fd, const SocketAddress& peer, ListenerRuntime& lr) {
     r.pool = lr.cfg->pool;
     r.server = "-";
     r.bytes_out = sent > 0 ? uint64_t(sent) : 0;
-    r.term = {Cause::resource, Phase::connect};
+    r.term = kTerm;
     log_access(r);
   }
 
-  if (lingering_.size() >= kMaxLingering) {
-    discard_input(lingering_.front().fd, scratch_.get(), kScratchSize);
-    ::close(lingering_.front().fd);
-    lingering_.pop_front();
-  }
+  if (lingering_.size() >= kMaxLingering) close_oldest_refusal();
   lingering_.push_back({fd, now + kRefusalLingerMs});
-  if (!uv_is_active(as_handle(&linger_timer_)))
-    uv_timer_start(
-        &linger_timer_, [](uv_timer_t* t) { static_cast<Worker*>(t->data)->close_expired_refusals(false); },
-        kRefusalLingerMs, 0);
+  if (!uv_is_active(as_handle(&linger_timer_))) arm_linger_timer(now);
+}
+
+void Worker::close_oldest_refusal() {
+  discard_input(lingering_.front().fd, scratch_.get(), kScratchSize);
+  ::close(lingering_.front().fd);
+  lingering_.pop_front();
+}
+
+void Worker::arm_linger_timer(uint64_t now) {
+  uv_timer_start(
+      &linger_timer_, [](uv_timer_t* t) { static_cast<Worker*>(t->data)->close_expired_refusals(false); },
+      lingering_.front().deadline - now, 0);
 }
 
 void Worker::close_expired_refusals(bool all) {
   const uint64_t now = uv_now(&loop_);
-  while (!lingering_.empty() && (all || lingering_.front().deadline <= now)) {
-    discard_input(lingering_.front().fd, scratch_.get(), kScratchSize);
-    ::close(lingering_.front().fd);
-    lingering_.pop_front();
-  }
-  if (!lingering_.empty() && linger_timer_open_)
-    uv_timer_start(
-        &linger_timer_, [](uv_timer_t* t) { static_cast<Worker*>(t->data)->close_expired_refusals(false); },
-        lingering_.front().deadline - now, 0);
+  while (!lingering_.empty() && (all || lingering_.front().deadline <= now)) close_oldest_refusal();
+  if (!lingering_.empty() && linger_timer_open_) arm_linger_timer(now);
 }
 
 void Worker::log_access(const AccessRecord& r) {

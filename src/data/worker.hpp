@@ -163,6 +163,8 @@ class Worker {
   // destroys the reply). Not a session: no Session object, not counted in the limits.
   void refuse(int fd, const SocketAddress& peer, ListenerRuntime& lr);
   void close_expired_refusals(bool all);
+  void close_oldest_refusal();
+  void arm_linger_timer(uint64_t now);  // for the oldest lingering refusal
   void dispatch();
   void publish_log();
 

@@ -64,6 +64,10 @@ SmtpReplyParser::Status SmtpReplyParser::finish_line() {
   return status_;
 }
 
+std::string service_unavailable_reply(std::string_view hostname) {
+  return "421 4.3.2 " + std::string(hostname) + " Service not available, try again later\r\n";
+}
+
 bool is_positive_greeting(std::string_view line) {
   if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
   if (line.size() < 3 || line.substr(0, 3) != "220") return false;

@@ -49,6 +49,10 @@ class SmtpReplyParser {
 // is accepted; anything else is not. `line` excludes the line ending.
 bool is_positive_greeting(std::string_view line);
 
+// smtplb's own answer when it cannot serve a client (no server, a limit, stopping):
+// "421 4.3.2 <hostname> Service not available, try again later\r\n".
+std::string service_unavailable_reply(std::string_view hostname);
+
 // Sanitises peer text for a log line: printable ASCII, line ends dropped, at most `max`
 // bytes (a shortened result ends in "...").
 std::string printable(std::string_view text, size_t max = 120);
