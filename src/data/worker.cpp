@@ -313,7 +313,7 @@ void Worker::drain_now() {
   while (!listeners_.empty()) close_listener(listeners_.back());
   for (Session* s = sessions_; s;) {
     Session* next = s->next_;
-    s->drain();
+    s->stop_gracefully();
     s = next;
   }
 }
@@ -323,7 +323,7 @@ void Worker::stop_now() {
   while (!listeners_.empty()) close_listener(listeners_.back());
   for (Session* s = sessions_; s;) {
     Session* next = s->next_;
-    s->kill();
+    s->stop();
     s = next;
   }
   maybe_finish();
@@ -399,7 +399,7 @@ void Worker::on_readable(Listener& l) {
       continue;
     }
     auto* s = new Session(*this, snapshot_, lr);
-    s->start(fd, peer);
+    s->accept(fd, peer);
   }
 }
 

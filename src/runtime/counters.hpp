@@ -10,6 +10,7 @@
 #include <string_view>
 
 #include "smtplb/log/term_code.hpp"
+#include "smtplb/session/conn_error.hpp"
 
 namespace smtplb {
 
@@ -37,10 +38,6 @@ struct Histogram {
     bump(sum_us, uint64_t(seconds * 1e6));
   }
 };
-
-// Why a backend attempt of a client session failed (server_connection_errors_total).
-enum class ConnError : uint8_t { refused, timeout, reset, banner };
-inline constexpr std::array<const char*, 4> kConnErrorNames = {"refused", "timeout", "reset", "banner"};
 
 struct alignas(64) ServerWorkerCounters {
   std::atomic<uint64_t> sessions{0};   // sessions handed off to this server
