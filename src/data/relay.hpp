@@ -97,4 +97,3 @@ bool read_burst(Conn& c, uint32_t events, char* buf, size_t cap, Sink&& sink) {
 
 }  // namespace relay
 }  // namespace smtplb
-

@@ -22,7 +22,7 @@ Session::Session(Worker& worker, std::shared_ptr<const Snapshot> snapshot, Liste
     : SessionCore(*listener.cfg, *snapshot->pools[listener.pool].cfg),
       worker_(worker),
       snap_(std::move(snapshot)),
-      listener_(listener),
+      listener_(&listener),
       pool_index_(listener.pool) {
   uv_timer_init(worker_.loop(), &timer_);
   client_.owner = this;
@@ -33,7 +33,7 @@ Session::Session(Worker& worker, std::shared_ptr<const Snapshot> snapshot, Liste
 
 Session::~Session() {
   if (counted_) {
-    listener_.state->current.fetch_sub(1, std::memory_order_relaxed);
+    listener_->state->current.fetch_sub(1, std::memory_order_relaxed);
     worker_.link().connections.fetch_sub(1, std::memory_order_relaxed);
   }
   worker_.unlink(this);
@@ -51,7 +51,7 @@ ServerRuntime* Session::server_at(uint32_t index) const {
 void Session::accept(int fd, const SocketAddress& peer) {
   client_.fd = fd;
   counted_ = true;  // the worker counted it against the limits (Worker::on_readable)
-  bump(listener_.state->per_worker[worker_.index()].connections);
+  bump(listener_->state->per_worker[worker_.index()].connections);
   if (!worker_.watch(client_)) {
     // The epoll set is full (fs.epoll.max_user_watches): say so, best effort, and close.
     const std::string text = service_unavailable_reply(hostname());
@@ -70,10 +70,6 @@ void Session::stop() {
 
 void Session::stop_gracefully() {
   drain(now());
-}
-
-bool Session::retry_from_queue() {
-  return slot_offered(now());
 }
 
 // ---- socket events --------------------------------------------------------------------
@@ -135,7 +131,10 @@ Selection Session::pick(std::span<const uint32_t> tried) {
 }
 
 void Session::enqueue() {
-  worker_.enqueue(this, pool().state);
+  // A copy: serving the queue may move this session to a newer snapshot (refresh) and
+  // free the one that holds pool().state.
+  const std::shared_ptr<PoolState> state = pool().state;
+  worker_.enqueue(this, state);
 }
 
 void Session::dequeue() {
@@ -207,6 +206,32 @@ void Session::on_timer(uv_timer_t* t) {
   s->timer(s->now());
 }
 
+// Reloads build new snapshots; a session keeps the one it started with, except while it
+// waits in the queue: then it looks for a slot in the newest one, so a server a reload
+// added (or a raised max_connections) serves it without waiting for queue_timeout. It
+// moves only when its listener and pool live on in the new snapshot (same state objects:
+// the queue and the counters belong to them); servers it tried are followed by identity.
+void Session::refresh() {
+  const std::shared_ptr<const Snapshot>& latest = worker_.snapshot();
+  if (!latest || latest == snap_) return;
+  const ListenerRuntime* next = nullptr;
+  for (const auto& lr : latest->listeners)
+    if (lr->state == listener_->state) next = lr.get();
+  if (!next || latest->pools[next->pool].state != pool().state) return;
+  const PoolRuntime& old_pool = pool();
+  const PoolRuntime& new_pool = latest->pools[next->pool];
+  remap_tried([&](uint32_t i) -> long {
+    if (i >= old_pool.servers.size()) return -1;
+    for (size_t j = 0; j < new_pool.servers.size(); ++j)
+      if (new_pool.servers[j] == old_pool.servers[i]) return long(j);
+    return -1;
+  });
+  rebind(*next->cfg, *new_pool.cfg);
+  listener_ = next;
+  pool_index_ = next->pool;
+  snap_ = latest;  // last: the old snapshot owned what the lines above read
+}
+
 SocketAddress Session::local_address() {
   SocketAddress local;
   socklen_t len = sizeof local.storage;
@@ -244,33 +269,33 @@ void Session::refused(TermCode term) {
   if (term == TermCode{Cause::server_timeout, Phase::queue}) ps.queue_timeouts.fetch_add(1, std::memory_order_relaxed);
   if (term.cause == Cause::killed) return;  // stopping: not a refusal of this client
   if (term.cause == Cause::resource) {
-    listener_.state->rejected_limit.fetch_add(1, std::memory_order_relaxed);
+    listener_->state->rejected_limit.fetch_add(1, std::memory_order_relaxed);
   } else {
-    listener_.state->rejected_no_server.fetch_add(1, std::memory_order_relaxed);
+    listener_->state->rejected_no_server.fetch_add(1, std::memory_order_relaxed);
     if (term.phase != Phase::queue) ps.no_server.fetch_add(1, std::memory_order_relaxed);
   }
   const int64_t t = int64_t(now());
-  int64_t last = listener_.state->last_refusal_log_ms.load(std::memory_order_relaxed);
-  if (t - last < 1000 || !listener_.state->last_refusal_log_ms.compare_exchange_strong(last, t)) return;
+  int64_t last = listener_->state->last_refusal_log_ms.load(std::memory_order_relaxed);
+  if (t - last < 1000 || !listener_->state->last_refusal_log_ms.compare_exchange_strong(last, t)) return;
   worker_.log(spdlog::level::warn,
               "listener {}: client {} answered 421 4.3.2: {} (further refusals within a second are only counted)",
-              listener_.cfg->name, peer().to_string(), refusal_reason(term));
+              listener_->cfg->name, peer().to_string(), refusal_reason(term));
 }
 
 void Session::proxy_refused(const std::string& why) {
-  listener_.state->rejected_proxy.fetch_add(1, std::memory_order_relaxed);
+  listener_->state->rejected_proxy.fetch_add(1, std::memory_order_relaxed);
   const int64_t t = int64_t(now());
-  int64_t last = listener_.state->last_proxy_log_ms.load(std::memory_order_relaxed);
-  if (t - last >= 1000 && listener_.state->last_proxy_log_ms.compare_exchange_strong(last, t))
+  int64_t last = listener_->state->last_proxy_log_ms.load(std::memory_order_relaxed);
+  if (t - last >= 1000 && listener_->state->last_proxy_log_ms.compare_exchange_strong(last, t))
     worker_.log(spdlog::level::warn,
                 "listener {}: closing connection from {}: {} (further ones within a second are only counted)",
-                listener_.cfg->name, peer().to_string(), why);
+                listener_->cfg->name, peer().to_string(), why);
 }
 
 void Session::finished() {
   log_access();
   if (counted_) {
-    ListenerWorkerCounters& lc = listener_.state->per_worker[worker_.index()];
+    ListenerWorkerCounters& lc = listener_->state->per_worker[worker_.index()];
     bump(lc.terms[term().index()]);
     lc.duration.observe(kDurationBounds, double(now() - stats().t_accept) / 1000.0);
   }
@@ -281,7 +306,6 @@ void Session::finished() {
       bump(sc.bytes_out, stats().bytes_in);
     }
   }
-  close_server();
   relay::close(client_);
   uv_close(as_handle(&timer_), on_closed);
 }
@@ -298,7 +322,7 @@ void Session::log_access() {
   const ServerRuntime* srv = !tried().empty() && st.tc >= 0 ? server_at(server()) : nullptr;
   AccessRecord r;
   r.client = client;
-  r.listener = listener_.cfg->name;
+  r.listener = listener_->cfg->name;
   r.pool = pool().cfg->name;
   r.server = srv ? std::string_view(srv->cfg.name) : std::string_view("-");
   r.tries = uint32_t(tried().size());

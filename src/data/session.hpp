@@ -23,7 +23,7 @@ struct Upstream {
   std::shared_ptr<ServerRuntime> server;
 };
 
-class Session final : private SessionCore {
+class Session final : public SessionCore {
  public:
   Session(Worker& worker, std::shared_ptr<const Snapshot> snapshot, ListenerRuntime& listener);
   ~Session() override;
@@ -37,13 +37,8 @@ class Session final : private SessionCore {
   void stop();
   // Graceful stop: a session not handed off yet gets 421 4.3.2; a relaying one goes on.
   void stop_gracefully();
-  // Called by the worker for the head of its queue; false while all servers are still full.
-  bool retry_from_queue();
-
   Session* next_ = nullptr;  // worker's intrusive list of sessions
   Session* prev_ = nullptr;
-  Session* q_next_ = nullptr;  // worker's queue for the pool, while queued
-  Session* q_prev_ = nullptr;
 
  private:
   struct Reader;  // relay::read_burst's sink
@@ -69,6 +64,7 @@ class Session final : private SessionCore {
   void delay_acks(Side side) override;
   void arm_timer(uint64_t ms) override;
   SocketAddress local_address() override;
+  void refresh() override;
   std::string_view hostname() const override;
   void attempt_failed(uint32_t server, ConnError kind, const std::string& why, bool count) override;
   void handed_off(uint32_t server) override;
@@ -78,7 +74,7 @@ class Session final : private SessionCore {
 
   Worker& worker_;
   std::shared_ptr<const Snapshot> snap_;
-  ListenerRuntime& listener_;
+  const ListenerRuntime* listener_;
   size_t pool_index_;
 
   Conn client_{};

@@ -474,7 +474,7 @@ Selection Worker::pick(const PoolRuntime& pr, std::span<const uint32_t> exclude)
                        [&](size_t i) { return servers[i]->try_acquire(); });
 }
 
-void Worker::enqueue(Session* s, const std::shared_ptr<PoolState>& pool) {
+void Worker::enqueue(SessionCore* s, const std::shared_ptr<PoolState>& pool) {
   PoolWorkerState& q = pool->per_worker[index_];
   if (!q.head) waiting_pools_.push_back(pool);
   s->q_prev_ = q.tail;
@@ -491,7 +491,7 @@ void Worker::enqueue(Session* s, const std::shared_ptr<PoolState>& pool) {
   serve_queue(*pool);
 }
 
-void Worker::dequeue(Session* s, PoolState& pool) {
+void Worker::dequeue(SessionCore* s, PoolState& pool) {
   PoolWorkerState& q = pool.per_worker[index_];
   if (s->q_prev_)
     s->q_prev_->q_next_ = s->q_next_;
@@ -508,8 +508,8 @@ void Worker::dequeue(Session* s, PoolState& pool) {
 
 void Worker::serve_queue(PoolState& pool) {
   PoolWorkerState& q = pool.per_worker[index_];
-  while (Session* s = q.head)
-    if (!s->retry_from_queue()) break;
+  while (SessionCore* s = q.head)
+    if (!s->slot_offered(uv_now(&loop_))) break;
 }
 
 void Worker::serve_all_queues() {

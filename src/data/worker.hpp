@@ -24,6 +24,7 @@
 namespace smtplb {
 
 class Session;
+class SessionCore;
 struct Conn;
 struct Upstream;
 
@@ -76,6 +77,8 @@ class Worker {
   // Names of the listeners this worker accepts on, in adoption order.
   std::vector<std::string> listening() const;
   unsigned index() const { return index_; }
+  // The newest snapshot this worker has applied.
+  const std::shared_ptr<const Snapshot>& snapshot() const { return snapshot_; }
   ControlLink& link() { return link_; }
   bool access_log() const { return access_log_; }
   bool log_json() const { return log_json_; }
@@ -105,8 +108,8 @@ class Worker {
   // The worker's queue of sessions waiting for a free slot in a pool (in the pool's
   // per-worker slot), first come first served. enqueue() then looks once more: a slot
   // freed between the session's pick and its enqueue woke nobody.
-  void enqueue(Session* s, const std::shared_ptr<PoolState>& pool);
-  void dequeue(Session* s, PoolState& pool);
+  void enqueue(SessionCore* s, const std::shared_ptr<PoolState>& pool);
+  void dequeue(SessionCore* s, PoolState& pool);
   // A session released a slot of a server with max_connections in `pool`.
   void slot_freed(PoolState& pool);
 

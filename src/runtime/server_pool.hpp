@@ -16,14 +16,14 @@
 
 namespace smtplb {
 
-class Session;
+class SessionCore;
 
 // What one worker keeps per pool: its balancer state and its queue of sessions waiting
 // for a free slot (first come first served). Only that worker touches its slot.
 struct alignas(64) PoolWorkerState {
   PoolBalancer balancer;
-  Session* head = nullptr;  // intrusive list through Session::q_next_ / q_prev_
-  Session* tail = nullptr;
+  SessionCore* head = nullptr;  // intrusive list through SessionCore::q_next_ / q_prev_
+  SessionCore* tail = nullptr;
 };
 
 // One pool, kept across reloads while a pool of that name exists: counters, the queue

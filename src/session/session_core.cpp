@@ -220,7 +220,9 @@ void SessionCore::next_attempt() {
 
 bool SessionCore::slot_offered(uint64_t now) {
   now_ = now;
-  if (in_queue_) next_attempt();
+  if (!in_queue_) return true;
+  refresh();
+  next_attempt();
   return !in_queue_;
 }
 
@@ -596,6 +598,7 @@ void SessionCore::finish(TermCode term) {
   term_ = term;
   leave_queue();
   state_ = State::closing;
+  abandon_server();
   finished();
 }
 

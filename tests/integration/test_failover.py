@@ -8,6 +8,7 @@ import collections
 import os
 import re
 import select
+import signal
 import socket
 import sys
 import time
@@ -485,6 +486,35 @@ class QueueMoreTest(TestCase):
         a = lb.wait_access(client=label)[0]
         self.assertEqual((a["server"], a["tries"], a["term"]), ("s2", 1, "--"), a)
         self.assertGreaterEqual(a["Tw"], 350, a)
+        self.assertEqual(held.cmd("NOOP"), b"250 2.0.0 Ok\r\n")
+
+    def test_server_added_by_reload_serves_the_queue(self):
+        """s1 (max_connections 1) is full and a client waits. A reload adds s2: once s2
+        passes its check, the waiter goes to it, although the waiter was accepted under
+        the configuration without s2 (a queued session looks in the newest one)."""
+        s1 = self.fake("s1")
+        s2 = self.fake("s2")
+        health = {"interval": "200ms", "timeout": "1s", "rise": 1, "fall": 1}
+        lb = self.smtplb(make_config([(s1, {"max_connections": 1})], pool={"queue_timeout": "8s"}, health=health),
+                         up=["p/s1"])
+        held = self.client(lb.port())
+        self.assertEqual(server_of(held.greeting()), "s1")
+        c = self.client(lb.port())
+        assert_silent(self, c.sock, 0.3)
+        off = lb.log_offset()
+        tmp = lb.config_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(make_config([(s1, {"max_connections": 1}), s2], pool={"queue_timeout": "8s"}, health=health))
+        os.replace(tmp, lb.config_path)
+        os.kill(lb.pid, signal.SIGHUP)
+        lb.wait_log(r"configuration reloaded: generation 2", since=off)
+        up = lb.wait_log(r"server p/s2 is UP", since=off)[0]
+        self.assertEqual(server_of(c.greeting()), "s2")
+        self.assertLess(time.time() - log_time(up), 0.5, "the waiter was not served when s2 came UP")
+        label = c.label()
+        c.quit()
+        a = lb.wait_access(client=label)[0]
+        self.assertEqual((a["server"], a["tries"], a["term"]), ("s2", 1, "--"), a)
         self.assertEqual(held.cmd("NOOP"), b"250 2.0.0 Ok\r\n")
 
     def test_full_regular_server_does_not_spill_to_backup(self):

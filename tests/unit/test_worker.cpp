@@ -5,6 +5,7 @@
 #include <uv.h>
 
 #include <algorithm>
+#include <functional>
 #include <memory>
 #include <new>
 #include <string>
@@ -13,6 +14,7 @@
 #include "data/worker.hpp"
 #include "log/log_writer.hpp"
 #include "runtime/server_pool.hpp"
+#include "smtplb/session/session_core.hpp"
 
 using namespace smtplb;
 
@@ -33,6 +35,7 @@ address = "127.0.0.1"
 port = 1
 )" + listeners;
   ConfigLoad load = load_config_string(text, "test.toml");
+  for (const auto& e : load.errors) MESSAGE(e.to_string());
   REQUIRE(load.ok());
   return load.config;
 }
@@ -52,6 +55,59 @@ std::shared_ptr<Snapshot> next_snapshot(std::shared_ptr<const Config> cfg, const
   }
   return snap;
 }
+
+// A session core on a worker: it picks and queues through the real Worker and server
+// slots, and stands for the sockets (connect, close) as the data path does.
+struct QueueProbe : SessionCore {
+  QueueProbe(Worker& worker, const ListenerConfig& l, const PoolRuntime& p)
+      : SessionCore(l, *p.cfg), w(worker), pool(p) {}
+  Worker& w;
+  const PoolRuntime& pool;
+  std::function<void()> before_enqueue;  // runs once, between the pick and the enqueue
+  std::optional<uint32_t> connected_to;
+  std::optional<uint32_t> open;  // the server whose slot this session holds
+  bool refused_ = false;
+
+ protected:
+  Selection pick(std::span<const uint32_t> tried) override { return w.pick(pool, tried); }
+  void enqueue() override {
+    if (before_enqueue) std::exchange(before_enqueue, nullptr)();
+    w.enqueue(this, pool.state);
+  }
+  void dequeue() override { w.dequeue(this, *pool.state); }
+  int connect(uint32_t server) override {
+    connected_to = open = server;
+    return 0;
+  }
+  void close_server() override {
+    if (!open) return;
+    ServerRuntime& s = *pool.servers[*open];
+    open.reset();
+    if (s.release()) w.slot_freed(*pool.state);  // as Session::close_server does
+  }
+  int send(Side, std::string_view, bool) override { return kSent; }
+  void shutdown(Side) override {}
+  void read(Side, bool, bool) override {}
+  void delay_acks(Side) override {}
+  void arm_timer(uint64_t) override {}
+  SocketAddress local_address() override { return {}; }
+  std::string_view hostname() const override { return "lb.test"; }
+  void attempt_failed(uint32_t, ConnError, const std::string&, bool) override {}
+  void handed_off(uint32_t) override {}
+  void refused(TermCode) override { refused_ = true; }
+  void proxy_refused(const std::string&) override {}
+  void finished() override {}
+};
+
+const std::string kOneSlot = R"(
+[pool.q]
+queue_timeout = "2s"
+[[pool.q.server]]
+name = "only"
+address = "127.0.0.1"
+port = 1
+max_connections = 1
+)";
 
 }  // namespace
 
@@ -129,4 +185,53 @@ TEST_CASE("worker: a pool allocated where a removed pool was starts with fresh b
   pr.servers[*sel.index]->release();
   w.request_stop();
   uv_run(w.loop(), UV_RUN_NOWAIT);
+}
+
+TEST_CASE("worker: a slot freed on another worker between a session's pick and its enqueue is not lost") {
+  // The exact interleaving of the lost wake-up: A (worker 0) finds the only slot taken;
+  // B (worker 1) releases it while `queued` is still 0, so it wakes nobody; then A
+  // enqueues. A must take the slot at once, not wait out queue_timeout next to it.
+  auto snap = build_snapshot(config(kMx + kOneSlot), 1);
+  const PoolRuntime& pool = snap->pools[1];
+  REQUIRE(pool.cfg->name == "q");
+  pool.servers[0]->health.store(Health::up);
+  ControlLink link;
+  LogWriter log_writer(2);
+  Worker w0(0, snap, link, log_writer), w1(1, snap, link, log_writer);
+  w0.set_peers({&w0, &w1});
+  w1.set_peers({&w0, &w1});
+  ListenerConfig lc;
+  lc.name = "mx";
+
+  QueueProbe b(w1, lc, pool);
+  b.start(0, SocketAddress{});
+  REQUIRE(b.connected_to == 0u);
+
+  QueueProbe a(w0, lc, pool);
+  a.before_enqueue = [&] {
+    b.kill(1);  // B's session ends: its slot is released
+    CHECK(pool.state->queued.load() == 0);
+  };
+  a.start(1, SocketAddress{});
+  CHECK_FALSE(a.queued());
+  CHECK(a.connected_to == 0u);
+  CHECK(pool.servers[0]->active.load() == 1);
+
+  // The other order: A waits first; B's release then wakes A's worker.
+  QueueProbe c(w1, lc, pool);
+  c.start(2, SocketAddress{});
+  REQUIRE(c.queued());
+  CHECK(pool.state->queued.load() == 1);
+  a.kill(3);  // released on worker 0; the waiter is on worker 1
+  CHECK(c.queued());
+  uv_run(w1.loop(), UV_RUN_NOWAIT);  // worker 1 wakes and serves its queue
+  CHECK_FALSE(c.queued());
+  CHECK(c.connected_to == 0u);
+  CHECK_FALSE(c.refused_);
+  c.kill(4);
+  CHECK(pool.servers[0]->active.load() == 0);
+  w0.request_stop();
+  w1.request_stop();
+  uv_run(w0.loop(), UV_RUN_NOWAIT);
+  uv_run(w1.loop(), UV_RUN_NOWAIT);
 }

@@ -98,6 +98,10 @@ class SessionCore {
   // Ends the session at once (smtplb stops).
   void kill(uint64_t now);
 
+  // The worker's queue of waiting sessions links them through these (while queued()).
+  SessionCore* q_next_ = nullptr;
+  SessionCore* q_prev_ = nullptr;
+
   // ---- what the owner reads ----
   State state() const { return state_; }
   bool closing() const { return state_ == State::closing; }
@@ -123,9 +127,18 @@ class SessionCore {
   std::string refusal_reason(TermCode term) const;
 
  protected:
+  // Points the session at a newer configuration of its listener and pool.
+  void rebind(const ListenerConfig& listener, const PoolConfig& pool) {
+    listener_ = &listener;
+    pool_ = &pool;
+  }
+
   // ---- effects ----
   // Balancing: a usable server not in `tried`, its slot already taken.
   virtual Selection pick(std::span<const uint32_t> tried) = 0;
+  // A queued session is about to look for a slot again: the owner may move it to a newer
+  // configuration of the same pool first (rebind(), remap_tried()). Not called otherwise.
+  virtual void refresh() {}
   // Joins the pool's queue of waiting sessions; may call slot_offered() at once.
   virtual void enqueue() = 0;
   virtual void dequeue() = 0;
@@ -154,7 +167,7 @@ class SessionCore {
   // smtplb answers this client 421 (`term` says why), or refuses its PROXY header.
   virtual void refused(TermCode term) = 0;
   virtual void proxy_refused(const std::string& why) = 0;
-  // The session is over (term()): close everything. Called once, last.
+  // The session is over (term()); its backend attempt is closed already. Called once, last.
   virtual void finished() = 0;
 
  private:
