@@ -162,15 +162,6 @@ bool valid_host_name(std::string_view name) {
 }
 constexpr const char* kHostRule = "labels of letters, digits, '-' and '_' separated by dots";
 
-// Values that mean "feature off" for keys not implemented yet; types must match exactly.
-using Inert = std::function<bool(const toml::node&)>;
-Inert inert_integer(int64_t want) {
-  return [want](const toml::node& v) { return v.is_integer() && v.as_integer()->get() == want; };
-}
-Inert inert_empty_array() {
-  return [](const toml::node& v) { return v.is_array() && v.as_array()->empty(); };
-}
-
 // Parses and validates one document, collecting every error instead of stopping at the
 // first, so an operator fixes a file in one pass.
 class Loader {
@@ -193,13 +184,12 @@ class Loader {
   void error(const toml::node& n, std::string msg) { error(n.source(), std::move(msg)); }
 
   void table_keys(const toml::table& t, const std::string& section, const std::vector<Key>& keys);
-  // A documented key that this version does not implement: accepted only with the value
-  // that means "feature off", so a config never silently asks for something not done.
-  Key not_yet(const char* name, Inert inert, const char* what);
 
   std::optional<std::string> str(const toml::node& n, std::string_view key);
   std::optional<int64_t> integer(const toml::node& n, std::string_view key, int64_t lo, int64_t hi);
   std::optional<bool> boolean(const toml::node& n, std::string_view key);
+  // A list of address blocks ("10.0.0.0/8", "2001:db8::/32", or a bare address).
+  void cidr_list(const toml::node& v, std::string_view key, std::vector<Cidr>& out);
   std::optional<Millis> duration(const toml::node& n, std::string_view key, Millis lo);
   template <typename E>
   std::optional<E> choice(const toml::node& n, std::string_view key,
@@ -238,14 +228,6 @@ void Loader::table_keys(const toml::table& t, const std::string& section, const 
   }
 }
 
-Loader::Key Loader::not_yet(const char* name, Inert inert, const char* what) {
-  std::string key = name;
-  std::string hint = what ? std::string("only ") + what + " is accepted" : "remove the key";
-  return {name, [this, key, hint, inert](const toml::node& n) {
-            if (!inert(n)) error(n, "'" + key + "' is not supported yet in this version of smtplb (" + hint + ")");
-          }};
-}
-
 std::optional<std::string> Loader::str(const toml::node& n, std::string_view key) {
   if (auto s = n.as_string()) return s->get();
   error(n, "'" + std::string(key) + "' must be a string");
@@ -264,6 +246,21 @@ std::optional<int64_t> Loader::integer(const toml::node& n, std::string_view key
     return std::nullopt;
   }
   return i->get();
+}
+
+void Loader::cidr_list(const toml::node& v, std::string_view key, std::vector<Cidr>& out) {
+  auto arr = v.as_array();
+  if (!arr) return error(v, "'" + std::string(key) + "' must be a list of address blocks, e.g. [\"10.0.0.0/8\"]");
+  for (const toml::node& item : *arr) {
+    Cidr block;
+    auto text = item.as_string();
+    if (!text || !parse_cidr(text->get(), block))
+      error(item,
+            "'" + std::string(key) + "': not an address block such as \"10.0.0.0/8\" or \"2001:db8::/32\"" +
+                std::string(text && text->get().find('/') != std::string::npos ? " (host bits must be zero)" : ""));
+    else
+      out.push_back(block);
+  }
 }
 
 std::optional<bool> Loader::boolean(const toml::node& n, std::string_view key) {
@@ -367,6 +364,11 @@ void Loader::parse_global(const toml::node& n, Config& c) {
                   [&](const toml::node& v) {
                     if (auto d = duration(v, "shutdown_grace", Millis(0))) c.global.shutdown_grace = *d;
                   }},
+                 {"max_tracked_clients",
+                  [&](const toml::node& v) {
+                    if (auto i = integer(v, "max_tracked_clients", 1000, 100'000'000))
+                      c.global.max_tracked_clients = unsigned(*i);
+                  }},
              });
 }
 
@@ -461,62 +463,79 @@ void Loader::parse_listener(const std::string& name, const toml::node& n, Config
   listener_sources_[name] = n.source();
   const std::string section = "listener." + name;
   const toml::node* address_node = nullptr;
-  table_keys(
-      *t, section,
-      {
-          {"address",
-           [&](const toml::node& v) {
-             if (auto s = str(v, "address")) {
-               l.address = *s;
-               address_node = &v;
-             }
-           }},
-          {"port",
-           [&](const toml::node& v) {
-             if (auto i = integer(v, "port", 0, 65535)) l.port = uint16_t(*i);
-           }},
-          {"pool",
-           [&](const toml::node& v) {
-             if (auto s = str(v, "pool")) {
-               l.pool = *s;
-               listener_pool_refs_[name] = v.source();
-             }
-           }},
-          {"max_connections",
-           [&](const toml::node& v) {
-             if (auto i = integer(v, "max_connections", 1, 1'000'000)) l.max_connections = unsigned(*i);
-           }},
-          {"client_idle_timeout",
-           [&](const toml::node& v) {
-             if (auto d = duration(v, "client_idle_timeout", Millis(1000))) l.client_idle_timeout = *d;
-           }},
-          {"proxy_protocol",
-           [&](const toml::node& v) {
-             if (auto x = choice<ProxyIn>(
-                     v, "proxy_protocol",
-                     {{"none", ProxyIn::none}, {"v1", ProxyIn::v1}, {"v2", ProxyIn::v2}, {"any", ProxyIn::any}}))
-               l.proxy_protocol = *x;
-           }},
-          {"trusted_proxies",
-           [&](const toml::node& v) {
-             auto arr = v.as_array();
-             if (!arr) return error(v, "'trusted_proxies' must be a list of address blocks, e.g. [\"10.0.0.0/8\"]");
-             for (const toml::node& item : *arr) {
-               Cidr block;
-               auto text = item.as_string();
-               if (!text || !parse_cidr(text->get(), block))
-                 error(item,
-                       "'trusted_proxies': not an address block such as \"10.0.0.0/8\" or \"2001:db8::/32\"" +
-                           std::string(text && text->get().find('/') != std::string::npos ? " (host bits must be zero)"
-                                                                                          : ""));
-               else
-                 l.trusted_proxies.push_back(block);
-             }
-           }},
-          not_yet("max_connections_per_ip", inert_integer(0), "0"),
-          not_yet("allow", inert_empty_array(), "[]"),
-          not_yet("deny", inert_empty_array(), "[]"),
-      });
+  table_keys(*t, section,
+             {
+                 {"address",
+                  [&](const toml::node& v) {
+                    if (auto s = str(v, "address")) {
+                      l.address = *s;
+                      address_node = &v;
+                    }
+                  }},
+                 {"port",
+                  [&](const toml::node& v) {
+                    if (auto i = integer(v, "port", 0, 65535)) l.port = uint16_t(*i);
+                  }},
+                 {"pool",
+                  [&](const toml::node& v) {
+                    if (auto s = str(v, "pool")) {
+                      l.pool = *s;
+                      listener_pool_refs_[name] = v.source();
+                    }
+                  }},
+                 {"max_connections",
+                  [&](const toml::node& v) {
+                    if (auto i = integer(v, "max_connections", 1, 1'000'000)) l.max_connections = unsigned(*i);
+                  }},
+                 {"client_idle_timeout",
+                  [&](const toml::node& v) {
+                    if (auto d = duration(v, "client_idle_timeout", Millis(1000))) l.client_idle_timeout = *d;
+                  }},
+                 {"proxy_protocol",
+                  [&](const toml::node& v) {
+                    if (auto x = choice<ProxyIn>(
+                            v, "proxy_protocol",
+                            {{"none", ProxyIn::none}, {"v1", ProxyIn::v1}, {"v2", ProxyIn::v2}, {"any", ProxyIn::any}}))
+                      l.proxy_protocol = *x;
+                  }},
+                 {"trusted_proxies", [&](const toml::node& v) { cidr_list(v, "trusted_proxies", l.trusted_proxies); }},
+                 {"allow", [&](const toml::node& v) { cidr_list(v, "allow", l.allow); }},
+                 {"deny", [&](const toml::node& v) { cidr_list(v, "deny", l.deny); }},
+                 {"limits_exempt", [&](const toml::node& v) { cidr_list(v, "limits_exempt", l.limits_exempt); }},
+                 {"deny_action",
+                  [&](const toml::node& v) {
+                    if (auto x = choice<DenyAction>(v, "deny_action",
+                                                    {{"reply", DenyAction::reply}, {"close", DenyAction::close}}))
+                      l.deny_action = *x;
+                  }},
+                 {"max_connections_per_ip",
+                  [&](const toml::node& v) {
+                    if (auto i = integer(v, "max_connections_per_ip", 0, 1'000'000))
+                      l.max_connections_per_ip = unsigned(*i);
+                  }},
+                 {"max_connection_rate_per_ip",
+                  [&](const toml::node& v) {
+                    auto s = str(v, "max_connection_rate_per_ip");
+                    if (!s || s->empty()) return;
+                    std::string why;
+                    if (auto r = parse_rate(*s, why))
+                      l.max_connection_rate_per_ip = *r;
+                    else
+                      error(v, "'max_connection_rate_per_ip': " + why);
+                  }},
+                 {"client_prefix_v4",
+                  [&](const toml::node& v) {
+                    if (auto i = integer(v, "client_prefix_v4", 1, 32)) l.client_prefix_v4 = unsigned(*i);
+                  }},
+                 {"client_prefix_v6",
+                  [&](const toml::node& v) {
+                    if (auto i = integer(v, "client_prefix_v6", 1, 128)) l.client_prefix_v6 = unsigned(*i);
+                  }},
+                 {"limits_dry_run",
+                  [&](const toml::node& v) {
+                    if (auto b = boolean(v, "limits_dry_run")) l.limits_dry_run = *b;
+                  }},
+             });
   if (l.proxy_protocol != ProxyIn::none && l.trusted_proxies.empty() && !t->contains("trusted_proxies"))
     error(n, "[" + section + "] has proxy_protocol but no trusted_proxies: say which balancers may send the header");
   if (l.proxy_protocol != ProxyIn::none && t->contains("trusted_proxies") && l.trusted_proxies.empty())

@@ -268,7 +268,28 @@ std::string Process::render_metrics() const {
              st.rejected_no_server.load());
     m.sample("smtplb_listener_rejected_connections_total", {{"listener", l->cfg->name}, {"reason", "proxy_protocol"}},
              st.rejected_proxy.load());
+    if (!l->cfg->address_features()) continue;
+    m.sample("smtplb_listener_rejected_connections_total", {{"listener", l->cfg->name}, {"reason", "acl"}},
+             st.rejected_acl.load());
+    m.sample("smtplb_listener_rejected_connections_total", {{"listener", l->cfg->name}, {"reason", "per_ip_limit"}},
+             st.rejected_per_ip_limit.load());
+    m.sample("smtplb_listener_rejected_connections_total", {{"listener", l->cfg->name}, {"reason", "per_ip_rate"}},
+             st.rejected_per_ip_rate.load());
   }
+  m.family("smtplb_listener_limit_dry_run_total", "counter",
+           "Clients limits_dry_run let through that a per-client limit would have refused, by reason.");
+  for (const auto& l : snapshot_->listeners) {
+    if (!l->cfg->limits()) continue;
+    m.sample("smtplb_listener_limit_dry_run_total", {{"listener", l->cfg->name}, {"reason", "per_ip_limit"}},
+             l->state->dry_run_limit.load());
+    m.sample("smtplb_listener_limit_dry_run_total", {{"listener", l->cfg->name}, {"reason", "per_ip_rate"}},
+             l->state->dry_run_rate.load());
+  }
+  m.family("smtplb_client_table_entries", "gauge", "Client keys the per-client limits remember now.");
+  m.sample("smtplb_client_table_entries", {}, uint64_t(snapshot_->clients->size()));
+  m.family("smtplb_client_table_evictions_total", "counter",
+           "Client keys forgotten to stay within global.max_tracked_clients (least recently seen first).");
+  m.sample("smtplb_client_table_evictions_total", {}, snapshot_->clients->evictions());
 
   m.family("smtplb_pool_servers", "gauge", "Servers of the pool by state: up, down, unchecked, drain, maint.");
   m.family("smtplb_pool_no_server_total", "counter", "Clients answered 421 because no server could take them.");
@@ -396,7 +417,7 @@ std::string Process::render_metrics() const {
     for (size_t idx = 0; idx < kTermSlots; ++idx) {
       const uint64_t v = sum(
           l->state->per_worker, [idx](const ListenerWorkerCounters& lc) -> const auto& { return lc.terms[idx]; });
-      if (v == 0) continue;  // 63 codes per listener: only the ones seen
+      if (v == 0) continue;  // 80 codes per listener: only the ones seen
       m.sample("smtplb_sessions_terminated_total",
                {{"listener", l->cfg->name}, {"term", TermCode::from_index(idx).text()}}, v);
     }
@@ -419,7 +440,10 @@ std::string Process::render_status_json() const {
   o << "{\"version\":" << json_string(kVersion) << ",\"generation\":" << generation_
     << ",\"loaded_at\":" << iso_time(generation_loaded_ms_) << ",\"started_at\":" << iso_time(start_time_ms_)
     << ",\"state\":" << json_string(phase_ == Phase::running ? "running" : "stopping")
-    << ",\"last_reload_successful\":" << (last_reload_ok_ ? "true" : "false") << ",\"listeners\":[";
+    << ",\"last_reload_successful\":" << (last_reload_ok_ ? "true" : "false")
+    << ",\"client_table\":{\"entries\":" << snapshot_->clients->size()
+    << ",\"capacity\":" << snapshot_->config->global.max_tracked_clients
+    << ",\"evictions\":" << snapshot_->clients->evictions() << "},\"listeners\":[";
   bool first = true;
   for (const auto& l : snapshot_->listeners) {
     o << (first ? "" : ",") << "{\"name\":" << json_string(l->cfg->name)

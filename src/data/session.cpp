@@ -10,6 +10,7 @@
 
 #include <cerrno>
 
+#include "data/edge_check.hpp"
 #include "data/worker.hpp"
 #include "runtime/uv_util.hpp"
 #include "smtplb/proto/smtp_reply.hpp"
@@ -32,6 +33,7 @@ Session::Session(Worker& worker, std::shared_ptr<const Snapshot> snapshot, Liste
 }
 
 Session::~Session() {
+  if (pin_) snap_->clients->release(pin_);
   if (counted_) {
     listener_->state->current.fetch_sub(1, std::memory_order_relaxed);
     worker_.link().connections.fetch_sub(1, std::memory_order_relaxed);
@@ -48,8 +50,9 @@ ServerRuntime* Session::server_at(uint32_t index) const {
   return index < servers.size() ? servers[index].get() : nullptr;
 }
 
-void Session::accept(int fd, const SocketAddress& peer) {
+void Session::accept(int fd, const SocketAddress& peer, ClientTable::Entry* pin) {
   client_.fd = fd;
+  pin_ = pin;
   counted_ = true;  // the worker counted it against the limits (Worker::on_readable)
   bump(listener_->state->per_worker[worker_.index()].connections);
   if (!worker_.watch(client_)) {
@@ -230,6 +233,21 @@ void Session::refresh() {
   listener_ = next;
   pool_index_ = next->pool;
   snap_ = latest;  // last: the old snapshot owned what the lines above read
+}
+
+SessionCore::Admission Session::admit() {
+  const EdgeCheck e = check_edge(*listener_, *snap_->clients, peer(), int64_t(now()));
+  if (e.outcome != EdgeCheck::Outcome::pass || e.dry_run) worker_.note_edge(*listener_, peer(), e);
+  pin_ = e.pin;
+  switch (e.outcome) {
+    case EdgeCheck::Outcome::pass:
+      return Admission::pass;
+    case EdgeCheck::Outcome::limit:
+      return Admission::limit;
+    case EdgeCheck::Outcome::deny:
+      break;
+  }
+  return listener_->cfg->deny_action == DenyAction::reply ? Admission::deny_reply : Admission::deny_close;
 }
 
 SocketAddress Session::local_address() {

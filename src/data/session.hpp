@@ -30,7 +30,9 @@ class Session final : public SessionCore {
 
   // Called once the client socket is accepted; `peer` is the address accept4 reported.
   // Takes ownership of `fd`.
-  void accept(int fd, const SocketAddress& peer);
+  // `pin`: the client's hold on its key in the client table (the worker applied the
+  // address rules at accept), released when the session ends.
+  void accept(int fd, const SocketAddress& peer, ClientTable::Entry* pin = nullptr);
   // Events of one of this session's sockets, from the worker's epoll set.
   void io(Conn& c, uint32_t events);
   // Ends the session from outside (immediate stop).
@@ -65,6 +67,7 @@ class Session final : public SessionCore {
   void arm_timer(uint64_t ms) override;
   SocketAddress local_address() override;
   void refresh() override;
+  Admission admit() override;
   std::string_view hostname() const override;
   void attempt_failed(uint32_t server, ConnError kind, const std::string& why, bool count) override;
   void handed_off(uint32_t server) override;
@@ -80,8 +83,9 @@ class Session final : public SessionCore {
   Conn client_{};
   uv_timer_t timer_{};
   Upstream* up_ = nullptr;
-  int pending_closes_ = 0;  // handles still closing; the last one deletes us
-  bool counted_ = false;    // counted in listener/process connection totals
+  ClientTable::Entry* pin_ = nullptr;  // held in snap_->clients while the session lives
+  int pending_closes_ = 0;             // handles still closing; the last one deletes us
+  bool counted_ = false;               // counted in listener/process connection totals
 };
 
 }  // namespace smtplb

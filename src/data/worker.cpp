@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "data/edge_check.hpp"
 #include "data/session.hpp"
 #include "runtime/uv_util.hpp"
 #include "smtplb/proto/smtp_reply.hpp"
@@ -392,38 +393,79 @@ void Worker::on_readable(Listener& l) {
     ListenerRuntime& lr = *l.runtime;
     const uint32_t process = link_.connections.fetch_add(1, std::memory_order_relaxed) + 1;
     const uint32_t here = lr.state->current.fetch_add(1, std::memory_order_relaxed) + 1;
-    if (process > snapshot_->config->global.max_connections || here > lr.cfg->max_connections) {
+    const auto& global = snapshot_->config->global;
+    if (process > global.max_connections || here > lr.cfg->max_connections) {
       link_.connections.fetch_sub(1, std::memory_order_relaxed);
       lr.state->current.fetch_sub(1, std::memory_order_relaxed);
-      refuse(fd, peer, lr);
+      ListenerState& st = *lr.state;
+      st.rejected_limit.fetch_add(1, std::memory_order_relaxed);
+      const int64_t now = int64_t(uv_now(&loop_));
+      int64_t last = st.last_refusal_log_ms.load(std::memory_order_relaxed);
+      if (now - last >= 1000 && st.last_refusal_log_ms.compare_exchange_strong(last, now))
+        log(spdlog::level::warn,
+            "listener {}: client {} answered 421 4.3.2: connection limit reached (listener max_connections {}, global "
+            "max_connections {}) (further refusals within a second are only counted)",
+            lr.cfg->name, peer.to_string(), lr.cfg->max_connections, global.max_connections);
+      refuse(fd, peer, lr, service_unavailable_reply(global.hostname), {Cause::resource, Phase::connect});
       continue;
     }
+    // Address rules on the address accept4 reported; a PROXY listener applies them in
+    // the session, once the header has said who the client is.
+    ClientTable::Entry* pin = nullptr;
+    if (lr.cfg->proxy_protocol == ProxyIn::none && lr.cfg->address_features()) {
+      const EdgeCheck e = check_edge(lr, *snapshot_->clients, peer, int64_t(uv_now(&loop_)));
+      if (e.outcome != EdgeCheck::Outcome::pass || e.dry_run) note_edge(lr, peer, e);
+      if (e.outcome != EdgeCheck::Outcome::pass) {
+        link_.connections.fetch_sub(1, std::memory_order_relaxed);
+        lr.state->current.fetch_sub(1, std::memory_order_relaxed);
+        if (e.outcome == EdgeCheck::Outcome::limit)
+          refuse(fd, peer, lr, too_many_connections_reply(global.hostname), {Cause::client_rule, Phase::limit});
+        else
+          refuse(fd, peer, lr, lr.cfg->deny_action == DenyAction::reply ? access_denied_reply(global.hostname) : "",
+                 {Cause::client_rule, Phase::acl});
+        continue;
+      }
+      pin = e.pin;
+    }
     auto* s = new Session(*this, snapshot_, lr);
-    s->accept(fd, peer);
+    s->accept(fd, peer, pin);
   }
 }
 
-void Worker::refuse(int fd, const SocketAddress& peer, ListenerRuntime& lr) {
-  constexpr TermCode kTerm{Cause::resource, Phase::connect};
+void Worker::note_edge(const ListenerRuntime& lr, const SocketAddress& peer, const EdgeCheck& e) {
+  ListenerState& st = *lr.state;
+  const int64_t now = int64_t(uv_now(&loop_));
+  int64_t last = st.last_edge_log_ms.load(std::memory_order_relaxed);
+  if (now - last < 1000 || !st.last_edge_log_ms.compare_exchange_strong(last, now)) return;
+  const ListenerConfig& cfg = *lr.cfg;
+  std::string why;
+  if (e.outcome == EdgeCheck::Outcome::deny)
+    why = cfg.deny_action == DenyAction::reply ? "answered 554 5.7.1: denied by the listener's allow/deny lists"
+                                               : "closed: denied by the listener's allow/deny lists";
+  else if (e.verdict == ClientTable::Verdict::over_rate)
+    why = std::string(e.dry_run ? "would be answered" : "answered") + " 421 4.7.0: key " + e.key.to_string() +
+          " over max_connection_rate_per_ip " + cfg.max_connection_rate_per_ip.to_string();
+  else
+    why = std::string(e.dry_run ? "would be answered" : "answered") + " 421 4.7.0: key " + e.key.to_string() +
+          " has max_connections_per_ip " + std::to_string(cfg.max_connections_per_ip) + " sessions open";
+  log(spdlog::level::warn, "listener {}: client {} {}{} (further ones within a second are only counted)", cfg.name,
+      peer.to_string(), why, e.dry_run ? " (limits_dry_run: served)" : "");
+}
+
+void Worker::refuse(int fd, const SocketAddress& peer, ListenerRuntime& lr, const std::string& text, TermCode term) {
   const uint64_t now = uv_now(&loop_);
-  const auto& global = snapshot_->config->global;
-  const std::string text = service_unavailable_reply(global.hostname);
-  discard_input(fd, scratch_.get(), kScratchSize);
-  const ssize_t sent = ::send(fd, text.data(), text.size(), MSG_NOSIGNAL);
-  ::shutdown(fd, SHUT_WR);
+  ssize_t sent = 0;
+  if (!text.empty()) {
+    discard_input(fd, scratch_.get(), kScratchSize);
+    sent = ::send(fd, text.data(), text.size(), MSG_NOSIGNAL);
+    ::shutdown(fd, SHUT_WR);
+  }
 
   ListenerState& st = *lr.state;
   ListenerWorkerCounters& lc = st.per_worker[index_];
   bump(lc.connections);
-  bump(lc.terms[kTerm.index()]);
+  bump(lc.terms[term.index()]);
   lc.duration.observe(kDurationBounds, 0);
-  st.rejected_limit.fetch_add(1, std::memory_order_relaxed);
-  int64_t last = st.last_refusal_log_ms.load(std::memory_order_relaxed);
-  if (int64_t(now) - last >= 1000 && st.last_refusal_log_ms.compare_exchange_strong(last, int64_t(now)))
-    log(spdlog::level::warn,
-        "listener {}: client {} answered 421 4.3.2: connection limit reached (listener max_connections {}, global "
-        "max_connections {}) (further refusals within a second are only counted)",
-        lr.cfg->name, peer.to_string(), lr.cfg->max_connections, global.max_connections);
   if (access_log_) {
     const std::string client = peer.to_string();
     AccessRecord r;
@@ -432,8 +474,12 @@ void Worker::refuse(int fd, const SocketAddress& peer, ListenerRuntime& lr) {
     r.pool = lr.cfg->pool;
     r.server = "-";
     r.bytes_out = sent > 0 ? uint64_t(sent) : 0;
-    r.term = kTerm;
+    r.term = term;
     log_access(r);
+  }
+  if (text.empty()) {  // nothing to deliver: no linger
+    ::close(fd);
+    return;
   }
 
   if (lingering_.size() >= kMaxLingering) close_oldest_refusal();

@@ -27,6 +27,7 @@ class Session;
 class SessionCore;
 struct Conn;
 struct Upstream;
+struct EdgeCheck;
 
 // A server that failed `fall` session attempts in a row, reported to the control loop.
 struct PassiveDown {
@@ -132,6 +133,9 @@ class Worker {
   void link(Session* s);
   void unlink(Session* s);
 
+  // Logs a refusal (or a dry run's would-be refusal) by the address rules, at most once
+  // a second per listener.
+  void note_edge(const ListenerRuntime& lr, const SocketAddress& peer, const EdgeCheck& e);
   // Writes one access line (sessions and refusals alike).
   void log_access(const AccessRecord& r);
 
@@ -164,7 +168,9 @@ class Worker {
   // A client over global or listener max_connections: 421, FIN, and the socket kept only
   // for a short linger (so unread client bytes do not turn our close into a reset that
   // destroys the reply). Not a session: no Session object, not counted in the limits.
-  void refuse(int fd, const SocketAddress& peer, ListenerRuntime& lr);
+  // `text` is the reply (none: just close, no linger); `term` goes to the counters and
+  // the access line. The caller counts the reason and logs it.
+  void refuse(int fd, const SocketAddress& peer, ListenerRuntime& lr, const std::string& text, TermCode term);
   void close_expired_refusals(bool all);
   void close_oldest_refusal();
   void arm_linger_timer(uint64_t now);  // for the oldest lingering refusal

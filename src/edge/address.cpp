@@ -34,7 +34,8 @@ bool to_addr128(const SocketAddress& a, Addr128& out) {
     return true;
   }
   if (a.family() == AF_INET6) {
-    const auto* b = reinterpret_cast<const unsigned char*>(&reinterpret_cast<const sockaddr_in6*>(&a.storage)->sin6_addr);
+    const auto* b =
+        reinterpret_cast<const unsigned char*>(&reinterpret_cast<const sockaddr_in6*>(&a.storage)->sin6_addr);
     out = {load_be64(b), load_be64(b + 8)};
     return true;
   }

@@ -57,7 +57,7 @@ ClientTable::Shard& ClientTable::shard_of(const ClientKey& key) {
 // Looks at a few of the least recently seen keys and evicts the first one that neither
 // has open sessions nor is over its rate; the others move to the head, so a table full of
 // pinned keys costs a bounded look per insertion (and then grows past its bound by them).
-void ClientTable::evict_one(Shard& s, int64_t now_us) {
+bool ClientTable::evict_one(Shard& s, int64_t now_us) {
   for (int looked = 0; looked < 8 && s.tail; ++looked) {
     Entry* e = s.tail;
     if (e->active == 0 && e->limited_until_us <= now_us) {
@@ -65,10 +65,11 @@ void ClientTable::evict_one(Shard& s, int64_t now_us) {
       s.map.erase(*e->key);
       size_.fetch_sub(1, std::memory_order_relaxed);
       evictions_.fetch_add(1, std::memory_order_relaxed);
-      return;
+      return true;
     }
     s.touch(e);
   }
+  return false;
 }
 
 ClientTable::Admission ClientTable::admit(const ClientKey& key, const ClientLimits& limits, int64_t now_ms,
@@ -78,7 +79,11 @@ ClientTable::Admission ClientTable::admit(const ClientKey& key, const ClientLimi
   std::lock_guard<std::mutex> lock(s.mu);
   auto it = s.map.find(key);
   if (it == s.map.end()) {
-    if (s.map.size() >= per_shard_.load(std::memory_order_relaxed)) evict_one(s, now_us);
+    // Over the bound (keys pinned by open sessions can push it there): forget up to two,
+    // so the table shrinks back as those sessions end.
+    const size_t bound = per_shard_.load(std::memory_order_relaxed);
+    for (int i = 0; i < 2 && s.map.size() >= bound; ++i)
+      if (!evict_one(s, now_us)) break;
     it = s.map.emplace(key, Entry{}).first;
     it->second.key = &it->first;
     s.push_head(&it->second);
@@ -122,8 +127,7 @@ std::vector<ClientTable::Stat> ClientTable::top(size_t n, int64_t now_ms) const 
       // The sessions the limiter still counts against the key: how far its schedule runs
       // ahead of now, in intervals (COUNT at most; 0 without a rate limit).
       double recent = 0;
-      if (e.interval_us > 0 && e.gcra.tat_us > now_us)
-        recent = double(e.gcra.tat_us - now_us) / double(e.interval_us);
+      if (e.interval_us > 0 && e.gcra.tat_us > now_us) recent = double(e.gcra.tat_us - now_us) / double(e.interval_us);
       if (e.active || recent > 0) all.push_back({key, e.active, recent});
     }
   }

@@ -68,6 +68,14 @@ std::string service_unavailable_reply(std::string_view hostname) {
   return "421 4.3.2 " + std::string(hostname) + " Service not available, try again later\r\n";
 }
 
+std::string access_denied_reply(std::string_view hostname) {
+  return "554 5.7.1 " + std::string(hostname) + " Access denied\r\n";
+}
+
+std::string too_many_connections_reply(std::string_view hostname) {
+  return "421 4.7.0 " + std::string(hostname) + " Too many connections from your address, try again later\r\n";
+}
+
 bool is_positive_greeting(std::string_view line) {
   if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
   if (line.size() < 3 || line.substr(0, 3) != "220") return false;

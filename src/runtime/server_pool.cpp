@@ -66,7 +66,14 @@ ListenerRuntime::~ListenerRuntime() {
     if (fd >= 0) ::close(fd);
 }
 
+ListenerState::ListenerState()
+    : id([] {
+        static std::atomic<uint32_t> next{1};
+        return next.fetch_add(1, std::memory_order_relaxed);
+      }()) {}
+
 void apply_settings(const Snapshot& snap) {
+  snap.clients->set_capacity(snap.config->global.max_tracked_clients);
   for (const auto& p : snap.pools)
     for (size_t i = 0; i < p.servers.size(); ++i) p.servers[i]->apply(p.cfg->servers[i]);
 }
@@ -96,6 +103,9 @@ std::shared_ptr<Snapshot> build_snapshot(std::shared_ptr<const Config> config, u
     for (size_t i = 0; i < config->pools.size(); ++i)
       if (config->pools[i].name == l.pool) lr->pool = i;
     lr->bound = l.bind;
+    lr->acl = AddressAcl(l.allow, l.deny);
+    lr->exempt = AddressAcl(l.limits_exempt, {});
+    lr->limits = {l.max_connections_per_ip, l.max_connection_rate_per_ip};
     if (previous && plan && plan->listeners[li]) {
       const ListenerRuntime& old = *previous->listeners[*plan->listeners[li]];
       lr->state = old.state;  // the workers recognise a kept listener by this object
@@ -103,6 +113,8 @@ std::shared_ptr<Snapshot> build_snapshot(std::shared_ptr<const Config> config, u
     }
     snap->listeners.push_back(std::move(lr));
   }
+  snap->clients = previous && previous->clients ? previous->clients
+                                                : std::make_shared<ClientTable>(config->global.max_tracked_clients);
   return snap;
 }
 

@@ -10,6 +10,8 @@
 #include "runtime/counters.hpp"
 #include "smtplb/config/config.hpp"
 #include "smtplb/config/reload_plan.hpp"
+#include "smtplb/edge/address_acl.hpp"
+#include "smtplb/edge/client_table.hpp"
 #include "smtplb/lb/check_failure.hpp"
 #include "smtplb/lb/health_state.hpp"
 #include "smtplb/lb/select.hpp"
@@ -105,10 +107,18 @@ struct PoolRuntime {
 
 // Counters of one listener, kept across reloads while the listener stays.
 struct ListenerState {
-  std::atomic<uint32_t> current{0};                      // open client sessions, all workers
-  std::atomic<uint64_t> rejected_limit{0};               // refused: listener or process max_connections
-  std::atomic<uint64_t> rejected_no_server{0};           // refused: no usable server / queue timeout
-  std::atomic<uint64_t> rejected_proxy{0};               // closed: bad/missing PROXY header, untrusted sender
+  ListenerState();
+  const uint32_t id;                               // unique in the process: a part of this listener's client keys
+  std::atomic<uint32_t> current{0};                // open client sessions, all workers
+  std::atomic<uint64_t> rejected_limit{0};         // refused: listener or process max_connections
+  std::atomic<uint64_t> rejected_no_server{0};     // refused: no usable server / queue timeout
+  std::atomic<uint64_t> rejected_proxy{0};         // closed: bad/missing PROXY header, untrusted sender
+  std::atomic<uint64_t> rejected_acl{0};           // refused by allow / deny
+  std::atomic<uint64_t> rejected_per_ip_limit{0};  // refused: max_connections_per_ip
+  std::atomic<uint64_t> rejected_per_ip_rate{0};   // refused: max_connection_rate_per_ip
+  std::atomic<uint64_t> dry_run_limit{0};          // limits_dry_run: would have refused
+  std::atomic<uint64_t> dry_run_rate{0};
+  std::atomic<int64_t> last_edge_log_ms{-1'000'000};     // rate limit for ACL and per-client lines
   std::atomic<int64_t> last_refusal_log_ms{-1'000'000};  // rate limit for the refusal warning
   std::atomic<int64_t> last_proxy_log_ms{-1'000'000};    // rate limit for PROXY warnings
   std::unique_ptr<ListenerWorkerCounters[]> per_worker{new ListenerWorkerCounters[kMaxWorkers]};
@@ -130,6 +140,11 @@ struct ListenerRuntime {
   // listener kept by a reload has none: the workers keep theirs.
   std::vector<int> fds;
   std::shared_ptr<ListenerState> state = std::make_shared<ListenerState>();
+  // Edge defences of this configuration generation (a reload applies new ones to new
+  // connections); the client table they count in is the snapshot's.
+  AddressAcl acl;
+  AddressAcl exempt;  // allows exactly limits_exempt
+  ClientLimits limits;
 };
 
 // What a worker needs to serve sessions. Its structure (pools, servers, listeners,
@@ -141,6 +156,9 @@ struct Snapshot {
   uint64_t generation = 1;
   std::vector<PoolRuntime> pools;
   std::vector<std::shared_ptr<ListenerRuntime>> listeners;
+  // Open sessions and rates per client key, for all listeners and workers; the same table
+  // for the life of the process (a reload passes it on).
+  std::shared_ptr<ClientTable> clients;
 };
 
 // Builds pools, servers and listeners for a config. For a reload, `previous` is the

@@ -60,12 +60,33 @@ void SessionCore::proxy_header_data() {
   }
   held_.erase(0, r.consumed);
   if (r.header.local) {
+    if (listener_->address_features()) {
+      // Rules on the client's address cannot be applied to a connection without one.
+      refuse_proxy("a PROXY header without a client address (LOCAL or UNKNOWN) on a listener with address rules",
+                   {Cause::proxy, Phase::proxy_header});
+      return;
+    }
     // The upstream balancer's own connection (its health check, typically): relayed, and
     // passed on as LOCAL too, so no backend mistakes a balancer for the client.
     proxy_local_ = true;
   } else {
     peer_ = r.header.source;
     local_ = r.header.destination;
+    if (listener_->address_features()) {
+      switch (admit()) {
+        case Admission::pass:
+          break;
+        case Admission::deny_close:
+          finish({Cause::client_rule, Phase::acl});
+          return;
+        case Admission::deny_reply:
+          reply_and_close(access_denied_reply(hostname()), {Cause::client_rule, Phase::acl});
+          return;
+        case Admission::limit:
+          reply_and_close(too_many_connections_reply(hostname()), {Cause::client_rule, Phase::limit});
+          return;
+      }
+    }
   }
   if (held_.size() >= kHoldLimit) pause(Side::client);
   next_attempt();
@@ -428,8 +449,12 @@ void SessionCore::handoff(const char* data, size_t len) {
 void SessionCore::reply_unavailable(TermCode term) {
   leave_queue();
   abandon_server();
-  term_ = term;
   refused(term);
+  reply_and_close(service_unavailable_reply(hostname()), term);
+}
+
+void SessionCore::reply_and_close(const std::string& text, TermCode term) {
+  term_ = term;
   if (client_eof_ && held_.empty()) {
     finish(term);  // the client is gone
     return;
@@ -437,7 +462,6 @@ void SessionCore::reply_unavailable(TermCode term) {
   state_ = State::replying;
   held_ = std::string();
   resume(Side::client);  // read and discard until the client's FIN
-  const std::string text = service_unavailable_reply(hostname());
   stats_.bytes_out += text.size();
   if (!forward(Side::client, text.data(), text.size())) return;
   half_close(Side::client);

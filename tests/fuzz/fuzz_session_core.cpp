@@ -11,13 +11,13 @@
 // - after a hand-off with no failed write and no PROXY headers, the server received
 //   exactly the client's bytes and the client exactly the chosen server's, in order;
 // - no more tries than retries + 1, and held client bytes stay bounded.
+#include <arpa/inet.h>
+#include <algorithm>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <algorithm>
-#include <arpa/inet.h>
 #include <string>
 #include <string_view>
 
@@ -179,7 +179,12 @@ struct Fuzzed : SessionCore {
 };
 
 const char* const kServerLines[] = {
-    "220 mx.example ESMTP\r\n", "220-mx.example\r\n220 hi\r\n", "421 4.3.2 busy\r\n", "22", "0 x\r\n", "250 ok\r\n",
+    "220 mx.example ESMTP\r\n",
+    "220-mx.example\r\n220 hi\r\n",
+    "421 4.3.2 busy\r\n",
+    "22",
+    "0 x\r\n",
+    "250 ok\r\n",
     "554 no\r\n",
 };
 
@@ -260,8 +265,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       case 5: {  // server bytes
         if (!s.server_open || !s.server_connected || !s.server_reading) break;
         const uint8_t k = in.byte();
-        const std::string b =
-            k % 2 ? std::string(kServerLines[k / 2 % (sizeof kServerLines / sizeof *kServerLines)]) : in.bytes(k % 32 + 1);
+        const std::string b = k % 2 ? std::string(kServerLines[k / 2 % (sizeof kServerLines / sizeof *kServerLines)])
+                                    : in.bytes(k % 32 + 1);
         s.server_stream += b;
         const bool before = s.was_handed_off();
         s.server_data(s.now, b.data(), b.size(), false);

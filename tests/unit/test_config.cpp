@@ -16,8 +16,10 @@ using smtplb::AdminState;
 using smtplb::Algorithm;
 using smtplb::ConfigError;
 using smtplb::ConfigLoad;
+using smtplb::DenyAction;
 using smtplb::Handoff;
 using smtplb::HealthCheckConfig;
+using smtplb::ListenerConfig;
 using smtplb::load_config_file;
 using smtplb::load_config_string;
 using smtplb::LogLevel;
@@ -468,11 +470,49 @@ TEST_CASE("config: duplicate server names") {
   expect_ok(kListener + kPool + "[pool.other]\n[[pool.other.server]]\nname = \"a\"\naddress = \"127.0.0.1\"\n");
 }
 
-TEST_CASE("config: documented features not built yet") {
-  expect_one_error(kListener + "max_connections_per_ip = 10\n" + kPool, 4, 26,
-                   "'max_connections_per_ip' is not supported yet");
-  expect_one_error(kListener + "allow = [\"10.0.0.0/8\"]\n" + kPool, 4, 9, "'allow' is not supported yet");
-  expect_one_error(kListener + "deny = [\"10.0.0.0/8\"]\n" + kPool, 4, 8, "'deny' is not supported yet");
+TEST_CASE("config: edge defences: ACLs, per-client limits and the client table") {
+  ConfigLoad load = load_config_string(kListener +
+                                           "allow = [\"192.0.2.0/24\", \"2001:db8::/32\"]\n"
+                                           "deny = [\"192.0.2.7\"]\n"
+                                           "deny_action = \"close\"\n"
+                                           "max_connections_per_ip = 10\n"
+                                           "max_connection_rate_per_ip = \"30/1m\"\n"
+                                           "client_prefix_v4 = 24\n"
+                                           "client_prefix_v6 = 56\n"
+                                           "limits_exempt = [\"198.51.100.0/24\"]\n"
+                                           "limits_dry_run = true\n" +
+                                           kPool + "[global]\nmax_tracked_clients = 5000\n",
+                                       "t.toml");
+  REQUIRE(load.ok());
+  const ListenerConfig& l = load.config->listeners[0];
+  CHECK(l.allow.size() == 2);
+  CHECK(l.deny.size() == 1);
+  CHECK(l.deny[0].prefix == 32);
+  CHECK(l.deny_action == DenyAction::close);
+  CHECK(l.max_connections_per_ip == 10);
+  CHECK(l.max_connection_rate_per_ip.count == 30);
+  CHECK(l.max_connection_rate_per_ip.period == Millis(60000));
+  CHECK(l.client_prefix_v4 == 24);
+  CHECK(l.client_prefix_v6 == 56);
+  CHECK(l.limits_exempt.size() == 1);
+  CHECK(l.limits_dry_run);
+  CHECK(l.address_features());
+  CHECK(load.config->global.max_tracked_clients == 5000);
+  // Defaults: everything off.
+  ConfigLoad plain = load_config_string(kListener + kPool, "t.toml");
+  REQUIRE(plain.ok());
+  CHECK_FALSE(plain.config->listeners[0].address_features());
+  CHECK(plain.config->listeners[0].client_prefix_v6 == 64);
+  CHECK(plain.config->global.max_tracked_clients == 200000);
+  expect_ok(kListener + "max_connection_rate_per_ip = \"\"\n" + kPool);
+
+  expect_one_error(kListener + "allow = [\"10.0.0.1/8\"]\n" + kPool, 4, 10, "(host bits must be zero)");
+  expect_one_error(kListener + "deny = \"10.0.0.0/8\"\n" + kPool, 4, 8, "'deny' must be a list of address blocks");
+  expect_one_error(kListener + "max_connection_rate_per_ip = \"30\"\n" + kPool, 4, 30, "COUNT/PERIOD");
+  expect_one_error(kListener + "max_connection_rate_per_ip = \"30/100ms\"\n" + kPool, 4, 30, "from 1s to 1d");
+  expect_one_error(kListener + "client_prefix_v4 = 33\n" + kPool, 4, 20, "client_prefix_v4");
+  expect_one_error(kListener + "deny_action = \"drop\"\n" + kPool, 4, 15, "'deny_action' must be one of: reply, close");
+  expect_one_error(kListener + kPool + "[global]\nmax_tracked_clients = 10\n", 9, 23, "max_tracked_clients");
 }
 
 TEST_CASE("config: all errors are reported in one run, sorted by position") {

@@ -130,7 +130,8 @@ TEST_CASE("edge: rates parse as COUNT/PERIOD and refuse nonsense") {
   CHECK(r->period == Millis(60000));
   CHECK(r->to_string() == "30/1m");
   CHECK(r->interval_us() == 2000000);
-  for (const char* bad : {"", "30", "/1m", "0/1m", "30/0s", "30/500ms", "x/1m", "30/1y", "-1/1m", "30/2d", "1000001/1s"}) {
+  for (const char* bad :
+       {"", "30", "/1m", "0/1m", "30/0s", "30/500ms", "x/1m", "30/1y", "-1/1m", "30/2d", "1000001/1s"}) {
     err.clear();
     CHECK_MESSAGE(!parse_rate(bad, err), bad);
     CHECK_FALSE(err.empty());

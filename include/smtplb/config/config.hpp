@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "smtplb/config/duration.hpp"
+#include "smtplb/edge/rate_limit.hpp"
 
 namespace smtplb {
 
@@ -29,12 +30,15 @@ const char* to_string(AdminState s);
 // PROXY protocol expected from clients (an upstream balancer) and sent to backends.
 enum class ProxyIn : uint8_t { none, v1, v2, any };
 enum class ProxyOut : uint8_t { none, v1, v2 };
+// A denied client: "554 5.7.1 <hostname> Access denied" then close, or just close.
+enum class DenyAction : uint8_t { reply, close };
 
 struct GlobalConfig {
-  std::string hostname;              // default: the machine's host name
-  unsigned workers = 0;              // 0 = one per core
-  unsigned max_connections = 20000;  // process-wide client sessions
-  Millis shutdown_grace{30000};      // SIGTERM: how long relaying sessions may finish
+  std::string hostname;                   // default: the machine's host name
+  unsigned workers = 0;                   // 0 = one per core
+  unsigned max_connections = 20000;       // process-wide client sessions
+  Millis shutdown_grace{30000};           // SIGTERM: how long relaying sessions may finish
+  unsigned max_tracked_clients = 200000;  // client keys the per-client limits remember
 };
 
 struct LogConfig {
@@ -85,6 +89,21 @@ struct ListenerConfig {
   Millis client_idle_timeout{300000};
   ProxyIn proxy_protocol = ProxyIn::none;
   std::vector<Cidr> trusted_proxies;  // who may send a PROXY header
+  // Edge defences, on the client's real address (a trusted PROXY header's source).
+  std::vector<Cidr> allow;  // empty: every address
+  std::vector<Cidr> deny;   // the longest matching block decides; deny wins a tie
+  DenyAction deny_action = DenyAction::reply;
+  unsigned max_connections_per_ip = 0;  // open sessions per client key; 0 = off
+  RateSpec max_connection_rate_per_ip;  // new sessions per client key; count 0 = off
+  unsigned client_prefix_v4 = 32;       // a client key is the address masked to these
+  unsigned client_prefix_v6 = 64;
+  std::vector<Cidr> limits_exempt;  // never limited
+  bool limits_dry_run = false;      // count and log what would be refused, refuse nothing
+  // An ACL or a per-client limit is on: the client's address matters.
+  bool address_features() const {
+    return !allow.empty() || !deny.empty() || max_connections_per_ip > 0 || max_connection_rate_per_ip.on();
+  }
+  bool limits() const { return max_connections_per_ip > 0 || max_connection_rate_per_ip.on(); }
 };
 
 struct HealthCheckConfig {

@@ -1,10 +1,10 @@
 #pragma once
 // The per-client table shared by all workers: for each client key, its open sessions and
 // its rate state. Sharded (a small mutex per shard, taken once per accepted session and
-// once at its end: no global lock), bounded by global.max_tracked_clients: when a shard is
-// full, its least recently seen key is evicted, except a key that is pinned (it has open
-// sessions) or over its rate right now, so an eviction never lifts a limit that is
-// holding. Kept across reloads.
+// once at its end: no global lock), bounded by global.max_tracked_clients plus the keys
+// pinned right now: when a shard is full, its least recently seen key is evicted, except a
+// key that is pinned (it has open sessions) or over its rate right now, so an eviction
+// never lifts a limit that is holding. Kept across reloads.
 #include <array>
 #include <atomic>
 #include <cstddef>
@@ -64,7 +64,7 @@ class ClientTable {
  private:
   struct Shard;
   Shard& shard_of(const ClientKey& key);
-  void evict_one(Shard& s, int64_t now_us);
+  bool evict_one(Shard& s, int64_t now_us);
 
   std::unique_ptr<Shard[]> shards_;
   std::atomic<size_t> per_shard_;

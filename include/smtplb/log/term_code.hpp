@@ -18,6 +18,7 @@ enum class Cause : uint8_t {
   client_timeout,  // 'c'
   server_timeout,  // 's'
   killed,          // 'K' smtplb was stopping
+  client_rule,     // 'c' (with A or L) a rule on the client's address refused it
 };
 
 enum class Phase : uint8_t {
@@ -26,15 +27,19 @@ enum class Phase : uint8_t {
   connect,       // 'C' connecting to a backend (or before: limits, no usable backend)
   greeting,      // 'H' waiting for the backend's greeting
   data,          // 'D' relaying
-  closing,       // 'L' closing
+  limit,         // 'L' a per-client limit or rate (max_connections_per_ip, max_connection_rate_per_ip)
   proxy_header,  // 'R' reading the PROXY header of an upstream balancer
+  acl,           // 'A' the listener's allow / deny lists
 };
 
-inline constexpr size_t kCauseCount = 9;
-inline constexpr size_t kPhaseCount = 7;
+inline constexpr size_t kCauseCount = 10;
+inline constexpr size_t kPhaseCount = 8;
 inline constexpr size_t kTermSlots = kCauseCount * kPhaseCount;
-inline constexpr char kCauseChars[kCauseCount + 1] = "-CSPLRcsK";
-inline constexpr char kPhaseChars[kPhaseCount + 1] = "-QCHDLR";
+// 'c' twice: a client timeout and a client refused by an address rule share HAProxy's
+// letter for "the client's side"; the phase tells them apart (cA and cL are only ever
+// address rules, a client timeout never happens in those phases).
+inline constexpr char kCauseChars[kCauseCount + 1] = "-CSPLRcsKc";
+inline constexpr char kPhaseChars[kPhaseCount + 1] = "-QCHDLRA";
 
 struct TermCode {
   Cause cause = Cause::none;
@@ -47,6 +52,13 @@ struct TermCode {
   // Slot of this code in per-listener counters.
   constexpr size_t index() const { return size_t(cause) * kPhaseCount + size_t(phase); }
   static constexpr TermCode from_index(size_t i) { return {Cause(i / kPhaseCount), Phase(i % kPhaseCount)}; }
+  // False for the codes that share a rendering and that smtplb never produces: an address
+  // rule refuses only in phase A or L, and a client timeout never happens there. The
+  // other codes render uniquely.
+  constexpr bool possible() const {
+    const bool rule_phase = phase == Phase::acl || phase == Phase::limit;
+    return cause == Cause::client_rule ? rule_phase : !(rule_phase && cause == Cause::client_timeout);
+  }
   friend constexpr bool operator==(TermCode, TermCode) = default;
 };
 

@@ -52,6 +52,12 @@ bool is_positive_greeting(std::string_view line);
 // smtplb's own answer when it cannot serve a client (no server, a limit, stopping):
 // "421 4.3.2 <hostname> Service not available, try again later\r\n".
 std::string service_unavailable_reply(std::string_view hostname);
+// To a client the listener's deny list (or allow list) refuses:
+// "554 5.7.1 <hostname> Access denied\r\n".
+std::string access_denied_reply(std::string_view hostname);
+// To a client over its per-client limit or rate:
+// "421 4.7.0 <hostname> Too many connections from your address, try again later\r\n".
+std::string too_many_connections_reply(std::string_view hostname);
 
 // Sanitises peer text for a log line: printable ASCII, line ends dropped, at most `max`
 // bytes (a shortened result ends in "...").

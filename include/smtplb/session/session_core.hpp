@@ -52,6 +52,9 @@ class SessionCore {
     closing,       // the session is over
   };
 
+  // The address rules' answer for a client (admit()).
+  enum class Admission : uint8_t { pass, deny_reply, deny_close, limit };
+
   // What send() reports besides an errno.
   static constexpr int kSent = 0;     // all of it went out
   static constexpr int kQueued = -1;  // kept until the receiver takes it (flushed() follows)
@@ -160,6 +163,10 @@ class SessionCore {
   virtual SocketAddress local_address() = 0;
   // This host's name, for smtplb's own replies.
   virtual std::string_view hostname() const = 0;
+  // The listener's address rules (allow / deny, per-client limits) for the client peer()
+  // names, once a PROXY header has said who it is. Asked only of listeners that have
+  // some (ListenerConfig::address_features); the owner counts and logs a refusal.
+  virtual Admission admit() { return Admission::pass; }
   // The attempt on `server` failed: count it and report it for passive ejection.
   virtual void attempt_failed(uint32_t server, ConnError kind, const std::string& why, bool count) = 0;
   // The session is handed to `server` (its greeting accepted).
@@ -180,6 +187,8 @@ class SessionCore {
   void abandon_server();
   void handoff(const char* data, size_t len);
   void reply_unavailable(TermCode term);
+  // smtplb's own reply `text`, FIN, then close once the client closes (or after a linger).
+  void reply_and_close(const std::string& text, TermCode term);
   bool forward(Side to, const char* data, size_t len, bool more = false);
   void send_failed(Side to, int err);
   void pause(Side from);
