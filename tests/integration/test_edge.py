@@ -288,7 +288,7 @@ class FloodTest(EdgeBase):
         capacity = int(os.environ.get("SMTPLB_FLOOD_CAPACITY", "2000" if sanitized else "10000"))
         sink = SmtpSink()
         self.addCleanup(sink.stop)
-        listener = {"max_connections_per_ip": 1, "max_connection_rate_per_ip": "20/1h",
+        listener = {"max_connections_per_ip": 1, "max_connection_rate_per_ip": "20/1d",
                     "proxy_protocol": "v2", "trusted_proxies": ["127.0.0.0/8"]}
         lb = self.smtplb(make_config([("sink", "127.0.0.1", sink.port)], listener=listener,
                                      global_={"max_tracked_clients": capacity}, log={"access_log": False}),
