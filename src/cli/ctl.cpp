@@ -24,6 +24,8 @@ constexpr const char* kCtlUsage =
     "  ready POOL/SERVER        back to normal\n"
     "  maint POOL/SERVER        no new sessions, no checks\n"
     "  weight POOL/SERVER N     runtime weight 0..256\n"
+    "  clients [N]              the N client keys (default 20) with the most open sessions,\n"
+    "                           then the most recent sessions by the rate limiter\n"
     "  reload                   reload the configuration file (like SIGHUP)\n"
     "The socket defaults to admin.socket of the configuration file (default\n"
     "/etc/smtplb/smtplb.toml), or /run/smtplb/admin.sock.\n";
@@ -127,6 +129,9 @@ int run_ctl(const std::vector<std::string>& args) {
   std::string method = "GET", path, payload;
   if (cmd == "status" && words.size() == 1) {
     path = "/status?format=text";
+  } else if (cmd == "clients" && words.size() <= 2) {
+    path = "/clients?format=text";
+    if (words.size() == 2) path += "&n=" + words[1];
   } else if (cmd == "reload" && words.size() == 1) {
     method = "POST";
     path = "/reload";

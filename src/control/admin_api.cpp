@@ -135,6 +135,8 @@ AdminResponse Process::admin(const AdminServer::Request& req) {
     case K::status:
       if (req.query == "format=text") return text(200, render_status_text());
       return {200, "application/json", render_status_json(), ""};
+    case K::clients:
+      return clients(req.query);
     case K::healthz:
       return healthz();
     case K::reload: {
@@ -433,6 +435,59 @@ std::string Process::render_metrics() const {
   m.family("process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch.");
   m.sample("process_start_time_seconds", {}, double(start_time_ms_) / 1000.0);
   return m.take();
+}
+
+// The client keys with the most open sessions (then the most sessions their rate limiter
+// still counts): "?n=N" (default 20, at most 1000), "&format=text" for ctl.
+AdminResponse Process::clients(std::string_view query) {
+  size_t n = 20;
+  bool as_text = false;
+  while (!query.empty()) {
+    const size_t amp = query.find('&');
+    const std::string_view kv = query.substr(0, amp);
+    if (kv == "format=text") {
+      as_text = true;
+    } else if (kv.starts_with("n=")) {
+      unsigned v = 0;
+      const auto [end, ec] = std::from_chars(kv.data() + 2, kv.data() + kv.size(), v);
+      if (ec != std::errc() || end != kv.data() + kv.size() || v == 0 || v > 1000)
+        return text(400, "n must be a number from 1 to 1000\n");
+      n = v;
+    } else {
+      return text(400, "unknown parameter: " + std::string(kv) + " (n=N, format=text)\n");
+    }
+    query = amp == std::string_view::npos ? std::string_view() : query.substr(amp + 1);
+  }
+  const auto top = snapshot_->clients->top(n, int64_t(uv_now(&loop_)));
+  auto listener_of = [&](uint32_t id) -> std::string {
+    for (const auto& l : snapshot_->listeners)
+      if (l->state->id == id) return l->cfg->name;
+    return "-";
+  };
+  std::ostringstream o;
+  if (as_text) {
+    o << "client table: " << snapshot_->clients->size() << " keys (max_tracked_clients "
+      << snapshot_->config->global.max_tracked_clients << "), " << snapshot_->clients->evictions() << " evicted\n";
+    if (top.empty()) o << "no client with open sessions or a recent rate\n";
+    for (const auto& c : top) {
+      char recent[32];
+      std::snprintf(recent, sizeof recent, "%.1f", c.recent);
+      o << "  " << c.key.to_string() << "  listener " << listener_of(c.key.listener) << "  sessions " << c.sessions
+        << "  recent " << recent << "\n";
+    }
+    return text(200, o.str());
+  }
+  o << "{\"entries\":" << snapshot_->clients->size() << ",\"evictions\":" << snapshot_->clients->evictions()
+    << ",\"clients\":[";
+  for (size_t i = 0; i < top.size(); ++i) {
+    char recent[32];
+    std::snprintf(recent, sizeof recent, "%.3f", top[i].recent);
+    o << (i ? "," : "") << "{\"key\":" << json_string(top[i].key.to_string())
+      << ",\"listener\":" << json_string(listener_of(top[i].key.listener)) << ",\"sessions\":" << top[i].sessions
+      << ",\"recent\":" << recent << "}";
+  }
+  o << "]}";
+  return {200, "application/json", o.str(), ""};
 }
 
 std::string Process::render_status_json() const {

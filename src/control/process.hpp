@@ -55,6 +55,7 @@ class Process {
   std::string render_status_json() const;
   std::string render_status_text() const;
   AdminResponse healthz() const;
+  AdminResponse clients(std::string_view query);
   AdminResponse change_server(std::string_view pool, std::string_view server, std::string_view what,
                               std::string_view body);
   ServerRuntime* find_server(std::string_view pool, std::string_view server, const PoolRuntime** pr = nullptr) const;

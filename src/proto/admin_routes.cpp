@@ -14,6 +14,7 @@ AdminRoute route_admin(std::string_view method, std::string_view path) {
   };
   if (path == "/metrics") return read_only(K::metrics);
   if (path == "/status") return read_only(K::status);
+  if (path == "/clients") return read_only(K::clients);
   if (path == "/healthz") return read_only(K::healthz);
   if (path == "/reload") {
     r.kind = post ? K::reload : K::wrong_method;

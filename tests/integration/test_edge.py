@@ -5,18 +5,21 @@ Clients come from distinct loopback sources (the whole 127.0.0.0/8 routes to lo)
 for IPv6 and many addresses, through inbound PROXY v2 headers from a trusted source."""
 
 import ipaddress
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
 import sys
+import tempfile
 import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (STEP_TIMEOUT, SmtpSink, TestCase, main, make_config, recv_reply, recv_until_eof,  # noqa: E402
-                     wait_until)
+                     run_smtplb, wait_until)
 
 TOO_MANY = re.compile(rb"^421 4\.7\.0 \S+ Too many connections from your address, try again later\r\n$")
 DENIED = re.compile(rb"^554 5\.7\.1 \S+ Access denied\r\n$")
@@ -53,8 +56,12 @@ def proxy_local():
 class EdgeBase(TestCase):
 
     def smtplb(self, config, **kw):
-        """With the read-only admin endpoint on a free port (for /metrics)."""
-        lb = super().smtplb(config + '\n[admin]\nsocket = ""\nlisten = "127.0.0.1:0"\n', **kw)
+        """With the read-only admin endpoint on a free port (for /metrics) and the admin
+        socket (for ctl) in a private directory."""
+        d = tempfile.mkdtemp(prefix="smtplb-edge-")
+        self.addCleanup(shutil.rmtree, d, True)
+        self.ctl_socket = os.path.join(d, "admin.sock")
+        lb = super().smtplb(config + '\n[admin]\nsocket = "%s"\nlisten = "127.0.0.1:0"\n' % self.ctl_socket, **kw)
         lb.admin_port = int(re.search(TCP_RE, lb.wait_log(TCP_RE, what="the admin TCP endpoint")[0]).group(1))
         return lb
 
@@ -122,6 +129,26 @@ class EdgeTest(EdgeBase):
                 break
             self.assertLess(time.monotonic(), deadline, "the ended session still counted")
             time.sleep(0.05)
+
+    def test_ctl_clients_shows_the_busiest_keys(self):
+        lb = self.lb_with({"max_connections_per_ip": 5, "client_prefix_v4": 24})
+        for src, n in (("127.0.5.1", 3), ("127.0.6.1", 1)):
+            for _ in range(n):
+                s = connect_from(lb.port(), src)
+                self.addCleanup(s.close)
+                self.greeted(s)
+        r = run_smtplb(["ctl", "--socket", self.ctl_socket, "clients", "5"])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        lines = r.stdout.splitlines()
+        self.assertRegex(lines[0], r"^client table: 2 keys \(max_tracked_clients 200000\), 0 evicted$")
+        self.assertEqual(lines[1].split(), ["127.0.5.0/24", "listener", "mx", "sessions", "3", "recent", "0.0"])
+        self.assertEqual(lines[2].split(), ["127.0.6.0/24", "listener", "mx", "sessions", "1", "recent", "0.0"])
+        body = json.loads(urllib.request.urlopen("http://127.0.0.1:%d/clients?n=1" % lb.admin_port, timeout=5).read())
+        self.assertEqual(body["entries"], 2)
+        self.assertEqual(body["clients"], [{"key": "127.0.5.0/24", "listener": "mx", "sessions": 3, "recent": 0.0}])
+        r = run_smtplb(["ctl", "--socket", self.ctl_socket, "clients", "0"])
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("n must be a number from 1 to 1000", r.stderr)
 
     def test_ipv6_prefix_shares_one_limit_through_proxy_v2(self):
         """Behind a trusted balancer (PROXY v2): two addresses of one /64 share a limit of 2;

@@ -10,6 +10,7 @@ TEST_CASE("admin routes: read-only paths") {
   for (const char* m : {"GET", "HEAD"}) {
     CHECK(route_admin(m, "/metrics").kind == K::metrics);
     CHECK(route_admin(m, "/status").kind == K::status);
+    CHECK(route_admin(m, "/clients").kind == K::clients);
     CHECK(route_admin(m, "/healthz").kind == K::healthz);
   }
   for (const char* m : {"POST", "PUT", "DELETE", "get"}) {
