@@ -36,6 +36,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -129,18 +130,79 @@ def haproxy_config(path, port, backends):
             f.write(f"    server s{i} {b} check inter 1s\n")
 
 
-def smtplb_config(path, port, backends, workers, access_log):
+def haproxy_edge_config(path, port, backends, table):
+    """HAProxy with a per-source stick table (conn_cur, conn_rate) and a limit no bench
+    client reaches: the cost of tracking, as --edge measures it for smtplb."""
+    haproxy_config(path, port, backends)
+    with open(path) as f:
+        text = f.read()
+    text = text.replace("    balance leastconn\n",
+                        f"    balance leastconn\n    stick-table type ipv6 size {table} expire 10m "
+                        "store conn_cur,conn_rate(60s)\n    tcp-request connection track-sc0 src\n"
+                        "    tcp-request connection reject if { sc0_conn_cur gt 100000 }\n"
+                        "    tcp-request connection reject if { sc0_conn_rate gt 1000000 }\n")
     with open(path, "w") as f:
-        f.write(f'[global]\nhostname = "lb.example"\nworkers = {workers}\nmax_connections = 8000\n\n')
+        f.write(text)
+
+
+def smtplb_config(path, port, backends, workers, access_log, edge_table=0):
+    with open(path, "w") as f:
+        f.write(f'[global]\nhostname = "lb.example"\nworkers = {workers}\nmax_connections = 8000\n')
+        if edge_table:
+            f.write(f"max_tracked_clients = {edge_table}\n")
+        f.write("\n")
         # Access lines are written at level info: with "warn" they would be filtered out
         # and the log-on variant would measure nothing but formatting them.
         level = "info" if access_log else "warn"
         f.write(f'[log]\nlevel = "{level}"\naccess_log = {"true" if access_log else "false"}\n\n')
-        f.write(f'[listener.bench]\naddress = "127.0.0.1"\nport = {port}\npool = "sinks"\n\n')
+        f.write(f'[listener.bench]\naddress = "127.0.0.1"\nport = {port}\npool = "sinks"\n')
+        if edge_table:
+            # Limits no bench client reaches: every session pays the lookup and the count.
+            f.write('max_connections_per_ip = 100000\nmax_connection_rate_per_ip = "1000000/1s"\n')
+        f.write("\n")
         f.write('[pool.sinks]\nalgorithm = "leastconn"\n\n[pool.sinks.health_check]\ninterval = "1s"\n\n')
         for i, b in enumerate(backends, 1):
             host, p = b.rsplit(":", 1)
             f.write(f'[[pool.sinks.server]]\nname = "s{i}"\naddress = "{host}"\nport = {p}\n\n')
+
+
+def fill_table(port, n):
+    """Opens and resets n connections from distinct loopback sources (127.1.0.0 up), so a
+    per-client table holds n keys (one per source address)."""
+    for i in range(n):
+        src = "127.%d.%d.%d" % (1 + (i >> 16) % 250, (i >> 8) & 255, 1 + (i & 255) % 254)
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        try:
+            s.bind((src, 0))
+            s.connect(("127.0.0.1", port))
+        except OSError:
+            pass
+        finally:
+            s.close()
+
+
+def refused_reply(port):
+    """What a client over a limit of one session per address reads: opens one session from
+    127.0.0.2 and holds it, then a second; returns the second's bytes until EOF."""
+    first = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
+    try:
+        read_greeting(first)
+        second = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
+        out = b""
+        try:
+            while True:
+                d = second.recv(4096)
+                if not d:
+                    break
+                out += d
+        except (socket.timeout, ConnectionResetError) as e:
+            out += f" [{type(e).__name__}]".encode()
+        finally:
+            second.close()
+        return out
+    finally:
+        first.close()
 
 
 def run_load(target, a, persistent):
@@ -249,6 +311,10 @@ def main():
                     help="another smtplb build (an older commit, say), run as target 'baseline' with the same "
                          "configs (baseline-w2-log etc. when there are several variants)")
     ap.add_argument("--no-haproxy", action="store_true")
+    ap.add_argument("--edge", type=int, metavar="KEYS", default=0,
+                    help="also run smtplb-edge and haproxy-edge: per-client limits on (never reached by the "
+                         "bench) and a client table filled with KEYS distinct addresses first; and show what a "
+                         "client over a limit of one session per address reads from each")
     ap.add_argument("--floor", metavar="MODES", default="",
                     help="also run the yardstick relay (tests/bench/relay_floor.cpp): comma list of "
                          "plain,splice,sockmap (sockmap needs root)")
@@ -289,6 +355,11 @@ def main():
             port += 1
         elif not a.no_haproxy:
             print("# haproxy is not installed: no comparison (apt-get install haproxy)", file=sys.stderr)
+        if a.edge and not a.no_haproxy and shutil.which("haproxy"):
+            cfg = os.path.join(work, "haproxy-edge.cfg")
+            haproxy_edge_config(cfg, port, backends, a.edge)
+            targets.append(Target("haproxy-edge", port, ["haproxy", "-db", "-f", cfg]))
+            port += 1
         variants = [(int(w), False) for w in a.workers.split(",")]
         if a.access_log:
             variants.append((variants[0][0], True))
@@ -297,6 +368,11 @@ def main():
             cfg = os.path.join(work, f"{name}.toml")
             smtplb_config(cfg, port, backends, workers, log)
             targets.append(Target(name, port, [smtplb, "-f", cfg]))
+            port += 1
+        if a.edge:
+            cfg = os.path.join(work, "smtplb-edge.toml")
+            smtplb_config(cfg, port, backends, variants[0][0], False, edge_table=a.edge)
+            targets.append(Target("smtplb-edge", port, [smtplb, "-f", cfg]))
             port += 1
         # The baseline runs in every variant too (workers, access log on/off), so before
         # and after compare in one run.
@@ -315,11 +391,20 @@ def main():
         for t in targets:
             t.start(work)
         time.sleep(2.0)  # health checks settle
+        if a.edge:
+            for t in targets:
+                if t.name.endswith("-edge"):
+                    t0 = time.monotonic()
+                    fill_table(t.port, a.edge)
+                    print(f"# {t.name}: table filled with {a.edge} client addresses in {time.monotonic() - t0:.0f}s",
+                          file=sys.stderr)
 
         print(f"# {os.uname().nodename}: {os.cpu_count()} CPUs, kernel {os.uname().release}; "
               f"{a.backends} smtp-sink backends; medians of {a.rounds} rounds")
         hap = next((t for t in targets if t.name == "haproxy"), None)
-        ours = [t for t in targets if t.name.startswith(("smtplb", "baseline"))]
+        ours = [t for t in targets if t.name.startswith(("smtplb", "baseline")) and t.name != "smtplb-edge"]
+        edge = next((t for t in targets if t.name == "smtplb-edge"), None)
+        hap_edge = next((t for t in targets if t.name == "haproxy-edge"), None)
         for test in ("connect", "persistent"):
             if test not in tests:
                 continue
@@ -349,6 +434,11 @@ def main():
             if any(t.name == "floor-plain" for t in floors):
                 for t in ours:
                     print_ratios(t.name, "floor-plain", med)
+            if edge:
+                print_ratios("smtplb-edge", ours[0].name, med)
+            if hap_edge:
+                print_ratios("haproxy-edge", "haproxy", med)
+                print_ratios("smtplb-edge", "haproxy-edge", med)
         if "latency" in tests:
             print(f"\n## latency: {a.latency_sessions} sequential sessions, connect to end of greeting (us)")
             print(f"{'target':<16} {'p50':>7} {'p90':>7} {'p99':>7} {'p50 added':>10}")
@@ -364,6 +454,32 @@ def main():
                 if t.pid:
                     per, greeted = idle_memory(t, a.idle_sessions)
                     print(f"{t.name:<16} {per:>8.0f} bytes  ({greeted} of {a.idle_sessions} greeted)")
+        if a.edge:
+            print("\n## a client over a limit of one session per address reads:")
+            cfgs = []
+            for name in ("smtplb", "haproxy") if shutil.which("haproxy") and not a.no_haproxy else ("smtplb",):
+                lport = port
+                port += 1
+                if name == "smtplb":
+                    cfg = os.path.join(work, "limit1.toml")
+                    smtplb_config(cfg, lport, backends, 1, False)
+                    with open(cfg) as f:
+                        text = f.read().replace('pool = "sinks"\n', 'pool = "sinks"\nmax_connections_per_ip = 1\n', 1)
+                    with open(cfg, "w") as f:
+                        f.write(text)
+                    t = Target("smtplb-limit1", lport, [smtplb, "-f", cfg])
+                else:
+                    cfg = os.path.join(work, "limit1.cfg")
+                    haproxy_edge_config(cfg, lport, backends, 1000)
+                    with open(cfg) as f:
+                        text = f.read().replace("sc0_conn_cur gt 100000", "sc0_conn_cur gt 1")
+                    with open(cfg, "w") as f:
+                        f.write(text)
+                    t = Target("haproxy-limit1", lport, ["haproxy", "-db", "-f", cfg])
+                targets.append(t)
+                t.start(work)
+                time.sleep(1.5)
+                print(f"{name:<16} {refused_reply(lport)!r}")
     finally:
         for t in targets:
             t.stop()
