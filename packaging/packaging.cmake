@@ -28,6 +28,12 @@ endforeach()
 install(FILES ${_smtplb_pkg_bin}/smtplb.8.gz DESTINATION share/man/man8)
 install(FILES ${_smtplb_pkg_bin}/smtplb.toml.5.gz DESTINATION share/man/man5)
 install(FILES ${_smtplb_pkg_src}/copyright ${_smtplb_pkg_bin}/changelog.gz DESTINATION share/doc/smtplb)
+# The operator's kit, as documentation (nothing of it is active): a keepalived pair
+# (docs/ha.md), Prometheus alerting rules, a Grafana dashboard.
+install(FILES ${_smtplb_pkg_src}/keepalived/keepalived.conf ${_smtplb_pkg_src}/keepalived/smtplb-ha-network.sh
+        DESTINATION share/doc/smtplb/examples/keepalived)
+install(FILES ${_smtplb_pkg_src}/prometheus/smtplb.rules.yml DESTINATION share/doc/smtplb/examples/prometheus)
+install(FILES ${_smtplb_pkg_src}/grafana/smtplb-dashboard.json DESTINATION share/doc/smtplb/examples/grafana)
 
 set(CPACK_GENERATOR "DEB;RPM")
 set(CPACK_PACKAGE_NAME smtplb)

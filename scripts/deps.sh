@@ -5,8 +5,9 @@
 #   package: build + what CPack needs for the .deb and .rpm (scripts/package.sh)
 #   demo:  build + smtp-sink (postfix) and swaks
 #   bench: build + smtp-sink/smtp-source (postfix), haproxy (the comparison) and python3
-#   test:  demo + haproxy (a PROXY protocol peer), prometheus (promtool checks /metrics), strace (system
-#          calls per session), python3 and clang's
+#   test:  demo + haproxy (a PROXY protocol peer), prometheus (promtool checks /metrics and the
+#          alerting rules), strace (system calls per session), keepalived, nftables and curl (the
+#          keepalived pair in network namespaces, tests/e2e/test_ha_pair.py), python3 and clang's
 #          libFuzzer runtime for the fuzz targets; package + lintian, debootstrap, systemd
 #          (systemd-analyze), binutils (objdump), cpio and man-db for the package tests;
 #          clang-format-14 (scripts/format.sh, pinned); GCC's sanitizer runtimes come with g++
@@ -19,6 +20,7 @@ case "${1:-build}" in
   bench) want+=(postfix haproxy python3) ;;
   package) want+=(rpm dpkg-dev file xz-utils) ;;
   test) want+=(postfix swaks haproxy prometheus python3 clang libclang-rt-14-dev procps iproute2 strace
+        keepalived nftables curl
         rpm dpkg-dev file xz-utils lintian debootstrap systemd binutils cpio man-db clang-format-14) ;;
   *) echo "usage: $0 build|demo|bench|package|test" >&2; exit 64 ;;
 esac

@@ -20,6 +20,7 @@ namespace {
 constexpr const char* kUsage =
     "usage: smtplb [-f|--config FILE] [-c|--check] [-q|--quiet] [--log-level LEVEL] [-V|--version]\n"
     "       smtplb ctl [--socket PATH] status | drain|ready|maint POOL/SERVER | weight POOL/SERVER N | reload\n"
+    "                                  | drain [--wait QUIET [--timeout MAX]] | ready\n"
     "\n"
     "  -f, --config FILE    configuration file (default /etc/smtplb/smtplb.toml)\n"
     "  -c, --check          validate the configuration, print every problem, and exit\n"

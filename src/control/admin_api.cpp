@@ -168,6 +168,8 @@ AdminResponse Process::admin(const AdminServer::Request& req) {
       answer->deferred = true;
       return AdminResponse::deferred();
     }
+    case K::process_state:
+      return change_process_state(req.body);
     case K::server_state:
       return change_server(r.pool, r.server, "state", req.body);
     case K::server_weight:
@@ -180,7 +182,31 @@ AdminResponse Process::admin(const AdminServer::Request& req) {
     case K::not_found:
       break;
   }
-  return text(404, "not found: /metrics /status /healthz /reload /servers/POOL/SERVER/{state,weight}\n");
+  return text(404, "not found: /metrics /status /healthz /reload /state /servers/POOL/SERVER/{state,weight}\n");
+}
+
+AdminResponse Process::change_process_state(std::string_view body) {
+  while (!body.empty() && (body.back() == '\n' || body.back() == '\r' || body.back() == ' ')) body.remove_suffix(1);
+  if (body != "drain" && body != "ready") return text(400, "state must be drain or ready\n");
+  if (phase_ != Phase::running) return text(503, "stopping\n");
+  const bool drain = body == "drain";
+  if (drain != draining_) {
+    draining_ = drain;
+    spdlog::info("process state {} -> {} (cause: admin){}", drain ? "ready" : "draining", drain ? "draining" : "ready",
+                 drain ? ": /healthz answers 503; listeners stay open and new sessions are served" : "");
+    if (drain) {
+      draining_since_ms_ =
+          std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+              .count();
+      notifier_.notify("STATUS=draining: /healthz answers 503, sessions are served");
+    } else {
+      notifier_.notify("STATUS=generation " + std::to_string(generation_) + " running");
+    }
+  }
+  if (draining_)
+    return text(200, "draining since " + iso_time(draining_since_ms_).substr(1, 24) +
+                         ": /healthz answers 503; new sessions are still served\n");
+  return text(200, "ready\n");
 }
 
 AdminResponse Process::change_server(std::string_view pool, std::string_view server, std::string_view what,
@@ -230,7 +256,10 @@ AdminResponse Process::healthz() const {
     const bool any = std::any_of(p.servers.begin(), p.servers.end(), [](const auto& s) { return s->usable(); });
     if (!any) bad += "pool " + p.cfg->name + " has no usable server\n";
   }
-  if (phase_ != Phase::running) bad += "stopping\n";
+  if (phase_ != Phase::running)
+    bad += "stopping\n";
+  else if (draining_)
+    bad += "draining (smtplb ctl ready undoes it)\n";
   return bad.empty() ? text(200, "ok\n") : text(503, bad);
 }
 
@@ -248,6 +277,9 @@ std::string Process::render_metrics() const {
   m.sample("smtplb_config_reloads_total", {{"result", "failure"}}, reloads_failed_);
   m.family("smtplb_config_last_reload_successful", "gauge", "1 if the last reload succeeded (or none happened).");
   m.sample("smtplb_config_last_reload_successful", {}, uint64_t{last_reload_ok_ ? 1u : 0u});
+  m.family("smtplb_draining", "gauge",
+           "1 while the process drains (smtplb ctl drain): /healthz answers 503, sessions are still served.");
+  m.sample("smtplb_draining", {}, uint64_t{phase_ == Phase::running && draining_ ? 1u : 0u});
   m.family("smtplb_access_log_dropped_total", "counter",
            "Log lines of the workers (access lines above all) dropped because the log destination did not keep up.");
   m.sample("smtplb_access_log_dropped_total", {}, log_writer_ ? log_writer_->dropped() : uint64_t{0});
@@ -494,7 +526,11 @@ std::string Process::render_status_json() const {
   std::ostringstream o;
   o << "{\"version\":" << json_string(kVersion) << ",\"generation\":" << generation_
     << ",\"loaded_at\":" << iso_time(generation_loaded_ms_) << ",\"started_at\":" << iso_time(start_time_ms_)
-    << ",\"state\":" << json_string(phase_ == Phase::running ? "running" : "stopping")
+    << ",\"state\":"
+    << json_string(phase_ != Phase::running ? "stopping"
+                   : draining_              ? "draining"
+                                            : "running")
+    << ",\"draining_since\":" << iso_time(phase_ == Phase::running && draining_ ? draining_since_ms_ : 0)
     << ",\"last_reload_successful\":" << (last_reload_ok_ ? "true" : "false")
     << ",\"client_table\":{\"entries\":" << snapshot_->clients->size()
     << ",\"capacity\":" << snapshot_->config->global.max_tracked_clients
@@ -552,7 +588,10 @@ std::string Process::render_status_json() const {
 std::string Process::render_status_text() const {
   std::ostringstream o;
   o << "smtplb " << kVersion << ", generation " << generation_ << (last_reload_ok_ ? "" : " (last reload FAILED)")
-    << (phase_ == Phase::running ? "" : ", stopping") << "\n\n";
+    << (phase_ != Phase::running ? ", stopping"
+        : draining_              ? ", draining (/healthz answers 503)"
+                                 : "")
+    << "\n\n";
   char line[512];
   std::snprintf(line, sizeof line, "%-16s %-28s %-12s %8s %8s\n", "LISTENER", "ADDRESS", "POOL", "CURRENT", "TOTAL");
   o << line;

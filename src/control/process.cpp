@@ -346,7 +346,7 @@ void Process::begin_stop() {
     stop_now();
     return;
   }
-  phase_ = Phase::draining;
+  phase_ = Phase::stopping;
   abandon_reload();
   notifier_.stopping();
   const auto grace = config_->global.shutdown_grace;

@@ -56,11 +56,13 @@ class Process {
   std::string render_status_text() const;
   AdminResponse healthz() const;
   AdminResponse clients(std::string_view query);
+  AdminResponse change_process_state(std::string_view body);
   AdminResponse change_server(std::string_view pool, std::string_view server, std::string_view what,
                               std::string_view body);
   ServerRuntime* find_server(std::string_view pool, std::string_view server, const PoolRuntime** pr = nullptr) const;
 
-  enum class Phase { running, draining, stopped };
+  // running -> stopping (SIGTERM: listeners closed, sessions finishing) -> stopped.
+  enum class Phase { running, stopping, stopped };
 
   void start_reload();
   ReloadResult fail_reload(std::vector<std::string> errors);
@@ -86,6 +88,11 @@ class Process {
   uint64_t generation_ = 1;
   unsigned worker_count_ = 1;  // fixed at start: changing it needs a restart
   Phase phase_ = Phase::running;
+  // `smtplb ctl drain` (no server): /healthz answers 503 so that keepalived moves the
+  // address, while listeners, sessions and checks go on as before. Nothing on the data
+  // path reads it. `smtplb ctl ready` clears it; a reload keeps it.
+  bool draining_ = false;
+  int64_t draining_since_ms_ = 0;  // wall clock
   uv_loop_t loop_{};
   std::vector<uv_signal_t> signals_;
   uv_async_t control_wake_{};  // workers: passive ejections, a worker finished

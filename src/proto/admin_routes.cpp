@@ -16,11 +16,13 @@ AdminRoute route_admin(std::string_view method, std::string_view path) {
   if (path == "/status") return read_only(K::status);
   if (path == "/clients") return read_only(K::clients);
   if (path == "/healthz") return read_only(K::healthz);
-  if (path == "/reload") {
-    r.kind = post ? K::reload : K::wrong_method;
+  auto change = [&](K kind) {
+    r.kind = post ? kind : K::wrong_method;
     if (!post) r.allow = "POST";
     return r;
-  }
+  };
+  if (path == "/reload") return change(K::reload);
+  if (path == "/state") return change(K::process_state);
   constexpr std::string_view kServers = "/servers/";
   if (path.starts_with(kServers)) {
     // POOL/SERVER/what, each part non-empty, nothing after.

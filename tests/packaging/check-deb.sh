@@ -12,6 +12,10 @@ sort -k3 >"$work/want" <<'LIST'
 -rwxr-xr-x root/root ./usr/sbin/smtplb
 -rw-r--r-- root/root ./usr/share/doc/smtplb/changelog.gz
 -rw-r--r-- root/root ./usr/share/doc/smtplb/copyright
+-rw-r--r-- root/root ./usr/share/doc/smtplb/examples/grafana/smtplb-dashboard.json
+-rw-r--r-- root/root ./usr/share/doc/smtplb/examples/keepalived/keepalived.conf
+-rw-r--r-- root/root ./usr/share/doc/smtplb/examples/keepalived/smtplb-ha-network.sh
+-rw-r--r-- root/root ./usr/share/doc/smtplb/examples/prometheus/smtplb.rules.yml
 -rw-r--r-- root/root ./usr/share/man/man5/smtplb.toml.5.gz
 -rw-r--r-- root/root ./usr/share/man/man8/smtplb.8.gz
 LIST
@@ -58,6 +62,10 @@ check "conffile equals conf/smtplb.toml" cmp -s "$work/root/etc/smtplb/smtplb.to
 check "shipped config listens on port 25" grep -Eq '^port = 25$' "$work/root/etc/smtplb/smtplb.toml"
 check "unit equals packaging/smtplb.service" \
   cmp -s "$work/root/usr/lib/systemd/system/smtplb.service" "$src/packaging/smtplb.service"
+for f in keepalived/keepalived.conf keepalived/smtplb-ha-network.sh prometheus/smtplb.rules.yml \
+         grafana/smtplb-dashboard.json; do
+  check "example $f equals packaging/$f" cmp -s "$work/root/usr/share/doc/smtplb/examples/$f" "$src/packaging/$f"
+done
 check "sysusers.d line for user smtplb" grep -Eq '^u smtplb ' "$work/root/usr/lib/sysusers.d/smtplb.conf"
 check "changelog's latest entry is version $version" \
   test "$(dpkg-parsechangelog -l "$work/root/usr/share/doc/smtplb/changelog.gz" -S Version 2>/dev/null \

@@ -20,6 +20,14 @@ cn|-rw-r--r--|root:root|/etc/smtplb/smtplb.toml
 |drwxr-xr-x|root:root|/usr/share/doc/smtplb
 d|-rw-r--r--|root:root|/usr/share/doc/smtplb/changelog.gz
 d|-rw-r--r--|root:root|/usr/share/doc/smtplb/copyright
+|drwxr-xr-x|root:root|/usr/share/doc/smtplb/examples
+|drwxr-xr-x|root:root|/usr/share/doc/smtplb/examples/grafana
+d|-rw-r--r--|root:root|/usr/share/doc/smtplb/examples/grafana/smtplb-dashboard.json
+|drwxr-xr-x|root:root|/usr/share/doc/smtplb/examples/keepalived
+d|-rw-r--r--|root:root|/usr/share/doc/smtplb/examples/keepalived/keepalived.conf
+d|-rw-r--r--|root:root|/usr/share/doc/smtplb/examples/keepalived/smtplb-ha-network.sh
+|drwxr-xr-x|root:root|/usr/share/doc/smtplb/examples/prometheus
+d|-rw-r--r--|root:root|/usr/share/doc/smtplb/examples/prometheus/smtplb.rules.yml
 d|-rw-r--r--|root:root|/usr/share/man/man5/smtplb.toml.5.gz
 d|-rw-r--r--|root:root|/usr/share/man/man8/smtplb.8.gz
 LIST
@@ -65,5 +73,10 @@ check "%postun: daemon-reload where systemd runs" bash -c \
 mkdir -p "$work/root"
 (cd "$work/root" && rpm2cpio "$rpm" | cpio -idm --quiet)
 check "RPM config equals conf/smtplb.toml" cmp -s "$work/root/etc/smtplb/smtplb.toml" "$src/conf/smtplb.toml"
+for f in keepalived/keepalived.conf keepalived/smtplb-ha-network.sh prometheus/smtplb.rules.yml \
+         grafana/smtplb-dashboard.json; do
+  check "RPM example $f equals packaging/$f" \
+    cmp -s "$work/root/usr/share/doc/smtplb/examples/$f" "$src/packaging/$f"
+done
 check "RPM unit equals packaging/smtplb.service" cmp -s "$work/root/usr/lib/systemd/system/smtplb.service" "$src/packaging/smtplb.service"
 finish

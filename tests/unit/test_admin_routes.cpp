@@ -24,6 +24,9 @@ TEST_CASE("admin routes: changes") {
   CHECK(route_admin("POST", "/reload").kind == K::reload);
   CHECK(route_admin("GET", "/reload").kind == K::wrong_method);
   CHECK(route_admin("GET", "/reload").allow == "POST");
+  CHECK(route_admin("POST", "/state").kind == K::process_state);
+  CHECK(route_admin("GET", "/state").kind == K::wrong_method);
+  CHECK(route_admin("GET", "/state").allow == "POST");
   AdminRoute r = route_admin("POST", "/servers/postfix/pf1/state");
   CHECK(r.kind == K::server_state);
   CHECK(r.pool == "postfix");
@@ -39,6 +42,6 @@ TEST_CASE("admin routes: changes") {
 TEST_CASE("admin routes: not found") {
   for (const char* p : {"/", "/metrics/", "/status/x", "/servers", "/servers/", "/servers/p", "/servers/p/s",
                         "/servers/p/s/", "/servers/p/s/health", "/servers//s/state", "/servers/p//state",
-                        "/servers/p/s/state/x", "/reload/now", "/METRICS"})
+                        "/servers/p/s/state/x", "/reload/now", "/METRICS", "/state/", "/state/x"})
     CHECK_MESSAGE(route_admin("POST", p).kind == K::not_found, p);
 }

@@ -6,14 +6,26 @@
 namespace smtplb {
 
 struct AdminRoute {
-  enum class Kind { metrics, status, clients, healthz, reload, server_state, server_weight, not_found, wrong_method };
+  enum class Kind {
+    metrics,
+    status,
+    clients,
+    healthz,
+    reload,
+    process_state,
+    server_state,
+    server_weight,
+    not_found,
+    wrong_method
+  };
   Kind kind = Kind::not_found;
   std::string_view pool;  // server_state / server_weight
   std::string_view server;
   std::string_view allow;  // wrong_method: the methods to list in Allow
 };
 
-// GET/HEAD /metrics /status /clients /healthz; POST /reload, /servers/POOL/SERVER/state|weight.
+// GET/HEAD /metrics /status /clients /healthz; POST /reload, /state (the process's: drain,
+// ready), /servers/POOL/SERVER/state|weight.
 AdminRoute route_admin(std::string_view method, std::string_view path);
 
 }  // namespace smtplb
