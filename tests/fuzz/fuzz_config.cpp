@@ -16,15 +16,8 @@
 #include <string>
 #include <string_view>
 
+#include "fuzz_check.hpp"
 #include "smtplb/config/config.hpp"
-
-#define FUZZ_CHECK(cond)                                                                  \
-  do {                                                                                    \
-    if (!(cond)) {                                                                        \
-      std::fprintf(stderr, "invariant failed: %s at %s:%d\n", #cond, __FILE__, __LINE__); \
-      std::abort();                                                                       \
-    }                                                                                     \
-  } while (0)
 
 extern "C" int __real_getaddrinfo(const char* node, const char* service, const addrinfo* hints, addrinfo** res);
 

@@ -11,20 +11,13 @@
 #include <string_view>
 #include <vector>
 
+#include "fuzz_check.hpp"
 #include "smtplb/edge/address_acl.hpp"
 #include "smtplb/edge/rate_limit.hpp"
 
 namespace {
 
 using namespace smtplb;
-
-#define FUZZ_CHECK(cond)                                                                  \
-  do {                                                                                    \
-    if (!(cond)) {                                                                        \
-      std::fprintf(stderr, "invariant failed: %s at %s:%d\n", #cond, __FILE__, __LINE__); \
-      std::abort();                                                                       \
-    }                                                                                     \
-  } while (0)
 
 struct Rule {
   Addr128 net;

@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "fuzz_check.hpp"
 #include "smtplb/proto/http.hpp"
 
 namespace {
@@ -24,14 +25,6 @@ using smtplb::http::kMaxHead;
 using smtplb::http::Request;
 using smtplb::http::RequestParser;
 using Status = RequestParser::Status;
-
-#define FUZZ_CHECK(cond)                                                                  \
-  do {                                                                                    \
-    if (!(cond)) {                                                                        \
-      std::fprintf(stderr, "invariant failed: %s at %s:%d\n", #cond, __FILE__, __LINE__); \
-      std::abort();                                                                       \
-    }                                                                                     \
-  } while (0)
 
 // What the caller learns at the end of each request, or at the end of the input.
 struct Event {

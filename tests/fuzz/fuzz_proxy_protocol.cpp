@@ -27,6 +27,7 @@
 #include <string>
 #include <string_view>
 
+#include "fuzz_check.hpp"
 #include "smtplb/proto/proxy_protocol.hpp"
 
 namespace {
@@ -38,14 +39,6 @@ using smtplb::proxy::ParseResult;
 using smtplb::proxy::Version;
 using Status = ParseResult::Status;
 namespace proxy = smtplb::proxy;
-
-#define FUZZ_CHECK(cond)                                                                  \
-  do {                                                                                    \
-    if (!(cond)) {                                                                        \
-      std::fprintf(stderr, "invariant failed: %s at %s:%d\n", #cond, __FILE__, __LINE__); \
-      std::abort();                                                                       \
-    }                                                                                     \
-  } while (0)
 
 // Parses an exact-size heap copy, so AddressSanitizer sees any read past the view.
 ParseResult parse_copy(std::string_view data, Accept accept) {

@@ -21,20 +21,13 @@
 #include <string>
 #include <string_view>
 
+#include "fuzz_check.hpp"
 #include "smtplb/proto/proxy_protocol.hpp"
 #include "smtplb/session/session_core.hpp"
 
 namespace {
 
 using namespace smtplb;
-
-#define FUZZ_CHECK(cond)                                                                  \
-  do {                                                                                    \
-    if (!(cond)) {                                                                        \
-      std::fprintf(stderr, "invariant failed: %s at %s:%d\n", #cond, __FILE__, __LINE__); \
-      std::abort();                                                                       \
-    }                                                                                     \
-  } while (0)
 
 struct Input {
   const uint8_t* p;

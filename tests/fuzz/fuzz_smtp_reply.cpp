@@ -12,20 +12,13 @@
 #include <string_view>
 #include <vector>
 
+#include "fuzz_check.hpp"
 #include "smtplb/proto/smtp_reply.hpp"
 
 namespace {
 
 using smtplb::SmtpReplyParser;
 using Status = SmtpReplyParser::Status;
-
-#define FUZZ_CHECK(cond)                                                                  \
-  do {                                                                                    \
-    if (!(cond)) {                                                                        \
-      std::fprintf(stderr, "invariant failed: %s at %s:%d\n", #cond, __FILE__, __LINE__); \
-      std::abort();                                                                       \
-    }                                                                                     \
-  } while (0)
 
 // What the caller learns at the end of each reply, or at the end of the input.
 struct Event {
