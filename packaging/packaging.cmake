@@ -3,7 +3,9 @@
 # file has a relative destination under CPACK_PACKAGING_INSTALL_PREFIX (/usr): the RPM
 # generator marks every file with an absolute destination as %config, and the one config
 # file is /etc/smtplb/smtplb.toml (%config(noreplace) in the RPM, a conffile in the .deb).
-set(SMTPLB_PACKAGE_MAINTAINER "Seed 1b55796a maintainers <maintainers@users.noreply.r-seed-1b55796a.example>"
+# The project's identity in both packages: the .deb's Maintainer, the .rpm's Packager,
+# and packaging/changelog's trailer line (tests/packaging/check-{deb,rpm}.sh compare them).
+set(SMTPLB_PACKAGE_MAINTAINER "smtplb maintainers <smtplb@lists.smtplb.org>"
   CACHE STRING "Maintainer of the .deb and .rpm packages")
 
 set(_smtplb_pkg_src ${CMAKE_CURRENT_SOURCE_DIR}/packaging)
@@ -76,6 +78,8 @@ set(CPACK_RPM_EXCLUDE_FROM_AUTO_FILELIST_ADDITION
   /usr/share/man /usr/share/man/man5 /usr/share/man/man8)
 # No /usr/lib/.build-id links, and no rpmbuild post-processing (brp-strip and friends):
 # the .rpm ships the very binary of the .deb, already stripped by CPack.
-set(CPACK_RPM_SPEC_MORE_DEFINE "%define _build_id_links none\n%define __os_install_post %{nil}")
+# %packager fills the Packager tag.
+set(CPACK_RPM_SPEC_MORE_DEFINE
+  "%define _build_id_links none\n%define __os_install_post %{nil}\n%define packager ${SMTPLB_PACKAGE_MAINTAINER}")
 
 include(CPack)

@@ -22,6 +22,10 @@ check "Package: smtplb" test "$(field Package)" = smtplb
 check "Version: $version" test "$(field Version)" = "$version"
 check "Architecture: amd64" test "$(field Architecture)" = amd64
 check "Section: mail" test "$(field Section)" = mail
+echo "     Maintainer: $(field Maintainer)"
+check "Maintainer is the project's identity in packaging/packaging.cmake" test "$(field Maintainer)" = "$maintainer"
+check "Maintainer is a name and an address, no placeholder" bash -c \
+  "grep -Eq '^[^<>]+ <[^@<> ]+@[^@<> ]+\.[a-z]+>\$' <<<'$maintainer' && ! grep -Eiq 'example|noreply|invalid|seed|todo|changeme' <<<'$maintainer'"
 depends=$(field Depends)
 echo "     Depends: $depends"
 dep_names=$(tr ',' '\n' <<<"$depends" | sed -E 's/^ *//; s/ .*//')
@@ -62,6 +66,8 @@ check "sysusers.d line for user smtplb" grep -Eq '^u smtplb ' "$work/root/usr/li
 check "changelog's latest entry is version $version" \
   test "$(dpkg-parsechangelog -l "$work/root/usr/share/doc/smtplb/changelog.gz" -S Version 2>/dev/null \
           || zcat "$work/root/usr/share/doc/smtplb/changelog.gz" | head -1 | sed -E 's/.*\((.*)\).*/\1/')" = "$version"
+check "changelog's trailer names the same maintainer" bash -c \
+  "zcat '$work/root/usr/share/doc/smtplb/changelog.gz' | grep -m1 '^ -- ' | grep -qF -- ' -- $maintainer  '"
 for m in usr/share/man/man8/smtplb.8.gz usr/share/man/man5/smtplb.toml.5.gz; do
   check "$m renders without warnings" bash -c \
     "out=\$(LC_ALL=C.UTF-8 MANWIDTH=80 man --warnings -l '$work/root/$m' 2>&1 >/dev/null); [ -z \"\$out\" ] || { echo \"\$out\"; false; }"

@@ -7,6 +7,8 @@ q() { rpm -qp --nosignature "$@" "$rpm" 2>/dev/null; }
 
 check "Name/Version/Release/Arch" test "$(q --qf '%{NAME} %{VERSION} %{RELEASE} %{ARCH}')" = "smtplb $version 1 x86_64"
 check "not relocatable" test "$(q --qf '%{PREFIXES}')" = "(none)"
+echo "     Packager: $(q --qf '%{PACKAGER}'), Vendor: $(q --qf '%{VENDOR}')"
+check "Packager is the project's identity (the .deb's Maintainer)" test "$(q --qf '%{PACKAGER}')" = "$maintainer"
 
 # Everything the package owns, with flags (c: %config, n: noreplace, d: %doc), mode, owner.
 q --qf '[%{FILEFLAGS:fflags}|%{FILEMODES:perms}|%{FILEUSERNAME}:%{FILEGROUPNAME}|%{FILENAMES}\n]' \

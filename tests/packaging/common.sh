@@ -10,6 +10,8 @@ rpm=$dist/smtplb-${version}-1.x86_64.rpm
 for f in "$deb" "$rpm"; do
   [ -f "$f" ] || { echo "FAIL: no package $f (the packaging.build test builds them)" >&2; exit 1; }
 done
+# The project's identity as packages carry it (packaging/packaging.cmake).
+maintainer=$(sed -nE 's/^set\(SMTPLB_PACKAGE_MAINTAINER "(.*)"$/\1/p' "$src/packaging/packaging.cmake")
 work=$(mktemp -d /tmp/smtplb-pkgtest.XXXXXX)
 cleanup_hooks=()
 cleanup() { for h in "${cleanup_hooks[@]}"; do eval "$h" || true; done; rm -rf "$work"; }
