@@ -19,7 +19,7 @@ if [ "$fuzz" != 0 ]; then
 fi
 # JUnit files: each test's status and whole output (CTest keeps only 1 KiB of a passed
 # test's output by default; the skip lines come last), read by scripts/skips.py.
-junit=$PWD/$build/Testing/junit.xml
+junit=$(cd "$build" && pwd)/Testing/junit.xml
 rm -f "$junit" build-asan/Testing/junit.xml build-tsan/Testing/junit.xml
 status=0
 ctest --test-dir "$build" --output-on-failure -j2 --timeout 600 --output-junit "$junit" \
