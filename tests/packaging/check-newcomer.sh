@@ -10,13 +10,13 @@
 # that user, and SIGTERM (what Ctrl-C does) must stop the demo with everything it
 # started. Needs root (chroot, namespaces); the first run creates the cache (network).
 # Opt-in, SMTPLB_NEWCOMER_TEST=1: it installs about 90 packages and builds smtplb twice,
-# 12.5 minutes measured on our shared 2-core machine (per run: packages and configure
-# 105 s, build 150 to 250 s), too long for every CI run.
+# 6.7 to 12.5 minutes measured on our shared 2-core machine (per run: packages and
+# configure 42 to 105 s, build 116 to 250 s), too long for every CI run.
 # usage: check-newcomer.sh
 no_packages=1
 . "$(dirname "$0")/common.sh"
 if [ "${SMTPLB_NEWCOMER_TEST:-0}" != 1 ]; then
-  echo "SKIP: opt-in, SMTPLB_NEWCOMER_TEST=1 (installs and builds twice: about 13 minutes)"; exit 77
+  echo "SKIP: opt-in, SMTPLB_NEWCOMER_TEST=1 (installs and builds twice: 7 to 13 minutes)"; exit 77
 fi
 if [ "$(id -u)" -ne 0 ]; then echo "SKIP: needs root (chroot, namespaces)"; exit 77; fi
 command -v unshare >/dev/null && command -v ip >/dev/null || { echo "SKIP: needs unshare and ip"; exit 77; }
