@@ -1,15 +1,21 @@
 # Packages: the .deb and the .rpm, built by CPack from one install tree
-# (scripts/package.sh; checked by tests/packaging/). Everything but the configuration
-# file has a relative destination under CPACK_PACKAGING_INSTALL_PREFIX (/usr): the RPM
-# generator marks every file with an absolute destination as %config, and the one config
-# file is /etc/smtplb/smtplb.toml (%config(noreplace) in the RPM, a conffile in the .deb).
-set(SMTPLB_PACKAGE_MAINTAINER "Seed 1b55796a maintainers <maintainers@users.noreply.r-seed-1b55796a.example>"
+# (scripts/package.sh; checked by tests/packaging/). Everything has a relative destination
+# under CPACK_PACKAGING_INSTALL_PREFIX (/usr); nothing goes to /etc (the RPM generator
+# would mark it %config). /etc/smtplb/smtplb.toml is the operator's file, never the
+# package's: the maintainer scripts create the directory /etc/smtplb, and until the file
+# exists the service does not start (ConditionPathExists= in the unit; the scripts say
+# so), so that installing the package never puts smtplb on port 25 with placeholder
+# backends. The reference configuration, every key with its default, is
+# /usr/share/smtplb/smtplb.toml, the file to copy and edit.
+# The project's identity in both packages: the .deb's Maintainer, the .rpm's Packager,
+# and packaging/changelog's trailer line (tests/packaging/check-{deb,rpm}.sh compare them).
+set(SMTPLB_PACKAGE_MAINTAINER "smtplb maintainers <smtplb@lists.smtplb.org>"
   CACHE STRING "Maintainer of the .deb and .rpm packages")
 
 set(_smtplb_pkg_src ${CMAKE_CURRENT_SOURCE_DIR}/packaging)
 set(_smtplb_pkg_bin ${CMAKE_CURRENT_BINARY_DIR}/packaging)
 
-install(FILES conf/smtplb.toml DESTINATION /etc/smtplb)
+install(FILES conf/smtplb.toml DESTINATION share/smtplb)
 install(FILES ${_smtplb_pkg_src}/smtplb.service DESTINATION lib/systemd/system)
 install(FILES ${_smtplb_pkg_src}/smtplb.sysusers DESTINATION lib/sysusers.d RENAME smtplb.conf)
 
@@ -59,7 +65,7 @@ set(CPACK_DEBIAN_PACKAGE_SHLIBDEPS ON)
 set(CPACK_DEBIAN_PACKAGE_DEPENDS "adduser, procps")
 set(CPACK_DEBIAN_PACKAGE_CONTROL_EXTRA
   ${_smtplb_pkg_src}/deb/postinst ${_smtplb_pkg_src}/deb/prerm
-  ${_smtplb_pkg_src}/deb/postrm ${_smtplb_pkg_src}/deb/conffiles)
+  ${_smtplb_pkg_src}/deb/postrm)
 set(CPACK_DEBIAN_PACKAGE_CONTROL_STRICT_PERMISSION ON)
 set(CPACK_DEBIAN_COMPRESSION_TYPE xz)
 
@@ -75,13 +81,14 @@ set(CPACK_RPM_PRE_INSTALL_SCRIPT_FILE ${_smtplb_pkg_src}/rpm/pre.sh)
 set(CPACK_RPM_POST_INSTALL_SCRIPT_FILE ${_smtplb_pkg_src}/rpm/post.sh)
 set(CPACK_RPM_PRE_UNINSTALL_SCRIPT_FILE ${_smtplb_pkg_src}/rpm/preun.sh)
 set(CPACK_RPM_POST_UNINSTALL_SCRIPT_FILE ${_smtplb_pkg_src}/rpm/postun.sh)
-set(CPACK_RPM_USER_FILELIST "%config(noreplace) /etc/smtplb/smtplb.toml")
 # Directories the system owns, not this package.
 set(CPACK_RPM_EXCLUDE_FROM_AUTO_FILELIST_ADDITION
   /usr/sbin /usr/lib/systemd /usr/lib/systemd/system /usr/lib/sysusers.d
   /usr/share/man /usr/share/man/man5 /usr/share/man/man8)
 # No /usr/lib/.build-id links, and no rpmbuild post-processing (brp-strip and friends):
 # the .rpm ships the very binary of the .deb, already stripped by CPack.
-set(CPACK_RPM_SPEC_MORE_DEFINE "%define _build_id_links none\n%define __os_install_post %{nil}")
+# %packager fills the Packager tag.
+set(CPACK_RPM_SPEC_MORE_DEFINE
+  "%define _build_id_links none\n%define __os_install_post %{nil}\n%define packager ${SMTPLB_PACKAGE_MAINTAINER}")
 
 include(CPack)

@@ -53,7 +53,10 @@ run() {
   fi
   t1=$(now)
   echo "sanitize: $kind: built in $((t1 - t0))s; running the unit and integration tests"
-  local args=(--test-dir "$dir" -L 'unit|integration' --output-on-failure -j "$jobs" --timeout 600)
+  # The JUnit file lets scripts/test.sh list what was skipped (scripts/skips.py).
+  rm -f "$dir/Testing/junit.xml"
+  local args=(--test-dir "$dir" -L 'unit|integration' --output-on-failure -j "$jobs" --timeout 600
+              --output-junit "$PWD/$dir/Testing/junit.xml" --test-output-size-passed 4194304)
   [ -z "$exclude" ] || args+=(-E "$exclude")
   set +e
   ctest "${args[@]}"

@@ -89,7 +89,11 @@ int run_cli(const std::vector<std::string>& args) {
   ConfigLoad load = resolve_config_now(load_config_file(config_path));
   if (!load.ok()) {
     for (const auto& e : load.errors) std::fprintf(stderr, "%s\n", e.to_string().c_str());
-    if (!check) std::fprintf(stderr, "smtplb: configuration file %s has errors; not started\n", config_path.c_str());
+    if (check) return kExitConfig;
+    if (load.errors.size() == 1 && load.errors[0].line == 0)
+      std::fprintf(stderr, "smtplb: not started (-f names the configuration file, default %s)\n", kDefaultConfig);
+    else
+      std::fprintf(stderr, "smtplb: configuration file %s has errors; not started\n", config_path.c_str());
     return kExitConfig;
   }
   if (check) {

@@ -1,17 +1,18 @@
 #include "smtplb/config/config.hpp"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
+#include <pwd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <toml++/toml.h>
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <set>
-#include <sstream>
 
 #include "smtplb/proto/smtp_reply.hpp"
 
@@ -123,6 +124,7 @@ const PoolConfig* Config::find_pool(std::string_view name) const {
 }
 
 std::string ConfigError::to_string() const {
+  if (line == 0) return file + ": " + message;
   return file + ":" + std::to_string(line) + ":" + std::to_string(column) + ": " + message;
 }
 
@@ -161,6 +163,42 @@ bool valid_host_name(std::string_view name) {
   return true;
 }
 constexpr const char* kHostRule = "labels of letters, digits, '-' and '_' separated by dots";
+
+// Edit distance between two names (optimal string alignment: insertions, deletions,
+// substitutions and swaps of two neighbours cost 1 each), for "did you mean" hints.
+size_t edit_distance(std::string_view a, std::string_view b) {
+  std::vector<std::vector<size_t>> d(a.size() + 1, std::vector<size_t>(b.size() + 1));
+  for (size_t i = 0; i <= a.size(); ++i) d[i][0] = i;
+  for (size_t j = 0; j <= b.size(); ++j) d[0][j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t cost = a[i - 1] == b[j - 1] ? 0 : 1;
+      d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost});
+      if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1])
+        d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
+    }
+  }
+  return d[a.size()][b.size()];
+}
+
+// "; did you mean 'KEY'?" naming the known key nearest to `name` (the first in `known`'s
+// order on a tie), or "" when none is near: one edit for names up to 5 characters, two up
+// to 9, three beyond, so that a short name is not matched to an unrelated short key.
+template <typename Names>
+std::string did_you_mean(std::string_view name, const Names& known) {
+  const size_t limit = name.size() <= 5 ? 1 : name.size() <= 9 ? 2 : 3;
+  std::string_view best;
+  size_t best_distance = limit + 1;
+  for (std::string_view k : known) {
+    const size_t dist = edit_distance(name, k);
+    if (dist < best_distance) {
+      best = k;
+      best_distance = dist;
+    }
+  }
+  if (best.empty()) return "";
+  return "; did you mean '" + std::string(best) + "'?";
+}
 
 // Parses and validates one document, collecting every error instead of stopping at the
 // first, so an operator fixes a file in one pass.
@@ -220,8 +258,10 @@ void Loader::table_keys(const toml::table& t, const std::string& section, const 
     const std::string_view name = k.str();
     auto it = std::find_if(keys.begin(), keys.end(), [name](const Key& key) { return name == key.name; });
     if (it == keys.end()) {
+      std::vector<std::string_view> known;
+      for (const Key& key : keys) known.emplace_back(key.name);
       error(k.source().begin.line ? k.source() : v.source(),
-            "unknown key '" + std::string(k.str()) + "' in [" + section + "]");
+            "unknown key '" + std::string(k.str()) + "' in [" + section + "]" + did_you_mean(name, known));
       continue;
     }
     it->handle(v);
@@ -797,7 +837,8 @@ ConfigLoad Loader::run(std::string_view text) {
           parse_pool(nm, section, *c);
       }
     } else {
-      error(k.source(), "unknown section or key '" + key + "'");
+      static constexpr std::string_view kSections[] = {"global", "log", "admin", "listener", "pool"};
+      error(k.source(), "unknown section or key '" + key + "'" + did_you_mean(key, kSections));
     }
   }
 
@@ -850,16 +891,55 @@ ConfigLoad load_config_string(std::string_view text, const std::string& path) {
   return Loader(path).run(text);
 }
 
+namespace {
+
+// Why `path` cannot be read, in an operator's words, from the errno of open() or read().
+std::string unreadable(int err) {
+  if (err == ENOENT) return "the file does not exist";
+  if (err == EISDIR) return "this is a directory, not a file";
+  std::string why = std::string("cannot read the file: ") + std::strerror(err);
+  if (err == EACCES) {
+    // Under systemd smtplb runs as its own user: say which one was refused.
+    const passwd* pw = ::getpwuid(::geteuid());
+    why += " (smtplb runs as user " + (pw ? std::string(pw->pw_name) : std::to_string(::geteuid())) + ")";
+  }
+  return why;
+}
+
+}  // namespace
+
 ConfigLoad load_config_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    ConfigLoad out;
-    out.errors.push_back({path, 1, 1, std::string("cannot read the file: ") + std::strerror(errno)});
+  ConfigLoad out;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    out.errors.push_back({path, 0, 0, unreadable(errno)});
     return out;
   }
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return load_config_string(ss.str(), path);
+  struct stat st {};
+  std::string text;
+  int err = 0;
+  if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+    err = EISDIR;
+  } else {
+    char buf[65536];
+    for (;;) {
+      const ssize_t n = ::read(fd, buf, sizeof buf);
+      if (n > 0) {
+        text.append(buf, static_cast<size_t>(n));
+      } else if (n == 0) {
+        break;
+      } else if (errno != EINTR) {
+        err = errno;
+        break;
+      }
+    }
+  }
+  ::close(fd);
+  if (err != 0) {
+    out.errors.push_back({path, 0, 0, unreadable(err)});
+    return out;
+  }
+  return load_config_string(text, path);
 }
 
 }  // namespace smtplb

@@ -91,11 +91,9 @@ bool AdminServer::start(const Config& cfg, std::string& error) {
         return false;
       }
       // The default path: its directory comes from systemd's RuntimeDirectory=, so
-      // outside systemd this is expected and only worth a note.
-      if (no_dir)
-        spdlog::info("{} (admin API off; set admin.socket to use it)", msg);
-      else
-        spdlog::warn("{} (admin API off; set admin.socket to a writable path)", msg);
+      // outside systemd it is missing; smtplb runs on, but without `smtplb ctl`, which an
+      // operator must hear about (a warning, as the documentation says).
+      spdlog::warn("{} (admin API off; set admin.socket to {})", msg, no_dir ? "use it" : "a writable path");
     } else {
       socket_path_ = cfg.admin.socket;
       if (lstat(socket_path_.c_str(), &st) == 0) socket_id_ = {st.st_dev, st.st_ino};

@@ -22,6 +22,7 @@ import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "integration"))
+import harness  # noqa: E402
 from harness import (Behaviour, FakeSmtpServer, Smtplb, SmtpSink, log_time, make_config, parse_access,  # noqa: E402
                      wait_until)
 
@@ -176,4 +177,4 @@ class BadGreetings(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    unittest.main(verbosity=2)
+    harness.main()

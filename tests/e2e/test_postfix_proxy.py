@@ -33,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "integration"))
 import postfix  # noqa: E402
+import harness  # noqa: E402
 from harness import Smtplb, log_time, parse_access, wait_until  # noqa: E402
 
 CLIENT_IP = "127.0.0.5"  # on lo with the rest of 127.0.0.0/8; not the balancer's address
@@ -369,6 +370,4 @@ def report_timings():
 
 
 if __name__ == "__main__":
-    result = unittest.main(verbosity=2, exit=False).result
-    report_timings()
-    sys.exit(0 if result.wasSuccessful() else 1)
+    harness.main(after=report_timings)

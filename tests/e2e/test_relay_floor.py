@@ -22,6 +22,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
+import harness  # noqa: E402
 from harness import SmtpSink, free_port, port_open, wait_until  # noqa: E402
 
 BIN = os.environ.get("RELAY_FLOOR_BIN", "build/tests/bench/relay_floor")
@@ -161,4 +162,4 @@ class RelayFloor(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    unittest.main(verbosity=2)
+    harness.run_tests()

@@ -21,6 +21,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
+import harness  # noqa: E402
 from harness import Smtplb, SmtpSink, parse_access, wait_until  # noqa: E402
 
 SESSIONS = 400
@@ -126,4 +127,4 @@ port = {sink.port}
 
 
 if __name__ == "__main__":
-    unittest.main(verbosity=2)
+    harness.main()

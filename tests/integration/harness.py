@@ -16,6 +16,10 @@ Three pieces:
 
 Every wait is bounded. Everything started is stopped by PID / closed, also on failure.
 Set SMTPLB_KEEP=1 to keep the temporary directories (config and log) for debugging.
+
+Test files end with main() (or run_tests() when they need no smtplb binary): a file whose
+every case was skipped exits SKIP_EXIT (77), which CTest shows as Skipped, and each
+skipped case prints a "SKIP: <test>: <reason>" line that scripts/test.sh lists at the end.
 """
 
 from __future__ import annotations
@@ -40,6 +44,15 @@ import threading
 import time
 import unittest
 from typing import Callable, Iterable, Optional, Sequence, Union
+
+# Postfix's tools (smtp-sink, smtp-source, postfix) are in /usr/sbin, which is not on a
+# normal user's PATH: looked up there too, so that the tests run for any user.
+os.environ["PATH"] = ":".join(
+    [p for p in os.environ.get("PATH", "").split(":") if p] +
+    [d for d in ("/usr/sbin", "/sbin") if d not in os.environ.get("PATH", "").split(":")])
+
+# A test file with nothing to run here: CTest's SKIP_RETURN_CODE (tests/*/CMakeLists.txt).
+SKIP_EXIT = 77
 
 SMTPLB_BIN = os.environ.get("SMTPLB_BIN",
                             str(pathlib.Path(__file__).resolve().parents[2] / "build" / "smtplb"))
@@ -1107,8 +1120,28 @@ class TestCase(unittest.TestCase):
         return s
 
 
-def main():
+def run_tests(after: Optional[Callable[[], None]] = None):
+    """unittest.main, then one "SKIP: <test>: <reason>" line per skipped case, then exit:
+    SKIP_EXIT when every case was skipped (nothing could run here: CTest says Skipped),
+    0 when the cases that ran passed, 1 otherwise (also when there was no case at all).
+    `after` runs before the exit (a report of timings, say)."""
+    result = unittest.main(verbosity=2, exit=False).result
+    if after:
+        after()
+    sys.stderr.flush()
+    for test, reason in result.skipped:
+        # A skip in setUpClass is reported for "setUpClass (module.Class)": named like a case.
+        m = re.match(r"^(\w+) \(([\w.]+)\)$", test.id())
+        print("SKIP: %s: %s" % ("%s.%s" % (m.group(2), m.group(1)) if m else test.id(), reason), flush=True)
+    if not result.wasSuccessful():
+        sys.exit(1)
+    if result.skipped and len(result.skipped) >= result.testsRun:
+        sys.exit(SKIP_EXIT)
+    sys.exit(0 if result.testsRun else 1)
+
+
+def main(after: Optional[Callable[[], None]] = None):
     if not os.access(SMTPLB_BIN, os.X_OK):
         sys.stderr.write("smtplb binary not found at %s (set SMTPLB_BIN)\n" % SMTPLB_BIN)
         sys.exit(1)
-    unittest.main(verbosity=2)
+    run_tests(after)

@@ -839,6 +839,20 @@ class LifecycleTest(AdminTestCase):
         with open(path) as f:
             self.assertEqual(f.read(), "not a socket\n")
 
+    def test_default_socket_without_its_directory_warns(self):
+        """No [admin] table and no /run/smtplb (smtplb outside systemd): a warning names
+        the missing directory, and smtplb serves without the admin API."""
+        if os.path.exists("/run/smtplb"):
+            self.skipTest("/run/smtplb exists on this machine, so the default socket can be made")
+        s1 = self.fake("s1")
+        lb = self.smtplb(make_config([s1]), up=["p/s1"])
+        lb.wait_log(r"warning: admin socket /run/smtplb/admin\.sock: directory /run/smtplb does not exist "
+                    r"\(admin API off; set admin\.socket to use it\)")
+        self.assertNotIn("admin API on unix socket", lb.log())
+        c = self.client(lb.port())
+        c.greeting()
+        self.assertEqual(c.quit(), OK_QUIT)
+
     def test_while_stopping(self):
         """After SIGTERM with a session open, the API still answers: /healthz 503
         "stopping", /status says stopping, /reload 503; the session ends normally and

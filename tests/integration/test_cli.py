@@ -90,12 +90,18 @@ class CliTest(TestCase):
         self.assertEqual(errs[0][:2], (path, 1))
 
     def test_missing_file(self):
+        """A file that is not there is said to be missing, with no LINE:COL as if it had
+        a syntax error; without --check smtplb also names the -f option."""
         path = os.path.join(self.dir, "missing.toml")
         r = run_smtplb(["--check", "-f", path])
         self.assertEqual(r.returncode, 78)
-        errs = self.errors(r.stderr)
-        self.assertEqual(len(errs), 1, r.stderr)
-        self.assertEqual(errs[0][0], path)
+        self.assertEqual(r.stderr, "%s: the file does not exist\n" % path)
+        r = run_smtplb(["-f", path])
+        self.assertEqual(r.returncode, 78)
+        self.assertEqual(r.stderr, "%s: the file does not exist\nsmtplb: not started (-f names the configuration "
+                         "file, default /etc/smtplb/smtplb.toml)\n" % path)
+        r = run_smtplb(["--check", "-f", self.dir])
+        self.assertEqual((r.returncode, r.stderr), (78, "%s: this is a directory, not a file\n" % self.dir))
 
     def test_bad_config_without_check_does_not_start(self):
         path = self.write("bad.toml", BAD)

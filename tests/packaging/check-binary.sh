@@ -44,7 +44,7 @@ check "full RELRO (BIND_NOW)" bash -c "LC_ALL=C readelf -d '$bin' | grep -Eq 'BI
 check "stripped" bash -c "! LC_ALL=C readelf -S '$bin' | grep -q '\\.debug_info'"
 
 check "smtplb --version says $version" bash -c "'$bin' --version | grep -qF '$version'"
-check "smtplb --check passes on the shipped config" "$bin" --check -q -f "$work/deb/etc/smtplb/smtplb.toml"
+check "smtplb --check passes on the reference config" "$bin" --check -q -f "$work/deb/usr/share/smtplb/smtplb.toml"
 printf '[listener.mx]\nport = "25"\n' >"$work/bad.toml"
 set +e; "$bin" --check -q -f "$work/bad.toml" >/dev/null 2>&1; rc=$?; set -e
 check "smtplb --check exits 78 on a bad config (got $rc)" test "$rc" = 78

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The .rpm: file list, the one %config(noreplace) file, requirements (nothing Debian-only,
+# The .rpm: file list (no %config file: the configuration is the operator's), requirements (nothing Debian-only,
 # symbol versions RHEL 9 has) and the hand-written scriptlets.
 # usage: check-rpm.sh DIST_DIR VERSION
 . "$(dirname "$0")/common.sh"
@@ -7,13 +7,13 @@ q() { rpm -qp --nosignature "$@" "$rpm" 2>/dev/null; }
 
 check "Name/Version/Release/Arch" test "$(q --qf '%{NAME} %{VERSION} %{RELEASE} %{ARCH}')" = "smtplb $version 1 x86_64"
 check "not relocatable" test "$(q --qf '%{PREFIXES}')" = "(none)"
+echo "     Packager: $(q --qf '%{PACKAGER}'), Vendor: $(q --qf '%{VENDOR}')"
+check "Packager is the project's identity (the .deb's Maintainer)" test "$(q --qf '%{PACKAGER}')" = "$maintainer"
 
 # Everything the package owns, with flags (c: %config, n: noreplace, d: %doc), mode, owner.
 q --qf '[%{FILEFLAGS:fflags}|%{FILEMODES:perms}|%{FILEUSERNAME}:%{FILEGROUPNAME}|%{FILENAMES}\n]' \
   | sort -t'|' -k4 >"$work/files"
 sort -t'|' -k4 >"$work/want" <<'LIST'
-|drwxr-xr-x|root:root|/etc/smtplb
-cn|-rw-r--r--|root:root|/etc/smtplb/smtplb.toml
 |-rw-r--r--|root:root|/usr/lib/systemd/system/smtplb.service
 |-rw-r--r--|root:root|/usr/lib/sysusers.d/smtplb.conf
 |-rwxr-xr-x|root:root|/usr/sbin/smtplb
@@ -30,9 +30,11 @@ d|-rw-r--r--|root:root|/usr/share/doc/smtplb/examples/keepalived/smtplb-ha-netwo
 d|-rw-r--r--|root:root|/usr/share/doc/smtplb/examples/prometheus/smtplb.rules.yml
 d|-rw-r--r--|root:root|/usr/share/man/man5/smtplb.toml.5.gz
 d|-rw-r--r--|root:root|/usr/share/man/man8/smtplb.8.gz
+|drwxr-xr-x|root:root|/usr/share/smtplb
+|-rw-r--r--|root:root|/usr/share/smtplb/smtplb.toml
 LIST
-check "file list, flags, modes (only smtplb.toml is %config, and noreplace)" diff -u "$work/want" "$work/files"
-check "rpm -qcp lists exactly /etc/smtplb/smtplb.toml" test "$(q -c)" = /etc/smtplb/smtplb.toml
+check "file list, flags, modes (nothing is %config)" diff -u "$work/want" "$work/files"
+check "rpm -qcp lists nothing" test -z "$(q -c)"
 
 q --requires >"$work/requires"
 echo "     requires:"; paste -sd' ' "$work/requires" | fold -s -w 100 | sed 's/^/       /'
@@ -61,9 +63,11 @@ done
 check "no unexpanded RPM macros in scriptlets" bash -c "! grep -q '%{\\?systemd\\|%systemd' '$work/scripts'"
 check "%pre: groupadd -r / useradd -r smtplb" bash -c \
   "grep -q 'groupadd -r smtplb' <<<\"\$0\" && grep -q 'useradd -r .* smtplb' <<<\"\$0\"" "$(section preinstall)"
-check "%post: enable --now on first install only, where systemd runs" bash -c \
+check "%post: enable on first install only, where systemd runs" bash -c \
   "grep -q '\\[ -d /run/systemd/system \\]' <<<\"\$0\" && grep -q '\"\$1\" -eq 1' <<<\"\$0\" \
-   && grep -q 'systemctl enable --now smtplb.service' <<<\"\$0\"" "$(section postinstall)"
+   && grep -q 'systemctl enable smtplb.service' <<<\"\$0\" && ! grep -q 'enable --now' <<<\"\$0\"" "$(section postinstall)"
+check "%post: start only when the operator's config exists" bash -c \
+  "grep -B1 'systemctl start smtplb.service' <<<\"\$0\" | grep -q 'if \\[ -e \"\\\$conf\" \\]'" "$(section postinstall)"
 check "%post: no restart on upgrade" bash -c "! grep -Ev '^ *(#|echo)' <<<\"\$0\" | grep -q restart" "$(section postinstall)"
 check "%preun: stops and disables on erase only" bash -c \
   "grep -q '\"\$1\" -eq 0' <<<\"\$0\" && grep -q 'systemctl disable --now smtplb.service' <<<\"\$0\"" "$(section preuninstall)"
@@ -72,7 +76,7 @@ check "%postun: daemon-reload where systemd runs" bash -c \
 
 mkdir -p "$work/root"
 (cd "$work/root" && rpm2cpio "$rpm" | cpio -idm --quiet)
-check "RPM config equals conf/smtplb.toml" cmp -s "$work/root/etc/smtplb/smtplb.toml" "$src/conf/smtplb.toml"
+check "RPM reference config equals conf/smtplb.toml" cmp -s "$work/root/usr/share/smtplb/smtplb.toml" "$src/conf/smtplb.toml"
 for f in keepalived/keepalived.conf keepalived/smtplb-ha-network.sh prometheus/smtplb.rules.yml \
          grafana/smtplb-dashboard.json; do
   check "RPM example $f equals packaging/$f" \

@@ -6,6 +6,8 @@
 dpkg-deb -x "$deb" "$work/root"
 unit=$work/root/usr/lib/systemd/system/smtplb.service
 has() { grep -qxF -- "$1" "$unit"; }
+check "ConditionPathExists=/etc/smtplb/smtplb.toml (no start before the operator writes it)" \
+  has ConditionPathExists=/etc/smtplb/smtplb.toml
 check "Type=notify" has Type=notify
 check "ExecStartPre runs smtplb --check -q -f" has "ExecStartPre=/usr/sbin/smtplb --check -q -f /etc/smtplb/smtplb.toml"
 check "ExecStart" has "ExecStart=/usr/sbin/smtplb -f /etc/smtplb/smtplb.toml"

@@ -1,15 +1,20 @@
 # Sourced by the package tests: usage: TEST DIST_DIR VERSION
 # Sets deb, rpm, version, src (the repository), work (a temporary directory removed on
-# exit); check/fail/finish count and report failures.
+# exit); check/fail/finish count and report failures. A test that needs no package sets
+# no_packages=1 before sourcing this file and takes no arguments.
 set -euo pipefail
-dist=${1:?usage: $0 DIST_DIR VERSION}
-version=${2:?usage: $0 DIST_DIR VERSION}
 src=$(cd "$(dirname "$0")/../.." && pwd)
-deb=$dist/smtplb_${version}_amd64.deb
-rpm=$dist/smtplb-${version}-1.x86_64.rpm
-for f in "$deb" "$rpm"; do
-  [ -f "$f" ] || { echo "FAIL: no package $f (the packaging.build test builds them)" >&2; exit 1; }
-done
+if [ "${no_packages:-0}" != 1 ]; then
+  dist=${1:?usage: $0 DIST_DIR VERSION}
+  version=${2:?usage: $0 DIST_DIR VERSION}
+  deb=$dist/smtplb_${version}_amd64.deb
+  rpm=$dist/smtplb-${version}-1.x86_64.rpm
+  for f in "$deb" "$rpm"; do
+    [ -f "$f" ] || { echo "FAIL: no package $f (the packaging.build test builds them)" >&2; exit 1; }
+  done
+fi
+# The project's identity as packages carry it (packaging/packaging.cmake).
+maintainer=$(sed -nE 's/^set\(SMTPLB_PACKAGE_MAINTAINER "(.*)"$/\1/p' "$src/packaging/packaging.cmake")
 work=$(mktemp -d /tmp/smtplb-pkgtest.XXXXXX)
 cleanup_hooks=()
 cleanup() { for h in "${cleanup_hooks[@]}"; do eval "$h" || true; done; rm -rf "$work"; }
@@ -24,12 +29,12 @@ finish() {
   echo "all checks passed"
 }
 
-# make_root: a fresh minimal bookworm root in $root (from the tarball cached by
-# bookworm-root.sh) with /proc mounted; in_root runs a command inside it.
+# make_root [TARBALL]: a fresh minimal bookworm root in $root (from the tarball cached by
+# bookworm-root.sh, or TARBALL) with /proc mounted; in_root runs a command inside it.
 make_root() {
   local t0 tarball
   t0=$(date +%s)
-  tarball=$("$src/tests/packaging/bookworm-root.sh")
+  tarball=${1:-$("$src/tests/packaging/bookworm-root.sh")}
   root=$work/root
   mkdir -p "$root"
   tar -C "$root" --numeric-owner -xf "$tarball"

@@ -260,6 +260,9 @@ port = 65535
 TEST_CASE("config: error to_string") {
   ConfigError e{"/etc/smtplb/smtplb.toml", 12, 7, "'port' must be an integer"};
   CHECK(e.to_string() == "/etc/smtplb/smtplb.toml:12:7: 'port' must be an integer");
+  // Line 0: about the whole file, no position pretending to be a syntax error.
+  ConfigError f{"/etc/smtplb/smtplb.toml", 0, 0, "the file does not exist"};
+  CHECK(f.to_string() == "/etc/smtplb/smtplb.toml: the file does not exist");
 }
 
 TEST_CASE("config: TOML syntax errors point at the spot") {
@@ -286,6 +289,47 @@ TEST_CASE("config: unknown keys and sections") {
   expect_one_error(kListener + "[pool.pf]\nalgo = \"leastconn\"\n" + kPool.substr(10), 5, 1,
                    "unknown key 'algo' in [pool.pf]");
   expect_one_error(kListener + kPool + "wieght = 2\n", 8, 1, "unknown key 'wieght' in [[pool.pf.server]]");
+}
+
+TEST_CASE("config: unknown keys name the nearest valid key of their table") {
+  // One edit: a letter missing, doubled, wrong, or two neighbours swapped.
+  expect_one_error(kListener + "[pool.pf]\nbaner_timeout = \"5s\"\n" + kPool.substr(10), 5, 1,
+                   "unknown key 'baner_timeout' in [pool.pf]; did you mean 'banner_timeout'?");
+  expect_one_error("[global]\nwokers = 1\n" + kListener + kPool, 2, 1,
+                   "unknown key 'wokers' in [global]; did you mean 'workers'?");
+  expect_one_error("[log]\nlevle = \"info\"\n" + kListener + kPool, 2, 1,
+                   "unknown key 'levle' in [log]; did you mean 'level'?");
+  expect_one_error(kListener + "  adress = \"x\"\n" + kPool, 4, 3,
+                   "unknown key 'adress' in [listener.mx]; did you mean 'address'?");
+  expect_one_error(kListener + kPool + "wieght = 2\n", 8, 1,
+                   "unknown key 'wieght' in [[pool.pf.server]]; did you mean 'weight'?");
+  expect_one_error(kListener + kPool + "[pool.pf.health_check]\nintervall = \"1s\"\n", 9, 1,
+                   "unknown key 'intervall' in [pool.pf.health_check]; did you mean 'interval'?");
+  // Several edits in a long name.
+  expect_one_error(kListener + "[pool.pf]\nconect_timout = \"5s\"\n" + kPool.substr(10), 5, 1,
+                   "did you mean 'connect_timeout'?");
+  // Only keys of that table: 'workers' is a [global] key, not a [log] one.
+  auto r = load("[log]\nworkers = 1\n" + kListener + kPool);
+  REQUIRE(r.errors.size() == 1);
+  CHECK(r.errors[0].message == "unknown key 'workers' in [log]");
+  // Nothing near: no guess.
+  r = load("[global]\ncolour = \"blue\"\n" + kListener + kPool);
+  REQUIRE(r.errors.size() == 1);
+  CHECK(r.errors[0].message == "unknown key 'colour' in [global]");
+  // A short name is not matched to an unrelated short key two edits away ('port', 'pool').
+  r = load(kListener + "[pool.pf]\nport = 25\n" + kPool.substr(10));
+  REQUIRE(r.errors.size() == 1);
+  CHECK(r.errors[0].message == "unknown key 'port' in [pool.pf]");
+}
+
+TEST_CASE("config: unknown sections name the nearest section") {
+  expect_one_error("[globals]\nworkers = 1\n" + kListener + kPool, 1, 2,
+                   "unknown section or key 'globals'; did you mean 'global'?");
+  expect_one_error("[listeners.mx]\naddress = \"127.0.0.1\"\npool = \"pf\"\n" + kListener + kPool, 1, 2,
+                   "unknown section or key 'listeners'; did you mean 'listener'?");
+  auto r = load("bogus = 1\n" + kListener + kPool);
+  REQUIRE(r.errors.size() == 1);
+  CHECK(r.errors[0].message == "unknown section or key 'bogus'");
 }
 
 TEST_CASE("config: wrong types") {
@@ -640,12 +684,33 @@ TEST_CASE("config: load_config_file") {
   REQUIRE(b.errors.size() == 1);
   CHECK(b.errors[0].to_string() == bad.string() + ":8:10: 'weight' must be an integer");
 
+  // A file that cannot be read: one error about the file (line 0), saying why.
   auto missing = load_config_file((dir / "missing.toml").string());
   REQUIRE(missing.errors.size() == 1);
-  CHECK(missing.errors[0].file == (dir / "missing.toml").string());
-  CHECK(missing.errors[0].line == 1);
-  CHECK(missing.errors[0].column == 1);
-  CHECK(missing.errors[0].message.find("cannot read the file") != std::string::npos);
+  CHECK(missing.config == nullptr);
+  CHECK(missing.errors[0].line == 0);
+  CHECK(missing.errors[0].to_string() == (dir / "missing.toml").string() + ": the file does not exist");
+
+  auto directory = load_config_file(dir.string());
+  REQUIRE(directory.errors.size() == 1);
+  CHECK(directory.errors[0].to_string() == dir.string() + ": this is a directory, not a file");
+
+  auto below_a_file = load_config_file((good / "x.toml").string());
+  REQUIRE(below_a_file.errors.size() == 1);
+  CHECK(below_a_file.errors[0].to_string() == (good / "x.toml").string() + ": cannot read the file: Not a directory");
+
+  // Without read permission (root reads anyway: checked only where the mode refuses).
+  const fs::path secret = dir / "secret.toml";
+  std::ofstream(secret) << kListener << kPool;
+  fs::permissions(secret, fs::perms::none);
+  if (::access(secret.c_str(), R_OK) != 0) {
+    auto denied = load_config_file(secret.string());
+    REQUIRE(denied.errors.size() == 1);
+    CHECK(denied.errors[0].line == 0);
+    CHECK(denied.errors[0].message.rfind("cannot read the file: Permission denied (smtplb runs as user ", 0) == 0);
+  } else {
+    CHECK(load_config_file(secret.string()).ok());
+  }
   fs::remove_all(dir);
 }
 

@@ -164,10 +164,10 @@ struct Config {
 
 struct ConfigError {
   std::string file;
-  uint32_t line = 0;
+  uint32_t line = 0;  // 0: about the file as a whole (it cannot be read), no position
   uint32_t column = 0;
   std::string message;
-  std::string to_string() const;  // "FILE:LINE:COL: message"
+  std::string to_string() const;  // "FILE:LINE:COL: message", or "FILE: message" at line 0
 };
 
 struct ConfigLoad {
@@ -176,6 +176,8 @@ struct ConfigLoad {
   bool ok() const { return config != nullptr; }
 };
 
+// A file that cannot be read is one error at line 0 saying why (it does not exist, is a
+// directory, permission denied for the user smtplb runs as, ...).
 ConfigLoad load_config_file(const std::string& path);
 // `path` only labels the errors.
 ConfigLoad load_config_string(std::string_view text, const std::string& path);
