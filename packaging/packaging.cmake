@@ -9,8 +9,8 @@
 # /usr/share/smtplb/smtplb.toml, the file to copy and edit.
 # The project's identity in both packages: the .deb's Maintainer, the .rpm's Packager,
 # and packaging/changelog's trailer line (tests/packaging/check-{deb,rpm}.sh compare them).
-set(SMTPLB_PACKAGE_MAINTAINER "smtplb maintainers <smtplb@lists.smtplb.org>"
-  CACHE STRING "Maintainer of the .deb and .rpm packages")
+# Not a cache variable: a build tree configured before a change would keep the old value.
+set(SMTPLB_PACKAGE_MAINTAINER "smtplb maintainers <smtplb@lists.smtplb.org>")
 
 set(_smtplb_pkg_src ${CMAKE_CURRENT_SOURCE_DIR}/packaging)
 set(_smtplb_pkg_bin ${CMAKE_CURRENT_BINARY_DIR}/packaging)
