@@ -14,7 +14,7 @@ if [ "${no_packages:-0}" != 1 ]; then
   done
 fi
 # The project's identity as packages carry it (packaging/packaging.cmake).
-maintainer=$(sed -nE 's/^set\(SMTPLB_PACKAGE_MAINTAINER "(.*)"$/\1/p' "$src/packaging/packaging.cmake")
+maintainer=$(sed -nE 's/^set\(SMTPLB_PACKAGE_MAINTAINER "([^"]*)"\)?$/\1/p' "$src/packaging/packaging.cmake")
 work=$(mktemp -d /tmp/smtplb-pkgtest.XXXXXX)
 cleanup_hooks=()
 cleanup() { for h in "${cleanup_hooks[@]}"; do eval "$h" || true; done; rm -rf "$work"; }
