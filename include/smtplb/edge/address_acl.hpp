@@ -18,8 +18,6 @@ class AddressAcl {
   AddressAcl(std::span<const Cidr> allow, std::span<const Cidr> deny);
 
   bool allows(const Addr128& a) const;
-  // No rule at all (every address allowed).
-  bool empty() const { return lengths_.empty() && default_allow_; }
 
  private:
   struct NetHash {

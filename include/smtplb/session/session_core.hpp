@@ -124,8 +124,6 @@ class SessionCore {
   uint32_t server() const { return tried_[tries_ ? tries_ - 1 : 0]; }
   bool was_handed_off() const { return handed_off_; }
   const SocketAddress& peer() const { return peer_; }
-  // Why the latest attempt failed (empty when none did).
-  const std::string& last_failure() const { return last_failure_; }
   // The reason of a 421 for the log line (built only when it is logged).
   std::string refusal_reason(TermCode term) const;
 
