@@ -691,7 +691,7 @@ def scale_haproxy_config(path, listens, maxconn, extra_defaults=""):
     with open(path, "w") as f:
         f.write(f"global\n    maxconn {maxconn}\n    nbthread 1\n")
         f.write(f"defaults\n    mode tcp\n    maxconn {maxconn}\n    timeout connect 5s\n    timeout client 60s\n"
-                "    timeout server 60s\n")
+                "    timeout server 60s\n    timeout check 10s\n")  # smtplb's default check timeout
         f.write(extra_defaults)
         for name, port, servers in listens:
             f.write(f"listen {name}\n    bind 127.0.0.1:{port}\n    balance leastconn\n"
@@ -837,13 +837,15 @@ def run_concurrency(a, smtplb, work, port0):
     n = a.concurrency_sessions or max(1, (hard - reserve) // 2)
     sink_ports = [port0 + 10, port0 + 11]
     backends = [f"127.0.0.1:{p}" for p in sink_ports]
-    sinks = start_smtp_sinks(sink_ports, n)
+    # Scripted sinks, one process per port: smtp-sink slows down badly with thousands of
+    # connections open (its checks and sessions timed out here at 5000 per process).
+    sinks = [start_sink(str(p)) for p in sink_ports]
     clients_procs = max(1, min(4, (n + 3299) // 3300))
     print(f"\n## concurrency: sessions open at once through one proxy process, every client greeted, "
           f"then one message of {a.length} B and QUIT each")
     print(f"# descriptor limit (RLIMIT_NOFILE, hard, inherited by the proxies): {hard}; a relayed session takes "
           f"2 descriptors; ({hard} - {reserve} reserved) / 2 = {(hard - reserve) // 2} sessions; running {n} "
-          f"from {clients_procs} client processes, 2 smtp-sink backends")
+          f"from {clients_procs} client processes, 2 scripted backends (one process each)")
     rows = {p: [] for p in proxies(a)}
     try:
         for rnd in range(a.rounds):
@@ -854,7 +856,7 @@ def run_concurrency(a, smtplb, work, port0):
                     lambda cfg: scale_smtplb_config(cfg, [("bench", port, "sinks")],
                                                     {"sinks": ("", [(b, "") for b in backends])}, n + 100),
                     lambda cfg: scale_haproxy_config(cfg, [("bench", port, [f"{b} check inter 2s" for b in backends])],
-                                                     n + 100))
+                                                     min(n + 10, (hard - 32) // 2)))  # HAProxy wants 2 x maxconn + 16
                 logpath = os.path.join(work, f"{t.name}.log")
                 try:
                     time.sleep(a.settle)
@@ -909,9 +911,7 @@ def run_concurrency(a, smtplb, work, port0):
                       f"{len(problems)} log lines")
     finally:
         for s in sinks:
-            s.terminate()
-        for s in sinks:
-            s.wait(5)
+            stop_proc(s)
     m = {name: {k: med([r[k] for r in rs]) for k in ("per_session", "rss1", "rss0", "kernel_per_socket",
                                                    "slab_caches_per_socket", "buf_per_socket")}
          for name, rs in rows.items() if rs}
@@ -1041,23 +1041,31 @@ def run_storm(a, smtplb, work, port0):
     n, k = a.storm_connections, a.storm_clients
     sink_ports = [port0 + 30, port0 + 31]
     backends = [f"127.0.0.1:{p}" for p in sink_ports]
-    sinks = start_smtp_sinks(sink_ports, 4096)
+    # Both proxies may hold as many sessions as their descriptors allow (HAProxy: maxconn;
+    # smtplb: max_connections, past which it answers 421 4.3.2).
+    limit = (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 200) // 2
+    sinks = start_smtp_sinks(sink_ports, 10000)
     somax = open("/proc/sys/net/core/somaxconn").read().strip()
     synb = open("/proc/sys/net/ipv4/tcp_max_syn_backlog").read().strip()
     print(f"\n## storm: {n} connections opened within 1 s to an idle proxy by {k} client processes; each reads "
           f"the greeting, sends QUIT, reads 221 and closes (so the proxy never holds {n} sessions, which would "
-          f"take {2 * n} descriptors); net.core.somaxconn {somax}, tcp_max_syn_backlog {synb}")
-    res = {p: [] for p in proxies(a)}
+          f"take {2 * n} descriptors); 2 smtp-sink backends; proxies limited to {limit} sessions "
+          f"(descriptors); net.core.somaxconn {somax}, tcp_max_syn_backlog {synb}")
+    res = {p: [] for p in ["direct"] + proxies(a)}
     try:
         for rnd in range(a.rounds):
-            for name in proxies(a):
+            for name in (["direct"] if rnd == 0 else []) + proxies(a):
                 port = port0 + (5 if name == "smtplb" else 6)
-                t = start_proxy(
-                    name, work, "storm", port, smtplb,
-                    lambda cfg: scale_smtplb_config(cfg, [("bench", port, "sinks")],
-                                                    {"sinks": ("", [(b, "") for b in backends])}, 9000),
-                    lambda cfg: scale_haproxy_config(cfg, [("bench", port, [f"{b} check inter 2s" for b in backends])],
-                                                     9000))
+                if name == "direct":  # the load generator and one backend alone: the machine's own ceiling
+                    t = Target("direct", sink_ports[0], None)
+                else:
+                    t = start_proxy(
+                        name, work, "storm", port, smtplb,
+                        lambda cfg: scale_smtplb_config(cfg, [("bench", port, "sinks")],
+                                                        {"sinks": ("", [(b, "") for b in backends])}, limit),
+                        lambda cfg: scale_haproxy_config(
+                            cfg, [("bench", port, [f"{b} check inter 2s" for b in backends])], limit))
+                port = t.port
                 try:
                     time.sleep(a.settle)
                     backlog = listen_backlog(port)
@@ -1155,14 +1163,31 @@ def run_fleet(a, smtplb, work, port0):
           + f"; then a connect test ({a.fleet_messages} messages, one per connection, {a.sessions} in parallel) "
           f"through a second listener with 2 smtp-sink backends, with the fleet's checks running and without the fleet")
     res = {p: [] for p in proxies(a)}
+    smtplb_pools = {"sinks": ("", [(b, "") for b in data_backends]), "fleet": ("", [(b, "") for b in fleet_backends])}
     try:
         for rnd in range(a.rounds):
             for name in proxies(a):
                 port, fport = port0 + (7 if name == "smtplb" else 8), port0 + (9 if name == "smtplb" else 12)
+                def without_fleet():
+                    t2 = start_proxy(
+                        name, work, "nofleet", port, smtplb,
+                        lambda cfg: scale_smtplb_config(cfg, [("data", port, "sinks")],
+                                                        {"sinks": smtplb_pools["sinks"]}, 5000),
+                        lambda cfg: scale_haproxy_config(cfg, [("data", port, [f"{b} check inter 2s" for b in data_backends])],
+                                                         5000))
+                    try:
+                        time.sleep(a.settle)
+                        a2 = argparse.Namespace(**vars(a))
+                        a2.messages = a.fleet_messages
+                        without = run_load(t2, a2, False)
+                    finally:
+                        t2.stop()
+                    return without
+
+                if rnd % 2:  # alternate the order, so neither side always runs on a warmer machine
+                    without = without_fleet()
                 record = os.path.join(work, f"fleet-{name}-{rnd}.json")
                 fleet = start_sink(fleet_ports, record=record)
-                smtplb_pools = {"sinks": ("", [(b, "") for b in data_backends]),
-                                "fleet": ("", [(b, "") for b in fleet_backends])}
                 try:
                     t_start = time.monotonic()
                     t = start_proxy(
@@ -1194,19 +1219,8 @@ def run_fleet(a, smtplb, work, port0):
                     stop_proc(fleet)
                 arrivals = json.load(open(record))
                 checks = analyse_checks(arrivals, t_start, t_end, interval, t_reload)
-                t2 = start_proxy(
-                    name, work, "nofleet", port, smtplb,
-                    lambda cfg: scale_smtplb_config(cfg, [("data", port, "sinks")],
-                                                    {"sinks": smtplb_pools["sinks"]}, 5000),
-                    lambda cfg: scale_haproxy_config(cfg, [("data", port, [f"{b} check inter 2s" for b in data_backends])],
-                                                     5000))
-                try:
-                    time.sleep(a.settle)
-                    a2 = argparse.Namespace(**vars(a))
-                    a2.messages = a.fleet_messages
-                    without = run_load(t2, a2, False)
-                finally:
-                    t2.stop()
+                if not rnd % 2:
+                    without = without_fleet()
                 res[name].append({"cpu": (c1 - c0) / (w1 - w0) * 100, "control": (m1 - m0) / (w1 - w0) * 100,
                                   "checks": checks, "with": with_fleet[0] if with_fleet else float("nan"),
                                   "without": without[0] if without else float("nan")})
