@@ -527,6 +527,10 @@ void Loader::parse_listener(const std::string& name, const toml::node& n, Config
                   [&](const toml::node& v) {
                     if (auto i = integer(v, "max_connections", 1, 1'000'000)) l.max_connections = unsigned(*i);
                   }},
+                 {"backlog",
+                  [&](const toml::node& v) {
+                    if (auto i = integer(v, "backlog", 0, 1'048'576)) l.backlog = unsigned(*i);
+                  }},
                  {"client_idle_timeout",
                   [&](const toml::node& v) {
                     if (auto d = duration(v, "client_idle_timeout", Millis(1000))) l.client_idle_timeout = *d;

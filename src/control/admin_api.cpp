@@ -539,7 +539,8 @@ std::string Process::render_status_json() const {
   for (const auto& l : snapshot_->listeners) {
     o << (first ? "" : ",") << "{\"name\":" << json_string(l->cfg->name)
       << ",\"address\":" << json_string(l->bound.to_string()) << ",\"pool\":" << json_string(l->cfg->pool)
-      << ",\"current_connections\":" << l->state->current.load() << ",\"connections_total\":"
+      << ",\"backlog\":" << l->backlog << ",\"current_connections\":" << l->state->current.load()
+      << ",\"connections_total\":"
       << sum(
              l->state->per_worker, [](const ListenerWorkerCounters& c) -> const auto& { return c.connections; })
       << "}";

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "runtime/uv_util.hpp"
+#include "smtplb/lb/check_schedule.hpp"
 
 namespace smtplb {
 
@@ -59,8 +60,7 @@ HealthChecker::HealthChecker(uv_loop_t* loop, ProxyOut proxy, std::shared_ptr<Se
       server_(std::move(server)),
       cfg_(cfg),
       on_transition_(std::move(on_transition)),
-      state_(cfg.rise, cfg.fall),
-      rng_(std::random_device{}()) {
+      state_(cfg.rise, cfg.fall) {
   uv_timer_init(loop_, &timer_);
   timer_.data = this;
   apply_config(cfg);
@@ -131,7 +131,10 @@ void HealthChecker::reconfigure(const HealthCheckConfig& cfg, ProxyOut proxy) {
   const bool sooner = cfg.interval < cfg_.interval;
   apply_config(cfg);
   // A shorter interval should not wait out the old, longer one.
-  if (sooner && !timer_closed_) schedule(uint64_t(cfg_.interval.count()));
+  if (sooner && !timer_closed_) {
+    const uint64_t now = uv_now(loop_);
+    schedule(next_check_slot(epoch_ms_, offset_ms_, uint64_t(cfg_.interval.count()), now) - now);
+  }
 }
 
 void HealthChecker::apply_config(const HealthCheckConfig& cfg) {
@@ -449,10 +452,11 @@ void HealthChecker::done(bool ok, CheckFailure kind, std::string reason) {
                   r.duration.count());
   }
 
-  // Up to 10% jitter below the interval keeps many servers' checks from lining up.
-  const uint64_t interval = uint64_t(cfg_.interval.count());
-  const uint64_t jitter = interval / 10 ? rng_() % (interval / 10) : 0;
-  if (!timer_closed_) schedule(interval - jitter);
+  // The next check at this checker's slot: evenly spread with the others, whatever this
+  // dialogue took.
+  const uint64_t now_ms = uv_now(loop_);
+  const uint64_t due = after_check_slot(epoch_ms_, offset_ms_, uint64_t(cfg_.interval.count()), started_, now_ms);
+  if (!timer_closed_) schedule(due - now_ms);
 }
 
 }  // namespace smtplb

@@ -9,7 +9,6 @@
 #include <functional>
 #include <memory>
 #include <optional>
-#include <random>
 #include <string>
 
 #include "control/tls.hpp"
@@ -42,6 +41,13 @@ class HealthChecker {
   HealthChecker& operator=(const HealthChecker&) = delete;
 
   void start(uint64_t first_delay_ms);
+  // This checker's slot on the process's check grid (lb/check_schedule.hpp): after each
+  // check the next one starts at loop time epoch + offset + k * interval. Set before
+  // start(); a reload may move it (the checker moves at its next check).
+  void set_slot(uint64_t epoch_ms, uint64_t offset_ms) {
+    epoch_ms_ = epoch_ms;
+    offset_ms_ = offset_ms;
+  }
   // Aborts any check in progress and closes the handles; the loop must run once more
   // before the object is destroyed (see dispose()).
   void stop();
@@ -121,7 +127,8 @@ class HealthChecker {
   uint64_t expiry_warned_at_ = 0;  // uv_now() of the last expiry warning (one per hour)
   HealthState state_;
   uint64_t started_ = 0;
-  std::minstd_rand rng_;
+  uint64_t epoch_ms_ = 0;  // the check grid (set_slot)
+  uint64_t offset_ms_ = 0;
   char buf_[4096];
 };
 

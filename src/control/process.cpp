@@ -13,9 +13,28 @@
 #include "runtime/uv_util.hpp"
 #include "smtplb/config/cpus.hpp"
 #include "smtplb/config/resolve_plan.hpp"
+#include "smtplb/lb/check_schedule.hpp"
 #include "smtplb/version.hpp"
 
 namespace smtplb {
+
+namespace {
+
+void warn_backlog(const ListenerRuntime& l) {
+  if (l.backlog > l.somaxconn)
+    spdlog::warn(
+        "listener {}: backlog {} is above net.core.somaxconn ({}); the kernel queues at most {} (raise the "
+        "sysctl)",
+        l.cfg->name, l.backlog, l.somaxconn, l.somaxconn);
+}
+
+void log_listening(const ListenerRuntime& l, unsigned workers) {
+  spdlog::info("listener {} listening on {} for pool {} ({} workers, backlog {})", l.cfg->name, l.bound.to_string(),
+               l.cfg->pool, workers, l.backlog);
+  warn_backlog(l);
+}
+
+}  // namespace
 
 Process::Process(std::shared_ptr<const Config> config, std::optional<LogLevel> level_override)
     : config_(std::move(config)), level_override_(level_override), signals_(4) {
@@ -93,14 +112,20 @@ int Process::run() {
   uv_timer_init(&loop_, &grace_timer_);
   grace_timer_.data = this;
 
-  // The first checks start at once, about 2 ms apart (200 servers: within 0.4 s), so a
-  // restarted balancer takes traffic within one check dialogue, sends none to an
-  // unchecked server, and does not probe a large fleet in the same millisecond.
+  // The first checks start at once, 2 ms apart (200 servers: within 0.4 s; never longer
+  // than the interval), so a restarted balancer takes traffic within one check dialogue,
+  // sends none to an unchecked server, and does not probe a large fleet in one burst.
+  // From then on each server keeps its own slot: N servers checked every I ms are probed
+  // one every I/N ms (lb/check_schedule.hpp).
   size_t total = 0;
   for (const auto& p : snapshot_->pools) total += p.servers.size();
-  const uint64_t window = std::max<uint64_t>(1, 2 * total);
+  uv_update_time(&loop_);
+  check_epoch_ms_ = uv_now(&loop_);
+  assign_check_slots(*snapshot_);
+  size_t index = 0;
   for (const auto& p : snapshot_->pools)
-    for (const auto& s : p.servers) start_checker(s, *p.cfg, rng_() % window);
+    for (const auto& s : p.servers)
+      start_checker(s, *p.cfg, first_check_delay(index++, total, uint64_t(p.cfg->health_check.interval.count())));
 
   admin_ = std::make_unique<AdminServer>(&loop_, [this](const AdminServer::Request& r) { return admin(r); });
   if (!admin_->start(*config_, error)) {
@@ -124,9 +149,7 @@ int Process::run() {
   ::signal(SIGPIPE, SIG_IGN);
 
   for (auto& w : workers_) w->start();
-  for (auto& l : snapshot_->listeners)
-    spdlog::info("listener {} listening on {} for pool {} ({} workers)", l->cfg->name, l->bound.to_string(),
-                 l->cfg->pool, worker_count_);
+  for (auto& l : snapshot_->listeners) log_listening(*l, worker_count_);
   spdlog::info("smtplb {} started: generation {}, {} listeners, {} pools, {} servers", kVersion, generation_,
                snapshot_->listeners.size(), snapshot_->pools.size(), total);
   notifier_.ready("generation " + std::to_string(generation_) + " running, " +
@@ -150,8 +173,23 @@ void Process::start_checker(const std::shared_ptr<ServerRuntime>& s, const PoolC
   auto c = std::make_unique<HealthChecker>(
       &loop_, pool.proxy_protocol, s, pool.health_check,
       [this](HealthChecker& hc, Health from, Health to, const CheckResult& r) { on_transition(hc, from, to, r); });
+  auto slot = check_offsets_.find(s.get());
+  c->set_slot(check_epoch_ms_, slot != check_offsets_.end() ? slot->second : 0);
   c->start(std::min<uint64_t>(delay_ms, uint64_t(pool.health_check.interval.count())));
   checkers_[s.get()] = std::move(c);
+}
+
+void Process::assign_check_slots(const Snapshot& snap) {
+  size_t total = 0;
+  for (const auto& p : snap.pools) total += p.servers.size();
+  check_offsets_.clear();
+  size_t index = 0;
+  for (const auto& p : snap.pools)
+    for (const auto& s : p.servers) {
+      const uint64_t offset = check_slot_offset(index++, total, uint64_t(p.cfg->health_check.interval.count()));
+      check_offsets_[s.get()] = offset;
+      if (auto it = checkers_.find(s.get()); it != checkers_.end()) it->second->set_slot(check_epoch_ms_, offset);
+    }
 }
 
 void Process::retire_checker(ServerRuntime* s) {
@@ -271,6 +309,12 @@ Process::ReloadResult Process::apply_reload(std::shared_ptr<const Config> cfg) {
   // From here on the reload cannot fail.
   apply_settings(*next);
   set_log_level(level_override_.value_or(cfg->log.level));
+  // Every server gets its slot on the check grid of the new fleet; the new ones (and those
+  // back from maintenance) start at once, 2 ms apart, then join their slots.
+  assign_check_slots(*next);
+  size_t starting = 0, started = 0;
+  for (const PoolRuntime& p : next->pools)
+    for (const auto& s : p.servers) starting += !checkers_.count(s.get()) && s->admin.load() != AdminState::maint;
   for (size_t pi = 0; pi < next->pools.size(); ++pi) {
     const PoolRuntime& p = next->pools[pi];
     for (const auto& s : p.servers) {
@@ -283,7 +327,9 @@ Process::ReloadResult Process::apply_reload(std::shared_ptr<const Config> cfg) {
       } else if (it != checkers_.end()) {
         it->second->reconfigure(p.cfg->health_check, p.cfg->proxy_protocol);
       } else {
-        start_checker(s, *p.cfg, rng_() % 100);  // new, or back from maint
+        // New, or back from maint.
+        start_checker(s, *p.cfg,
+                      first_check_delay(started++, starting, uint64_t(p.cfg->health_check.interval.count())));
       }
     }
   }
@@ -297,9 +343,16 @@ Process::ReloadResult Process::apply_reload(std::shared_ptr<const Config> cfg) {
     spdlog::info("listener {} on {} removed: it stops accepting; its sessions run to their end", ol.cfg->name,
                  ol.bound.to_string());
   }
-  for (ListenerRuntime* lr : bound)
-    spdlog::info("listener {} listening on {} for pool {} ({} workers)", lr->cfg->name, lr->bound.to_string(),
-                 lr->cfg->pool, worker_count_);
+  for (ListenerRuntime* lr : bound) log_listening(*lr, worker_count_);
+  for (size_t li = 0; li < next->listeners.size(); ++li) {
+    if (!plan.listeners[li]) continue;
+    const ListenerRuntime& nl = *next->listeners[li];
+    const ListenerRuntime& ol = *snapshot_->listeners[*plan.listeners[li]];
+    if (nl.backlog != ol.backlog) {
+      spdlog::info("listener {}: backlog {} -> {}", nl.cfg->name, ol.backlog, nl.backlog);
+      warn_backlog(nl);
+    }
+  }
 
   if (cfg->admin.socket != config_->admin.socket || cfg->admin.listen != config_->admin.listen)
     spdlog::warn("reload: [admin] changes take effect at the next restart");

@@ -78,6 +78,9 @@ class Process {
   void close_signals();
   void raise_fd_limit();
   void start_checker(const std::shared_ptr<ServerRuntime>& s, const PoolConfig& pool, uint64_t delay_ms);
+  // Gives every server of `snap` its slot on the check grid (all servers of the process
+  // evenly over their interval) and moves running checkers to theirs.
+  void assign_check_slots(const Snapshot& snap);
   void retire_checker(ServerRuntime* s);
   const PoolRuntime* pool_of(const ServerRuntime& s) const;
   void on_transition(HealthChecker& c, Health from, Health to, const CheckResult& r);
@@ -103,7 +106,8 @@ class Process {
   std::unique_ptr<LogWriter> log_writer_;
   std::vector<std::unique_ptr<Worker>> workers_;
   std::unordered_map<ServerRuntime*, std::unique_ptr<HealthChecker>> checkers_;
-  std::minstd_rand rng_{std::random_device{}()};
+  uint64_t check_epoch_ms_ = 0;  // loop time the check grid counts from
+  std::unordered_map<const ServerRuntime*, uint64_t> check_offsets_;
   std::unique_ptr<AdminServer> admin_;
   int64_t start_time_ms_ = 0;         // wall clock at start, for start_time_seconds
   int64_t generation_loaded_ms_ = 0;  // wall clock when the running generation loaded

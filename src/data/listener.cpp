@@ -5,14 +5,16 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 
 namespace smtplb {
 
 namespace {
 
-int open_one(const SocketAddress& addr, std::string& error) {
+int open_one(const SocketAddress& addr, unsigned backlog, std::string& error) {
   int fd = ::socket(addr.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) {
     error = std::string("socket: ") + std::strerror(errno);
@@ -36,7 +38,7 @@ int open_one(const SocketAddress& addr, std::string& error) {
   }
   // Listening from here on: clients queue in the backlog until a worker adopts the socket,
   // so a new listener never refuses a connection between a reload and the workers.
-  if (::listen(fd, 4096) != 0) {
+  if (::listen(fd, int(std::min<unsigned>(backlog, INT_MAX))) != 0) {
     error = "cannot listen on " + addr.to_string() + ": " + std::strerror(errno);
     ::close(fd);
     return -1;
@@ -49,7 +51,7 @@ int open_one(const SocketAddress& addr, std::string& error) {
 bool bind_listener(ListenerRuntime& lr, unsigned count, std::string& error) {
   SocketAddress addr = lr.cfg->bind;
   for (unsigned i = 0; i < count; ++i) {
-    int fd = open_one(addr, error);
+    int fd = open_one(addr, lr.backlog, error);
     if (fd < 0) {
       error = "listener " + lr.cfg->name + ": " + error;
       close_listener_fds(lr);

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 
 #include "data/edge_check.hpp"
@@ -297,6 +298,10 @@ void Worker::apply(std::shared_ptr<const Snapshot> snapshot) {
     auto it = std::find_if(old.begin(), old.end(), [&](Listener* l) { return l->runtime->state == lr->state; });
     if (it != old.end()) {
       kept[size_t(it - old.begin())] = true;
+      // listen() again on a listening socket only resizes its queue: nothing is dropped.
+      if ((*it)->runtime->backlog != lr->backlog && ::listen((*it)->fd, int(std::min<unsigned>(lr->backlog, INT_MAX))))
+        log(spdlog::level::warn, "listener {}: cannot change the backlog to {}: {}", lr->cfg->name, lr->backlog,
+            std::strerror(errno));
       (*it)->runtime = lr;
       continue;
     }

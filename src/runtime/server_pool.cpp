@@ -2,9 +2,19 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
+#include <fstream>
 
 namespace smtplb {
+
+unsigned read_somaxconn() {
+  // The kernel caps every listen() backlog at this; 4096 is its default since Linux 5.4.
+  std::ifstream f("/proc/sys/net/core/somaxconn");
+  long v = 0;
+  if (f >> v && v > 0) return unsigned(std::min<long>(v, 1L << 30));
+  return 4096;
+}
 
 ServerRuntime::ServerRuntime(const PoolConfig& pool, const ServerConfig& server, std::shared_ptr<PoolState> ps)
     : cfg(server),
@@ -96,6 +106,7 @@ std::shared_ptr<Snapshot> build_snapshot(std::shared_ptr<const Config> config, u
     }
     snap->pools.push_back(std::move(pr));
   }
+  const unsigned somaxconn = read_somaxconn();
   for (size_t li = 0; li < config->listeners.size(); ++li) {
     const ListenerConfig& l = config->listeners[li];
     auto lr = std::make_shared<ListenerRuntime>();
@@ -103,6 +114,8 @@ std::shared_ptr<Snapshot> build_snapshot(std::shared_ptr<const Config> config, u
     for (size_t i = 0; i < config->pools.size(); ++i)
       if (config->pools[i].name == l.pool) lr->pool = i;
     lr->bound = l.bind;
+    lr->somaxconn = somaxconn;
+    lr->backlog = l.backlog ? l.backlog : somaxconn;
     lr->acl = AddressAcl(l.allow, l.deny);
     lr->exempt = AddressAcl(l.limits_exempt, {});
     lr->limits = {l.max_connections_per_ip, l.max_connection_rate_per_ip};

@@ -124,6 +124,9 @@ struct ListenerState {
   std::unique_ptr<ListenerWorkerCounters[]> per_worker{new ListenerWorkerCounters[kMaxWorkers]};
 };
 
+// net.core.somaxconn, the kernel's cap on listen() backlogs (4096 when unreadable).
+unsigned read_somaxconn();
+
 struct ListenerRuntime {
   ListenerRuntime() = default;
   ListenerRuntime(const ListenerRuntime&) = delete;
@@ -134,6 +137,8 @@ struct ListenerRuntime {
   const ListenerConfig* cfg = nullptr;  // owned by Snapshot::config
   size_t pool = 0;                      // index into Snapshot::pools
   SocketAddress bound;                  // the address actually bound (port 0 resolved)
+  unsigned backlog = 4096;              // listen() backlog in force: cfg->backlog or somaxconn
+  unsigned somaxconn = 4096;            // net.core.somaxconn when the snapshot was built
   // One SO_REUSEPORT socket per worker, freshly bound. Owned here until worker i adopts
   // fds[i] (it sets the entry to -1 and closes the socket when it stops listening);
   // whatever is left is closed with this object, so every socket has one owner. A

@@ -131,7 +131,7 @@ class ConcurrencyTest(TestCase):
         s2 = self.fake("s2")
         cfg = make_config([s1, s2], global_={"workers": 2})
         lb = self.smtplb(cfg, up=["p/s1", "p/s2"])
-        self.assertIn("(2 workers)", lb.log())
+        self.assertIn("(2 workers, backlog ", lb.log())
         n = 60
         bodies = [b"Subject: m%d\r\n\r\n" % i + random.Random(i).randbytes(20_000).hex().encode() + b"\r\n"
                   for i in range(n)]

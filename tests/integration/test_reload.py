@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -505,6 +506,53 @@ class ListenerReloadTest(TestCase):
         self.assertGreater(stats["ok"], 20, stats)
         lb.wait_log(r"configuration reloaded: generation 7")
 
+    def test_backlog_follows_somaxconn_and_a_reload_resizes_the_open_sockets(self):
+        """The listen() backlog of each worker's socket is what the config says, or
+        net.core.somaxconn by default; a reload resizes the open sockets in place (same
+        inodes, nothing refused). `ss -lt` shows a listening socket's backlog as Send-Q."""
+        if not shutil.which("ss"):
+            self.skipTest("needs ss (iproute2) to read a listening socket's backlog")
+        with open("/proc/sys/net/core/somaxconn") as f:
+            somaxconn = int(f.read())
+
+        def backlogs(port):
+            out = subprocess.run(["ss", "-Hltn", "sport = :%d" % port], capture_output=True, text=True,
+                                 timeout=STEP_TIMEOUT, check=True).stdout
+            return sorted(int(line.split()[2]) for line in out.splitlines() if line.strip())
+
+        admin = '\n[admin]\nlisten = "127.0.0.1:0"\n'
+        s1 = self.fake("s1")
+        cfg_a = build_config({"mx": {"pool": "p", "backlog": 17}, "dflt": "p"}, {"p": [s1]}, global_={"workers": 2})
+        lb = self.smtplb(cfg_a + admin, up=["p/s1"])
+        tcp_re = r"admin API \(read-only\) on http://127\.0\.0\.1:(\d+)/"
+        admin_port = int(re.search(tcp_re, lb.wait_log(tcp_re, what="the admin TCP endpoint")[0]).group(1))
+
+        def status_backlog(lb):
+            with urllib.request.urlopen("http://127.0.0.1:%d/status" % admin_port, timeout=5) as r:
+                status = json.loads(r.read())
+            return {li["name"]: li["backlog"] for li in status["listeners"]}
+
+        port = lb.port()
+        self.assertIn("(2 workers, backlog 17)", lb.wait_log(r"listener mx listening on")[0])
+        self.assertIn("(2 workers, backlog %d)" % somaxconn, lb.wait_log(r"listener dflt listening on")[0])
+        self.assertEqual(backlogs(port), [17, 17])
+        self.assertEqual(backlogs(lb.port("dflt")), [somaxconn, somaxconn])
+        self.assertEqual(status_backlog(lb), {"mx": 17, "dflt": somaxconn})
+        inodes = listening_inodes(lb.pid, port)
+
+        bigger = somaxconn + 1000
+        off, _ = reload(lb, build_config({"mx": {"pool": "p", "backlog": 33}, "dflt": {"pool": "p", "backlog": bigger}},
+                                         {"p": [s1]}, global_={"workers": 2}) + admin)
+        lb.wait_log(r"listener mx: backlog 17 -> 33", since=off)
+        lb.wait_log(r"warning: listener dflt: backlog %d is above net\.core\.somaxconn \(%d\); the kernel queues at "
+                    r"most %d" % (bigger, somaxconn, somaxconn), since=off)
+        wait_until(lambda: backlogs(port) == [33, 33], 5, "the workers to resize the backlog")
+        self.assertEqual(listening_inodes(lb.pid, port), inodes, "the listener was re-bound")
+        # The kernel caps the request at somaxconn.
+        wait_until(lambda: backlogs(lb.port("dflt")) == [somaxconn, somaxconn], 5, "the capped backlog")
+        self.assertEqual(status_backlog(lb), {"mx": 33, "dflt": bigger})
+        self.assertEqual(greet(port), "s1")
+
     def test_workers_change_needs_a_restart(self):
         s1 = self.fake("s1")
         lb = self.smtplb(one_pool([s1], global_={"workers": 2}), up=["p/s1"])
@@ -513,7 +561,7 @@ class ListenerReloadTest(TestCase):
         lb.wait_log(r"warning: reload: global\.workers changed to 3; it takes effect at the next restart "
                     r"\(2 workers run\)", since=off)
         new_port = listener_ports(lb, off)["two"]
-        self.assertIn("(2 workers)", lb.wait_log(r"listener two listening on", since=off)[0])
+        self.assertIn("(2 workers, backlog ", lb.wait_log(r"listener two listening on", since=off)[0])
         wait_listening(lb, new_port, 2)
         time.sleep(0.1)
         self.assertEqual(len(listening_inodes(lb.pid, new_port)), 2, "the new listener has one socket per worker")

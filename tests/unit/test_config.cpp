@@ -413,6 +413,16 @@ TEST_CASE("config: listener problems") {
   expect_one_error("[listener.mx]\naddress = \"10.1\"\npool = \"pf\"\n" + kPool, 2, 11,
                    "'10.1' is not a valid IP address");
   expect_ok("[listener.mx]\naddress = \"::1\"\npool = \"pf\"\n" + kPool);
+  expect_one_error("[listener.mx]\naddress = \"::1\"\npool = \"pf\"\nbacklog = -1\n" + kPool, 4, 11,
+                   "'backlog' must be between 0 and 1048576");
+  {
+    auto r = load("[listener.mx]\naddress = \"::1\"\npool = \"pf\"\nbacklog = 65535\n" + kPool);
+    REQUIRE(r.config);
+    CHECK(r.config->listeners[0].backlog == 65535);
+    r = load("[listener.mx]\naddress = \"::1\"\npool = \"pf\"\n" + kPool);
+    REQUIRE(r.config);
+    CHECK(r.config->listeners[0].backlog == 0);  // follow net.core.somaxconn
+  }
   expect_one_error("[listener.mx]\naddress = \"127.0.0.1\"\npool = \"postfix\"\n" + kPool, 3, 8,
                    "listener 'mx' names pool 'postfix', which is not defined");
   // Found by fuzz_config: an empty name slipped past the check and the listener had no pool.

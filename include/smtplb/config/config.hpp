@@ -86,6 +86,9 @@ struct ListenerConfig {
   SocketAddress bind;   // parsed: listeners take IP literals only
   std::string pool;
   unsigned max_connections = 10000;
+  // listen() backlog: connections the kernel completes and queues until a worker accepts
+  // them. 0 = net.core.somaxconn at bind time (the kernel caps any value at it anyway).
+  unsigned backlog = 0;
   Millis client_idle_timeout{300000};
   ProxyIn proxy_protocol = ProxyIn::none;
   std::vector<Cidr> trusted_proxies;  // who may send a PROXY header
