@@ -768,6 +768,37 @@ def listen_backlog(port):
         return None
 
 
+class AcceptQueueWatch:
+    """Samples the accept queues of some listening sockets (ss: Recv-Q of a LISTEN socket) every
+    20 ms in a thread and keeps each one's maximum: the kernel counts overflows for the whole
+    network namespace only, so this shows whose queue filled up."""
+
+    def __init__(self, ports):
+        import threading
+        self.ports, self.peak, self.stop_flag = ports, {p: 0 for p in ports}, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop_flag.is_set():
+            try:
+                out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, timeout=5).stdout
+            except (OSError, subprocess.SubprocessError):
+                return
+            for line in out.splitlines():
+                f = line.split()
+                if len(f) >= 4:
+                    port = int(f[3].rsplit(":", 1)[1]) if f[3].rsplit(":", 1)[1].isdigit() else 0
+                    if port in self.peak:
+                        self.peak[port] = max(self.peak[port], int(f[1]))
+            self.stop_flag.wait(0.02)
+
+    def stop(self):
+        self.stop_flag.set()
+        self.thread.join()
+        return self.peak
+
+
 def fd_limit(pid):
     try:
         for line in open(f"/proc/{pid}/limits"):
@@ -1069,6 +1100,7 @@ def run_storm(a, smtplb, work, port0):
                 try:
                     time.sleep(a.settle)
                     backlog = listen_backlog(port)
+                    watch = AcceptQueueWatch(sorted({port} | set(sink_ports)))
                     c0 = listen_counters()
                     start = time.monotonic() + 0.5
                     per = [n // k + (1 if i < n % k else 0) for i in range(k)]
@@ -1079,6 +1111,7 @@ def run_storm(a, smtplb, work, port0):
                         p.wait(30)
                     c1 = listen_counters()
                 finally:
+                    peaks = watch.stop()
                     t.stop()
                 lat = sorted(x for o in outs for x in o.get("greet_ms", []))
                 outcomes = {}
@@ -1089,6 +1122,8 @@ def run_storm(a, smtplb, work, port0):
                 res[name].append({"greeted": len(lat), "p50": pct(lat, 0.5), "p99": pct(lat, 0.99),
                                   "max": lat[-1] if lat else float("nan"), "span": span, "backlog": backlog,
                                   "overflows": (c0[0], c1[0]), "drops": (c0[1], c1[1]),
+                                  "queue": peaks.get(port, 0),
+                                  "sink_queue": max(peaks.get(p, 0) for p in sink_ports) if name != "direct" else None,
                                   "other": {kk: v for kk, v in outcomes.items() if kk != "served"}})
     finally:
         for s in sinks:
@@ -1099,18 +1134,21 @@ def run_storm(a, smtplb, work, port0):
         print(f"ratio smtplb/haproxy: p50 to greeting {ratio(med([r['p50'] for r in res['smtplb']]), med([r['p50'] for r in res['haproxy']]))}, "
               f"p99 {ratio(med([r['p99'] for r in res['smtplb']]), med([r['p99'] for r in res['haproxy']]))}")
     print(f"{'target':<9} {'round':>5} {'greeted':>13} {'opened in':>9} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
-          f"{'backlog':>7} {'ListenOverflows':>17} {'ListenDrops':>17}")
+          f"{'backlog':>7} {'queue max':>9} {'backends':>8} {'ListenOverflows':>17} {'ListenDrops':>17}")
     for name, rs in res.items():
         for i, r in enumerate(rs, 1):
             ov, dr = r["overflows"], r["drops"]
             print(f"{name:<9} {i:>5} {r['greeted']:>6}/{n:<6} {r['span']:>8.2f}s {r['p50']:>7.1f} {r['p99']:>7.1f} "
-                  f"{r['max']:>7.1f} {r['backlog'] if r['backlog'] is not None else '-':>7} "
+                  f"{r['max']:>7.1f} {r['backlog'] if r['backlog'] is not None else '-':>7} {r['queue']:>9} "
+                  f"{r['sink_queue'] if r['sink_queue'] is not None else '-':>8} "
                   f"{ov[0]:>6}->{ov[1]:<6}+{ov[1] - ov[0]:<3} {dr[0]:>6}->{dr[1]:<6}+{dr[1] - dr[0]:<3}")
     for name, rs in res.items():
         for i, r in enumerate(rs, 1):
             if r["other"]:
                 print(f"# {name} round {i}: not greeted: {r['other']}")
-    print("# ListenOverflows/ListenDrops count the whole network namespace (the backends' listeners too)")
+    print("# ListenOverflows/ListenDrops count the whole network namespace (the backends' listeners too); queue max: "
+          "the longest accept queue seen on the target's listening socket (sampled every 20 ms), backends: the same "
+          "for the backends' (a queue at its backlog overflows)")
     return res
 
 
