@@ -9,6 +9,18 @@ Starts smtp-sink backends, then each target in front of them, and measures in on
   latency     sequential sessions: connect() to the end of the greeting, p50/p90/p99
   idle        RSS growth per idle proxied session (sessions held open after the greeting)
 
+and, at the edges of the load curve (--tests scale, or --quick for small counts in under a
+minute), with HAProxy and smtplb taking turns, one at a time:
+
+  concurrency as many sessions at once as RLIMIT_NOFILE allows: all greeted, then a message
+              and QUIT each; RSS per session, the kernel's memory per socket, 100 000 on paper
+  overload    200 ms-per-message backends behind per-server limits and a queue, at full
+              capacity and at 3x: goodput ratio, and what each client beyond capacity saw
+  storm       N connections within one second: time to greeting, accept queues,
+              ListenOverflows/ListenDrops
+  fleet       1 000 scripted servers checked every 2 s: CPU, the busiest 100 ms of checks
+              against the average (first round, steady, after a reload), data-path rate
+
 Per target it prints messages/s, the proxy's own CPU time per message (user+sys of all
 its threads, from /proc/PID/stat) and the whole machine's busy CPU time per message (from
 /proc/stat: the load generator, the backends and anything else running on the machine),
