@@ -45,6 +45,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import resource
 import select
 import selectors
@@ -1555,6 +1556,20 @@ def run_classic(a, tests, floor_modes, smtplb):
                 t.start(work)
                 time.sleep(1.5)
                 print(f"{name:<16} {refused_reply(lport)!r}")
+            # The edge's own work per session, on its pure cores: far below what the
+            # end-to-end rounds can resolve on a shared machine, so measured alone.
+            cost = os.path.join(os.path.dirname(smtplb), "tests", "bench", "edge_cost")
+            if os.path.exists(cost):
+                print(f"\n## edge defences' own cost per session (tests/bench/edge_cost {a.edge}: best of 5)")
+                out = subprocess.run([cost, str(a.edge)], capture_output=True, text=True, timeout=600).stdout
+                print(out, end="")
+                m = re.search(r"^per_session_ns ([\d.]+)", out, re.M)
+                base = ours[0].name if "connect" in tests else None
+                if m and base and base in med and med[base][1] == med[base][1]:
+                    share = float(m.group(1)) / 1000 / med[base][1]
+                    print(f"share of {base}'s CPU per message ({med[base][1]:.1f} us): {share * 100:.2f}%")
+            else:
+                print(f"# no edge_cost binary at {cost} (built with -DSMTPLB_TESTS=ON)", file=sys.stderr)
     finally:
         for t in targets:
             t.stop()

@@ -25,10 +25,12 @@ class AddressAcl {
   };
   void add(const Cidr& c, bool deny);
 
+  struct Level {
+    unsigned prefix;
+    std::unordered_map<Addr128, bool, NetHash> nets;  // network -> denied
+  };
   bool default_allow_ = true;
-  std::vector<uint8_t> lengths_;  // prefix lengths in use, longest first
-  // Per prefix length: network -> denied.
-  std::unordered_map<unsigned, std::unordered_map<Addr128, bool, NetHash>> nets_;
+  std::vector<Level> levels_;  // the prefix lengths in use, longest first: one probe each
 };
 
 }  // namespace smtplb
