@@ -350,13 +350,13 @@ bool Loader::address(const toml::node& where, const std::string& host, uint16_t 
   }
   // Literal addresses are parsed strictly (getaddrinfo would take "10.1" as 10.0.0.1).
   if (inet_pton(AF_INET, host.c_str(), &reinterpret_cast<sockaddr_in*>(&out.storage)->sin_addr) == 1) {
-    out.storage.ss_family = AF_INET;
+    out.set_family(AF_INET);
     out.len = sizeof(sockaddr_in);
     out.set_port(port);
     return true;
   }
   if (inet_pton(AF_INET6, host.c_str(), &reinterpret_cast<sockaddr_in6*>(&out.storage)->sin6_addr) == 1) {
-    out.storage.ss_family = AF_INET6;
+    out.set_family(AF_INET6);
     out.len = sizeof(sockaddr_in6);
     out.set_port(port);
     return true;

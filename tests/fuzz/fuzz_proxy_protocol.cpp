@@ -195,7 +195,7 @@ void check_encoder(std::string_view data) {
     a.set_port(port);
     FUZZ_CHECK(a.port() == port);
   }
-  if (b[0] & 0x08) h.destination.storage.ss_family = six ? AF_INET : AF_INET6;  // a mixed pair
+  if (b[0] & 0x08) h.destination.set_family(six ? AF_INET : AF_INET6);  // a mixed pair
   const bool ip_pair = !h.local && h.source.family() == h.destination.family();
   for (Version v : {Version::v1, Version::v2}) {
     if (ip_pair) {

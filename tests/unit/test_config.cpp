@@ -870,10 +870,10 @@ TEST_CASE("config: address blocks") {
   auto addr = [](const char* ip) {
     smtplb::SocketAddress a;
     if (inet_pton(AF_INET, ip, &reinterpret_cast<sockaddr_in*>(&a.storage)->sin_addr) == 1) {
-      a.storage.ss_family = AF_INET;
+      a.set_family(AF_INET);
     } else {
       REQUIRE(inet_pton(AF_INET6, ip, &reinterpret_cast<sockaddr_in6*>(&a.storage)->sin6_addr) == 1);
-      a.storage.ss_family = AF_INET6;
+      a.set_family(AF_INET6);
     }
     return a;
   };

@@ -619,8 +619,8 @@ TEST_CASE("proxy encode: local headers") {
   CHECK(encode(Version::v1, mixed) == "PROXY UNKNOWN\r\n");
   CHECK(encode(Version::v2, mixed) == v2_local);
   Header unix_pair;
-  unix_pair.source.storage.ss_family = AF_UNIX;
-  unix_pair.destination.storage.ss_family = AF_UNIX;
+  unix_pair.source.set_family(AF_UNIX);
+  unix_pair.destination.set_family(AF_UNIX);
   CHECK(encode(Version::v1, unix_pair) == "PROXY UNKNOWN\r\n");
   CHECK(encode(Version::v2, unix_pair) == v2_local);
 
