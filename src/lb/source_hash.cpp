@@ -149,7 +149,8 @@ void SourceTable::build(Tier& t) {
   std::map<uint32_t, std::vector<uint32_t>, std::greater<>> groups;  // weight -> members, in name order
   for (uint32_t m = 0; m < n; ++m) groups[t.weights[m]].push_back(m);
 
-  std::vector<Ranked> best(size_t(B) * depth);
+  const bool one_group = groups.size() == 1;
+  std::vector<Ranked> best(one_group ? 0 : size_t(B) * depth);
   std::vector<uint8_t> best_n(B, 0);
   // A bucket's list in the group pass: one half cache line.
   struct Local {
@@ -162,23 +163,38 @@ void SourceTable::build(Tier& t) {
   // the bucket's last kept preference (from earlier groups) and the group's own last.
   std::vector<uint32_t> thr(B);
 
+  std::vector<uint32_t> floor(B);  // per bucket: the bound from earlier groups alone
+  // A prefilter: a pair is a candidate only when -ln(u) < kExpected * weight / W (W: the
+  // tier's total weight), which about kExpected servers per bucket pass in all, whatever
+  // the weights; the others would be dropped later anyway, each after a mispredicted
+  // branch. A pair it drops scores at most `dropped_max`; a bucket whose 4th preference
+  // does not score above that is ranked again exactly at the end (about 2 in 1000).
+  constexpr double kExpected = 12;
+  double total_weight = 0;
+  for (uint32_t w : t.weights) total_weight += w;
+  double dropped_max = 0;
+  uint32_t q = 0;
   for (const auto& [weight, ms] : groups) {
+    q = uint32_t(std::min(std::exp(-kExpected * weight / total_weight) * 0x1p32, 0x1p32 - 1));
+    dropped_max = std::max(dropped_max, score_of(q, weight));
     for (uint32_t b = 0; b < B; ++b) {
       local_n[b] = 0;
-      thr[b] = 0;
-      if (best_n[b] < depth) continue;
-      // score(u) >= T  <=>  u/2^32 >= exp(-weight / T); two units of margin for rounding,
-      // the merge below compares exactly.
-      const double t32 = std::exp(-double(weight) / best[size_t(b) * depth + depth - 1].score) * 0x1p32;
-      if (t32 >= 3) thr[b] = uint32_t(t32) - 2;
+      floor[b] = 0;
+      if (best_n[b] == depth) {
+        // score(u) >= T  <=>  u/2^32 >= exp(-weight / T); two units of margin for
+        // rounding, the merge below compares exactly.
+        const double t32 = std::exp(-double(weight) / best[size_t(b) * depth + depth - 1].score) * 0x1p32;
+        if (t32 >= 3) floor[b] = uint32_t(t32) - 2;
+      }
+      thr[b] = std::max(floor[b], q);
     }
+    Local* const lists = local.data();
+    uint8_t* const counts = local_n.data();
+    uint32_t* const bounds = thr.data();
     for (uint32_t m : ms) {
       // Insert in descending order; members come in name order, so an equal u stays
       // behind the one already there.
-      Local* const lists = local.data();
-      uint8_t* const counts = local_n.data();
-      uint32_t* const bounds = thr.data();
-      auto hit = [lists, counts, bounds, depth, m](uint32_t b, uint32_t u) {
+      auto insert = [lists, counts, bounds, depth, m](uint32_t b, uint32_t u) {
         Local& l = lists[b];
         size_t j = counts[b] < depth ? counts[b]++ : depth - 1;
         while (j > 0 && l.u[j - 1] < u) {
@@ -190,15 +206,17 @@ void SourceTable::build(Tier& t) {
         l.m[j] = m;
         if (counts[b] == depth) bounds[b] = std::max(bounds[b], l.u[depth - 1]);
       };
-      scan(t.seeds[m], bh.data(), bounds, hit);
+      scan(t.seeds[m], bh.data(), bounds, insert);
     }
+    if (one_group) break;  // u orders the servers exactly as the scores do
     for (uint32_t b = 0; b < B; ++b) {
       Ranked* row = &best[size_t(b) * depth];
       for (size_t k = 0; k < local_n[b]; ++k) {
         const uint32_t u = local[b].u[k];
         const Ranked r{score_of(u, weight), u, weight, local[b].m[k]};
         size_t j = best_n[b] < depth ? best_n[b]++ : depth;
-        if (j == depth && !better(r, row[depth - 1])) continue;
+        // The rest of this list has smaller u, so smaller scores: none of them gets in.
+        if (j == depth && !better(r, row[depth - 1])) break;
         if (j == depth) j = depth - 1;
         while (j > 0 && better(r, row[j - 1])) {
           row[j] = row[j - 1];
@@ -209,7 +227,25 @@ void SourceTable::build(Tier& t) {
     }
   }
   t.prefs.resize(size_t(B) * depth);
-  for (size_t i = 0; i < t.prefs.size(); ++i) t.prefs[i] = t.members[best[i].member];
+  std::vector<Ranked> all;
+  for (uint32_t b = 0; b < B; ++b) {
+    uint32_t* row = &t.prefs[size_t(b) * depth];
+    const bool complete = one_group ? local_n[b] == depth && local[b].u[depth - 1] > q
+                                    : best_n[b] == depth && best[size_t(b) * depth + depth - 1].score > dropped_max;
+    if (complete) {
+      for (size_t k = 0; k < depth; ++k)
+        row[k] = t.members[one_group ? local[b].m[k] : best[size_t(b) * depth + k].member];
+      continue;
+    }
+    // The prefilter may have dropped one of its first preferences: rank it exactly.
+    all.clear();
+    for (uint32_t m = 0; m < n; ++m) {
+      const uint32_t u = pair_u(t.seeds[m], bh[b]);
+      all.push_back({score_of(u, t.weights[m]), u, t.weights[m], m});
+    }
+    std::partial_sort(all.begin(), all.begin() + long(depth), all.end(), better);
+    for (size_t k = 0; k < depth; ++k) row[k] = t.members[all[k].member];
+  }
 }
 
 void SourceTable::rank(uint32_t bucket, bool backup, std::vector<Ranked>& scratch, std::vector<uint32_t>& out) const {

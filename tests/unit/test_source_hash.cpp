@@ -337,7 +337,7 @@ TEST_CASE("source pick: hash_balance_factor bounds every server's load") {
   uint32_t max = 0;
   for (const auto& v : p.views) max = std::max(max, v.active);
   MESSAGE("source pick: factor 125, 1000 sessions, half from one key: max load " << max << " (mean 200), " << detours
-                                                                                  << " detours");
+                                                                                 << " detours");
   CHECK(max <= 250);
   CHECK(detours > 0);
   // Without the factor the hot key's server takes its 500 and its share of the rest.
