@@ -514,15 +514,21 @@ void Worker::log_access(const AccessRecord& r) {
 Selection Worker::pick(const PoolRuntime& pr, std::span<const uint32_t> exclude, const SocketAddress* client) {
   const auto& servers = pr.servers;
   const int64_t now = int64_t(uv_now(&loop_));
-  views_.resize(servers.size());
-  for (size_t i = 0; i < servers.size(); ++i) views_[i] = servers[i]->view(now);
   SourceChoice source;
   if (pr.source) {
     Addr128 a;
     const uint64_t key =
         client && to_addr128(*client, a) ? source_key(a, pr.cfg->hash_prefix_v4, pr.cfg->hash_prefix_v6).hash : 0;
     source = {pr.source.get(), SourceTable::bucket_of(key), pr.cfg->hash_balance_factor};
+    // The usual case reads only the key's first preferences, whatever the pool's size.
+    Selection sel;
+    sel.index = PoolBalancer::pick_source_cached(
+        source, [&](size_t i) { return servers[i]->view(now); }, exclude,
+        [&](size_t i) { return servers[i]->try_acquire(); });
+    if (sel.index) return sel;
   }
+  views_.resize(servers.size());
+  for (size_t i = 0; i < servers.size(); ++i) views_[i] = servers[i]->view(now);
   PoolBalancer& balancer = pr.state->per_worker[index_].balancer;
   const Selection sel = balancer.pick(
       pr.cfg->algorithm, views_, exclude, pr.cfg->slow_start.count(),

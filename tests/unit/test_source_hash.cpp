@@ -352,3 +352,50 @@ TEST_CASE("source pick: hash_balance_factor bounds every server's load") {
   CHECK(s.index == r.table.cached(hot, false)[0]);
   CHECK(!s.detoured);
 }
+
+TEST_CASE("source pick: the O(1) path chooses what the full choice chooses, or leaves it to it") {
+  auto m = pool_of(12);
+  m[10].backup = m[11].backup = true;
+  SourcePool p(m);
+  std::mt19937 rng(5);
+  size_t fast = 0, left = 0;
+  for (int round = 0; round < 20000; ++round) {
+    for (auto& v : p.views) {
+      v.usable = rng() % 4 != 0;
+      v.full = rng() % 6 == 0;
+      v.active = 0;
+    }
+    if (round % 10 == 0)  // now and then no regular server is usable: the backup tier
+      for (size_t i = 0; i < 10; ++i) p.views[i].usable = false;
+    std::vector<uint32_t> tried;
+    for (uint32_t i = 0; i < 12; ++i)
+      if (rng() % 8 == 0) tried.push_back(i);
+    const uint32_t b = uint32_t(rng() % SourceTable::kBuckets);
+    const SourceChoice c{&p.table, b, 0};
+    const auto quick = PoolBalancer::pick_source_cached(
+        c, [&](size_t i) { return p.views[i]; }, tried, [](size_t) { return true; });
+    const Selection full = p.pick(b, tried);
+    if (full.index) --p.views[*full.index].active;
+    if (quick) {
+      ++fast;
+      CHECK(quick == full.index);
+    } else {
+      ++left;
+      // Nothing in the cached regular row could take the session: the full choice goes
+      // further down the list, to the backups, or finds nothing.
+      if (full.index) {
+        const auto row = p.table.cached(b, false);
+        const bool in_row = std::find(row.begin(), row.end(), uint32_t(*full.index)) != row.end();
+        CHECK((!in_row || p.views[*full.index].backup));
+      }
+    }
+  }
+  MESSAGE("source pick: O(1) path decided " << fast << " of " << fast + left << " random states");
+  CHECK(fast > 10000);
+  CHECK(left > 1000);
+  // With a balance factor it always leaves the choice to pick() (it needs the pool's load).
+  const SourceChoice with_factor{&p.table, 1, 150};
+  for (auto& v : p.views) v = {true, v.backup, false, 1, -1, 0};
+  CHECK(!PoolBalancer::pick_source_cached(
+      with_factor, [&](size_t i) { return p.views[i]; }, {}, [](size_t) { return true; }));
+}

@@ -55,6 +55,15 @@ class PoolBalancer {
   Selection pick(Algorithm algorithm, std::span<const ServerView> servers, std::span<const uint32_t> exclude,
                  int64_t slow_start_ms, Acquire&& acquire, const SourceChoice* source = nullptr);
 
+  // Source affinity without a balance factor in O(1) of the pool's size: the first of the
+  // key's cached regular preferences that is usable, not full, not tried and takes a slot,
+  // reading only those servers' views (`view(i)`). That is the server pick() would choose;
+  // nullopt when none of them is (pick() then decides: further preferences, the backup
+  // tier, waiting when all are full).
+  template <class View, class Acquire>
+  static std::optional<size_t> pick_source_cached(const SourceChoice& source, View&& view,
+                                                  std::span<const uint32_t> exclude, Acquire&& acquire);
+
  private:
   std::optional<size_t> run(Algorithm algorithm, std::span<const ServerView> servers) {
     switch (algorithm) {
@@ -136,6 +145,20 @@ Selection PoolBalancer::pick(Algorithm algorithm, std::span<const ServerView> se
   }
   result.all_full = true;
   return result;
+}
+
+template <class View, class Acquire>
+std::optional<size_t> PoolBalancer::pick_source_cached(const SourceChoice& source, View&& view,
+                                                       std::span<const uint32_t> exclude, Acquire&& acquire) {
+  if (!source.table || source.balance_factor) return std::nullopt;
+  for (uint32_t i : source.table->cached(source.bucket, false)) {
+    const ServerView s = view(i);
+    // A usable regular server means the regular tier is in use, as pick() would find.
+    if (!s.usable || s.backup || s.full) continue;
+    if (std::find(exclude.begin(), exclude.end(), i) != exclude.end()) continue;
+    if (acquire(size_t(i))) return i;
+  }
+  return std::nullopt;
 }
 
 }  // namespace smtplb
