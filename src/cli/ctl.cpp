@@ -5,6 +5,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -37,6 +38,8 @@ constexpr const char* kCtlUsage =
     "  weight POOL/SERVER N     runtime weight 0..256\n"
     "  clients [N]              the N client keys (default 20) with the most open sessions,\n"
     "                           then the most recent sessions by the rate limiter\n"
+    "  where ADDRESS            the server each algorithm = \"source\" pool sends that client\n"
+    "                           to now, its key (the masked address) and its preferences\n"
     "  reload                   reload the configuration file (like SIGHUP)\n"
     "The socket defaults to admin.socket of the configuration file (default\n"
     "/etc/smtplb/smtplb.toml), or /run/smtplb/admin.sock.\n";
@@ -241,6 +244,17 @@ int run_ctl(const std::vector<std::string>& args) {
   } else if (cmd == "clients" && words.size() <= 2) {
     path = "/clients?format=text";
     if (words.size() == 2) path += "&n=" + words[1];
+  } else if (cmd == "where" && words.size() == 2) {
+    path = "/status?format=text&where=";
+    for (unsigned char c : words[1]) {
+      if (std::isalnum(c) || c == '.' || c == ':' || c == '-') {
+        path += char(c);
+      } else {
+        char esc[4];
+        std::snprintf(esc, sizeof esc, "%%%02X", c);
+        path += esc;
+      }
+    }
   } else if (cmd == "reload" && words.size() == 1) {
     method = "POST";
     path = "/reload";

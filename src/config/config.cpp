@@ -105,6 +105,18 @@ bool parse_cidr(std::string_view text, Cidr& out) {
   return true;
 }
 
+const char* to_string(Algorithm a) {
+  switch (a) {
+    case Algorithm::roundrobin:
+      return "roundrobin";
+    case Algorithm::leastconn:
+      return "leastconn";
+    case Algorithm::source:
+      return "source";
+  }
+  return "?";
+}
+
 const char* to_string(AdminState s) {
   switch (s) {
     case AdminState::ready:
@@ -748,9 +760,31 @@ void Loader::parse_pool(const std::string& name, const toml::node& n, Config& c)
       {
           {"algorithm",
            [&](const toml::node& v) {
-             if (auto a = choice<Algorithm>(
-                     v, "algorithm", {{"roundrobin", Algorithm::roundrobin}, {"leastconn", Algorithm::leastconn}}))
+             if (auto a = choice<Algorithm>(v, "algorithm",
+                                            {{"roundrobin", Algorithm::roundrobin},
+                                             {"leastconn", Algorithm::leastconn},
+                                             {"source", Algorithm::source}}))
                p.algorithm = *a;
+           }},
+          {"hash_prefix_v4",
+           [&](const toml::node& v) {
+             if (auto i = integer(v, "hash_prefix_v4", 0, 32)) p.hash_prefix_v4 = unsigned(*i);
+           }},
+          {"hash_prefix_v6",
+           [&](const toml::node& v) {
+             if (auto i = integer(v, "hash_prefix_v6", 0, 128)) p.hash_prefix_v6 = unsigned(*i);
+           }},
+          {"hash_balance_factor",
+           [&](const toml::node& v) {
+             auto i = integer(v, "hash_balance_factor", 0, 100000);
+             if (!i) return;
+             // 100 or less leaves no room above the average (HAProxy refuses it too).
+             if (*i > 0 && *i <= 100)
+               return error(v,
+                            "'hash_balance_factor' must be 0 (off) or above 100 (a percentage of the average "
+                            "load, e.g. 125), not " +
+                                std::to_string(*i));
+             p.hash_balance_factor = unsigned(*i);
            }},
           {"handoff",
            [&](const toml::node& v) {

@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "control/process.hpp"
+#include "smtplb/edge/address.hpp"
 #include "smtplb/log/metrics.hpp"
 #include "smtplb/proto/admin_routes.hpp"
 #include "smtplb/version.hpp"
@@ -132,9 +133,24 @@ AdminResponse Process::admin(const AdminServer::Request& req) {
   switch (r.kind) {
     case K::metrics:
       return {200, "text/plain; version=0.0.4; charset=utf-8", render_metrics(), ""};
-    case K::status:
-      if (req.query == "format=text") return text(200, render_status_text());
+    case K::status: {
+      std::vector<std::pair<std::string, std::string>> params;
+      std::string error;
+      if (!parse_query(req.query, params, error)) return text(400, error + "\n");
+      bool as_text = false;
+      std::optional<std::string> where_address;
+      for (const auto& [name, value] : params) {
+        if (name == "format" && value == "text")
+          as_text = true;
+        else if (name == "where")
+          where_address = value;
+        else
+          return text(400, "unknown parameter: " + name + " (format=text, where=ADDRESS)\n");
+      }
+      if (where_address) return where(*where_address, as_text);
+      if (as_text) return text(200, render_status_text());
       return {200, "application/json", render_status_json(), ""};
+    }
     case K::clients:
       return clients(req.query);
     case K::healthz:
@@ -329,6 +345,8 @@ std::string Process::render_metrics() const {
   m.family("smtplb_pool_no_server_total", "counter", "Clients answered 421 because no server could take them.");
   m.family("smtplb_pool_queue_current", "gauge", "Sessions waiting for a free server slot.");
   m.family("smtplb_pool_queue_timeouts_total", "counter", "Clients answered 421 after queue_timeout.");
+  m.family("smtplb_pool_source_detours_total", "counter",
+           "algorithm = \"source\": sessions hash_balance_factor sent past their key's first usable server.");
   std::string body;
   for (const auto& p : snapshot_->pools) {
     uint64_t up = 0, down = 0, unchecked = 0, drain = 0, maint = 0;
@@ -354,6 +372,7 @@ std::string Process::render_metrics() const {
     m.sample("smtplb_pool_no_server_total", {{"pool", pn}}, p.state->no_server.load());
     m.sample("smtplb_pool_queue_current", {{"pool", pn}}, uint64_t{p.state->queued.load()});
     m.sample("smtplb_pool_queue_timeouts_total", {{"pool", pn}}, p.state->queue_timeouts.load());
+    m.sample("smtplb_pool_source_detours_total", {{"pool", pn}}, p.state->source_detours.load());
   }
 
   struct ServerFamily {
@@ -474,21 +493,21 @@ std::string Process::render_metrics() const {
 AdminResponse Process::clients(std::string_view query) {
   size_t n = 20;
   bool as_text = false;
-  while (!query.empty()) {
-    const size_t amp = query.find('&');
-    const std::string_view kv = query.substr(0, amp);
-    if (kv == "format=text") {
+  std::vector<std::pair<std::string, std::string>> params;
+  std::string error;
+  if (!parse_query(query, params, error)) return text(400, error + "\n");
+  for (const auto& [name, value] : params) {
+    if (name == "format" && value == "text") {
       as_text = true;
-    } else if (kv.starts_with("n=")) {
+    } else if (name == "n") {
       unsigned v = 0;
-      const auto [end, ec] = std::from_chars(kv.data() + 2, kv.data() + kv.size(), v);
-      if (ec != std::errc() || end != kv.data() + kv.size() || v == 0 || v > 1000)
+      const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), v);
+      if (ec != std::errc() || end != value.data() + value.size() || v == 0 || v > 1000)
         return text(400, "n must be a number from 1 to 1000\n");
       n = v;
     } else {
-      return text(400, "unknown parameter: " + std::string(kv) + " (n=N, format=text)\n");
+      return text(400, "unknown parameter: " + name + (value.empty() ? "" : "=" + value) + " (n=N, format=text)\n");
     }
-    query = amp == std::string_view::npos ? std::string_view() : query.substr(amp + 1);
   }
   const auto top = snapshot_->clients->top(n, int64_t(uv_now(&loop_)));
   auto listener_of = [&](uint32_t id) -> std::string {
@@ -522,6 +541,71 @@ AdminResponse Process::clients(std::string_view query) {
   return {200, "application/json", o.str(), ""};
 }
 
+// Which server each source-affinity pool sends the client at `address` to right now (the
+// data path's own choice: health, admin state, backup tier, balance factor), its key and
+// its preference list; other pools say they have no affinity.
+AdminResponse Process::where(std::string_view address, bool as_text) {
+  Cidr c;
+  if (!parse_cidr(address, c) || c.prefix != (c.family == AF_INET ? 32u : 128u))
+    return text(400, "where: not an IP address: " + std::string(address.substr(0, 64)) + "\n");
+  Addr128 a;
+  unsigned full = 0;
+  to_block128(c, a, full);
+  const int64_t now = int64_t(uv_now(&loop_));
+  constexpr size_t kShown = 8;  // preferences listed per tier
+  std::ostringstream o;
+  if (!as_text) o << "{\"address\":" << json_string(address) << ",\"pools\":[";
+  bool first = true;
+  for (const auto& p : snapshot_->pools) {
+    const std::string& pn = p.cfg->name;
+    if (!p.source) {
+      if (as_text)
+        o << "pool " << pn << " (" << to_string(p.cfg->algorithm) << "): no source affinity\n";
+      else
+        o << (first ? "" : ",") << "{\"pool\":" << json_string(pn)
+          << ",\"algorithm\":" << json_string(to_string(p.cfg->algorithm)) << ",\"server\":null}";
+      first = false;
+      continue;
+    }
+    const SourceKey key = source_key(a, p.cfg->hash_prefix_v4, p.cfg->hash_prefix_v6);
+    const SourceChoice choice{p.source.get(), SourceTable::bucket_of(key.hash), p.cfg->hash_balance_factor};
+    std::vector<ServerView> views;
+    for (const auto& s : p.servers) views.push_back(s->view(now));
+    PoolBalancer balancer;
+    const Selection sel = balancer.pick(
+        Algorithm::source, views, {}, 0, [](size_t) { return true; }, &choice);
+    std::vector<SourceTable::Ranked> scratch;
+    std::vector<uint32_t> regular, backup;
+    p.source->rank(choice.bucket, false, scratch, regular);
+    p.source->rank(choice.bucket, true, scratch, backup);
+    auto names = [&](const std::vector<uint32_t>& list, const char* sep, bool quoted) {
+      std::string out;
+      for (size_t i = 0; i < list.size() && i < kShown; ++i) {
+        const std::string& n = p.servers[list[i]]->cfg.name;
+        out += (i ? sep : "") + (quoted ? json_string(n) : n);
+      }
+      if (!quoted && list.size() > kShown) out += " ...";
+      return out;
+    };
+    const std::string server = sel.index ? p.servers[*sel.index]->cfg.name : "";
+    if (as_text) {
+      o << "pool " << pn << " (source, key " << key.to_string() << "): " << (sel.index ? server : "no usable server")
+        << (sel.detoured ? " (hash_balance_factor passed the key on)" : "") << "\n"
+        << "  preferences: " << names(regular, " ", false) << "\n";
+      if (!backup.empty()) o << "  backup preferences: " << names(backup, " ", false) << "\n";
+    } else {
+      o << (first ? "" : ",") << "{\"pool\":" << json_string(pn)
+        << ",\"algorithm\":\"source\",\"key\":" << json_string(key.to_string()) << ",\"bucket\":" << choice.bucket
+        << ",\"server\":" << (sel.index ? json_string(server) : "null")
+        << ",\"detoured\":" << (sel.detoured ? "true" : "false") << ",\"preferences\":[" << names(regular, ",", true)
+        << "],\"backup_preferences\":[" << names(backup, ",", true) << "]}";
+    }
+    first = false;
+  }
+  if (!as_text) o << "]}";
+  return as_text ? text(200, o.str()) : AdminResponse{200, "application/json", o.str(), ""};
+}
+
 std::string Process::render_status_json() const {
   std::ostringstream o;
   o << "{\"version\":" << json_string(kVersion) << ",\"generation\":" << generation_
@@ -550,8 +634,8 @@ std::string Process::render_status_json() const {
   first = true;
   for (const auto& p : snapshot_->pools) {
     o << (first ? "" : ",") << "{\"name\":" << json_string(p.cfg->name)
-      << ",\"algorithm\":" << json_string(p.cfg->algorithm == Algorithm::leastconn ? "leastconn" : "roundrobin")
-      << ",\"queued\":" << p.state->queued.load() << ",\"servers\":[";
+      << ",\"algorithm\":" << json_string(to_string(p.cfg->algorithm)) << ",\"queued\":" << p.state->queued.load()
+      << ",\"servers\":[";
     first = false;
     bool sfirst = true;
     for (const auto& sp : p.servers) {

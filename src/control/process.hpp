@@ -56,6 +56,8 @@ class Process {
   std::string render_status_text() const;
   AdminResponse healthz() const;
   AdminResponse clients(std::string_view query);
+  // GET /status?where=ADDRESS: where each source-affinity pool sends that client.
+  AdminResponse where(std::string_view address, bool as_text);
   AdminResponse change_process_state(std::string_view body);
   AdminResponse change_server(std::string_view pool, std::string_view server, std::string_view what,
                               std::string_view body);

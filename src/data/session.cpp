@@ -130,7 +130,7 @@ void Session::read_from(Conn& c, uint32_t events) {
 // ---- effects: balancing and the queue -------------------------------------------------
 
 Selection Session::pick(std::span<const uint32_t> tried) {
-  return worker_.pick(pool(), tried);
+  return worker_.pick(pool(), tried, &peer());
 }
 
 void Session::enqueue() {

@@ -15,6 +15,7 @@
 #include "data/edge_check.hpp"
 #include "data/session.hpp"
 #include "runtime/uv_util.hpp"
+#include "smtplb/edge/address.hpp"
 #include "smtplb/proto/smtp_reply.hpp"
 
 namespace smtplb {
@@ -515,14 +516,30 @@ void Worker::log_access(const AccessRecord& r) {
     log_line(spdlog::level::info, log_json_ ? format_access_json(r) : format_access_text(r));
 }
 
-Selection Worker::pick(const PoolRuntime& pr, std::span<const uint32_t> exclude) {
+Selection Worker::pick(const PoolRuntime& pr, std::span<const uint32_t> exclude, const SocketAddress* client) {
   const auto& servers = pr.servers;
   const int64_t now = int64_t(uv_now(&loop_));
+  SourceChoice source;
+  if (pr.source) {
+    Addr128 a;
+    const uint64_t key =
+        client && to_addr128(*client, a) ? source_key(a, pr.cfg->hash_prefix_v4, pr.cfg->hash_prefix_v6).hash : 0;
+    source = {pr.source.get(), SourceTable::bucket_of(key), pr.cfg->hash_balance_factor};
+    // The usual case reads only the key's first preferences, whatever the pool's size.
+    Selection sel;
+    sel.index = PoolBalancer::pick_source_cached(
+        source, [&](size_t i) { return servers[i]->view(now); }, exclude,
+        [&](size_t i) { return servers[i]->try_acquire(); });
+    if (sel.index) return sel;
+  }
   views_.resize(servers.size());
   for (size_t i = 0; i < servers.size(); ++i) views_[i] = servers[i]->view(now);
   PoolBalancer& balancer = pr.state->per_worker[index_].balancer;
-  return balancer.pick(pr.cfg->algorithm, views_, exclude, pr.cfg->slow_start.count(),
-                       [&](size_t i) { return servers[i]->try_acquire(); });
+  const Selection sel = balancer.pick(
+      pr.cfg->algorithm, views_, exclude, pr.cfg->slow_start.count(),
+      [&](size_t i) { return servers[i]->try_acquire(); }, pr.source ? &source : nullptr);
+  if (sel.detoured) pr.state->source_detours.fetch_add(1, std::memory_order_relaxed);
+  return sel;
 }
 
 void Worker::enqueue(SessionCore* s, const std::shared_ptr<PoolState>& pool) {

@@ -103,8 +103,10 @@ class Worker {
   }
 
   // Picks a usable server of `pool` for a session that already tried `exclude` and takes
-  // a slot on it (the choice itself: smtplb/select.hpp).
-  Selection pick(const PoolRuntime& pool, std::span<const uint32_t> exclude);
+  // a slot on it (the choice itself: smtplb/select.hpp). `client` is the client's real
+  // address, the key of algorithm = "source" (null: none known, every such session
+  // shares one key).
+  Selection pick(const PoolRuntime& pool, std::span<const uint32_t> exclude, const SocketAddress* client = nullptr);
 
   // The worker's queue of sessions waiting for a free slot in a pool (in the pool's
   // per-worker slot), first come first served. enqueue() then looks once more: a slot

@@ -5,6 +5,8 @@
 
 #include <cstring>
 
+#include "smtplb/lb/source_hash.hpp"
+
 namespace smtplb {
 
 namespace {
@@ -63,6 +65,12 @@ Addr128 mask128(const Addr128& a, unsigned prefix) {
 ClientKey client_key(const Addr128& a, uint32_t listener, unsigned prefix_v4, unsigned prefix_v6) {
   const unsigned prefix = is_v4(a) ? 96 + prefix_v4 : prefix_v6;
   return {mask128(a, prefix), listener, uint8_t(prefix)};
+}
+
+SourceKey source_key(const Addr128& a, unsigned prefix_v4, unsigned prefix_v6) {
+  const unsigned prefix = is_v4(a) ? 96 + prefix_v4 : prefix_v6;
+  const Addr128 net = mask128(a, prefix);
+  return {net, uint8_t(prefix), mix64(mix64(mix64(net.hi ^ 0x736d74706c62ull) ^ net.lo) ^ prefix)};
 }
 
 std::string ClientKey::to_string() const {

@@ -42,4 +42,53 @@ AdminRoute route_admin(std::string_view method, std::string_view path) {
   return r;
 }
 
+bool parse_query(std::string_view query, std::vector<std::pair<std::string, std::string>>& out, std::string& error) {
+  out.clear();
+  auto hex = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+  };
+  auto decode = [&](std::string_view in, std::string& to) {
+    to.clear();
+    for (size_t i = 0; i < in.size(); ++i) {
+      if (in[i] == '+') {
+        to += ' ';
+      } else if (in[i] != '%') {
+        to += in[i];
+      } else {
+        if (i + 2 >= in.size()) {
+          error = "bad % escape in the query";
+          return false;
+        }
+        const int a = hex(in[i + 1]), b = hex(in[i + 2]);
+        if (a < 0 || b < 0) {
+          error = "bad % escape in the query";
+          return false;
+        }
+        to += char(a * 16 + b);
+        i += 2;
+      }
+    }
+    return true;
+  };
+  while (!query.empty()) {
+    const size_t amp = query.find('&');
+    const std::string_view kv = query.substr(0, amp);
+    query = amp == std::string_view::npos ? std::string_view() : query.substr(amp + 1);
+    if (kv.empty()) continue;  // "a=1&&b=2", a trailing '&'
+    const size_t eq = kv.find('=');
+    std::pair<std::string, std::string> p;
+    if (!decode(kv.substr(0, eq), p.first)) return false;
+    if (p.first.empty()) {
+      error = "a query parameter without a name";
+      return false;
+    }
+    if (eq != std::string_view::npos && !decode(kv.substr(eq + 1), p.second)) return false;
+    out.push_back(std::move(p));
+  }
+  return true;
+}
+
 }  // namespace smtplb

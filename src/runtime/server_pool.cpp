@@ -104,6 +104,11 @@ std::shared_ptr<Snapshot> build_snapshot(std::shared_ptr<const Config> config, u
       // A kept server takes its new settings in apply_settings(), once the reload is sure.
       pr.servers.push_back(same ? old->servers[*same] : std::make_shared<ServerRuntime>(p, p.servers[si], pr.state));
     }
+    if (p.algorithm == Algorithm::source) {
+      std::vector<SourceMember> members;
+      for (const ServerConfig& s : p.servers) members.push_back({s.name, s.weight, s.backup});
+      pr.source = std::make_shared<const SourceTable>(members);
+    }
     snap->pools.push_back(std::move(pr));
   }
   const unsigned somaxconn = read_somaxconn();

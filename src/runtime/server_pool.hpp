@@ -35,6 +35,7 @@ struct PoolState {
   std::atomic<uint32_t> queued{0};          // sessions waiting for a free server slot
   std::atomic<uint64_t> no_server{0};       // clients answered 421: no usable server
   std::atomic<uint64_t> queue_timeouts{0};  // clients answered 421: queue_timeout passed
+  std::atomic<uint64_t> source_detours{0};  // source: keys hash_balance_factor passed on
   std::unique_ptr<PoolWorkerState[]> per_worker{new PoolWorkerState[kMaxWorkers]};
 };
 
@@ -103,6 +104,9 @@ struct PoolRuntime {
   const PoolConfig* cfg = nullptr;  // owned by Snapshot::config
   std::shared_ptr<PoolState> state;
   std::vector<std::shared_ptr<ServerRuntime>> servers;
+  // algorithm = "source": the preference table of the configured servers (names, weights,
+  // backup flags), built with the snapshot on the control loop; null otherwise.
+  std::shared_ptr<const SourceTable> source;
 };
 
 // Counters of one listener, kept across reloads while the listener stays.

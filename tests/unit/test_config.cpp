@@ -815,6 +815,43 @@ TEST_CASE("config: failover keys (backup, limits, queue, slow start, admin state
   expect_one_error(kListener + kPool + "max_connections = -1\n", 8, 19, "'max_connections' must be between 0 and");
 }
 
+TEST_CASE("config: source affinity keys") {
+  const std::string server = "[[pool.pf.server]]\nname = \"a\"\naddress = \"127.0.0.1\"\n";
+  auto r = load(kListener +
+                "[pool.pf]\nalgorithm = \"source\"\nhash_prefix_v4 = 16\nhash_prefix_v6 = 48\n"
+                "hash_balance_factor = 150\n" +
+                server);
+  INFO(dump(r));
+  REQUIRE(r.ok());
+  const PoolConfig& p = r.config->pools.at(0);
+  CHECK(p.algorithm == Algorithm::source);
+  CHECK(p.hash_prefix_v4 == 16);
+  CHECK(p.hash_prefix_v6 == 48);
+  CHECK(p.hash_balance_factor == 150);
+  CHECK(std::string(smtplb::to_string(p.algorithm)) == "source");
+
+  auto d = load(kListener + kPool);
+  REQUIRE(d.ok());
+  CHECK(d.config->pools.at(0).hash_prefix_v4 == 24);
+  CHECK(d.config->pools.at(0).hash_prefix_v6 == 64);
+  CHECK(d.config->pools.at(0).hash_balance_factor == 0);
+  expect_ok(kListener + "[pool.pf]\nhash_prefix_v4 = 0\nhash_prefix_v6 = 128\nhash_balance_factor = 0\n" + server);
+  expect_ok(kListener + "[pool.pf]\nhash_prefix_v4 = 32\nhash_prefix_v6 = 0\nhash_balance_factor = 101\n" + server);
+
+  expect_one_error(kListener + "[pool.pf]\nalgorithm = \"random\"\n" + server, 5, 13,
+                   "'algorithm' must be one of: roundrobin, leastconn, source");
+  expect_one_error(kListener + "[pool.pf]\nhash_prefix_v4 = 33\n" + server, 5, 18,
+                   "'hash_prefix_v4' must be between 0 and 32, not 33");
+  expect_one_error(kListener + "[pool.pf]\nhash_prefix_v6 = 129\n" + server, 5, 18,
+                   "'hash_prefix_v6' must be between 0 and 128, not 129");
+  expect_one_error(kListener + "[pool.pf]\nhash_prefix_v4 = \"24\"\n" + server, 5, 18,
+                   "'hash_prefix_v4' must be an integer");
+  expect_one_error(kListener + "[pool.pf]\nhash_balance_factor = 100\n" + server, 5, 23,
+                   "'hash_balance_factor' must be 0 (off) or above 100");
+  expect_one_error(kListener + "[pool.pf]\nhash_balance_factor = -5\n" + server, 5, 23,
+                   "'hash_balance_factor' must be between 0 and 100000");
+}
+
 TEST_CASE("config: STARTTLS check keys") {
   auto r = load(kListener + kPool +
                 "[pool.pf.health_check]\nstarttls = true\ntls_verify = true\n"

@@ -19,7 +19,9 @@ namespace smtplb {
 enum class LogLevel : uint8_t { trace, debug, info, warn, error };
 enum class LogTarget : uint8_t { stderr_stream, syslog, file };
 enum class LogFormat : uint8_t { text, json };
-enum class Algorithm : uint8_t { roundrobin, leastconn };
+enum class Algorithm : uint8_t { roundrobin, leastconn, source };
+
+const char* to_string(Algorithm a);
 enum class Handoff : uint8_t { banner, connect };
 // Operator's intent for a server, separate from its health: drain takes no new sessions
 // but keeps being checked; maint takes none and is not checked.
@@ -154,8 +156,13 @@ struct PoolConfig {
   Millis connect_timeout{5000};
   Millis banner_timeout{15000};
   Millis server_idle_timeout{300000};
-  Millis queue_timeout{5000};                // wait for a slot when every usable server is full
-  Millis slow_start{0};                      // ramp a recovered server's weight over this time
+  Millis queue_timeout{5000};  // wait for a slot when every usable server is full
+  Millis slow_start{0};        // ramp a recovered server's weight over this time
+  // algorithm = "source": the client key is its address masked to these, and a server
+  // above hash_balance_factor percent of the average load passes keys on (0 = off).
+  unsigned hash_prefix_v4 = 24;
+  unsigned hash_prefix_v6 = 64;
+  unsigned hash_balance_factor = 0;
   ProxyOut proxy_protocol = ProxyOut::none;  // header sent first on backend connections
   HealthCheckConfig health_check;
   std::vector<ServerConfig> servers;

@@ -40,6 +40,20 @@ struct ClientKey {
 
 ClientKey client_key(const Addr128& a, uint32_t listener, unsigned prefix_v4, unsigned prefix_v6);
 
+// The key of source affinity (algorithm = "source"): the client's address masked to the
+// pool's hash_prefix_v4 / hash_prefix_v6, and its hash, the same on every host and build
+// (so two balancers agree). Not per listener: a client reaches the same server through
+// any listener of the pool.
+struct SourceKey {
+  Addr128 net;
+  uint8_t prefix = 128;  // in the common space
+  uint64_t hash = 0;
+  // "192.0.2.0/24" or "2001:db8:1:2::/64".
+  std::string to_string() const { return ClientKey{net, 0, prefix}.to_string(); }
+};
+
+SourceKey source_key(const Addr128& a, unsigned prefix_v4, unsigned prefix_v6);
+
 struct ClientKeyHash {
   size_t operator()(const ClientKey& k) const {
     // splitmix64 over the words: keys of one /64 differ only in a few bits.
