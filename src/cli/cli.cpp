@@ -84,8 +84,9 @@ int run_cli(const std::vector<std::string>& args) {
     }
   }
 
-  // Host names are looked up here, before anything starts (and with --check, which
-  // reports an unresolvable one like any other error).
+  // Host names are looked up here, before anything starts. One that does not resolve is
+  // a warning, not an error: the server starts DOWN and its name is looked up again (a
+  // DNS hiccup at boot must not keep the service down).
   ConfigLoad load = resolve_config_now(load_config_file(config_path));
   if (!load.ok()) {
     for (const auto& e : load.errors) std::fprintf(stderr, "%s\n", e.to_string().c_str());
@@ -97,6 +98,11 @@ int run_cli(const std::vector<std::string>& args) {
     return kExitConfig;
   }
   if (check) {
+    for (const auto& w : load.warnings) {
+      ConfigError e = w;
+      e.message = "warning: " + e.message;
+      std::fprintf(stderr, "%s\n", e.to_string().c_str());
+    }
     if (!quiet) std::printf("configuration file %s test is successful\n", config_path.c_str());
     return kExitOk;
   }
@@ -106,6 +112,7 @@ int run_cli(const std::vector<std::string>& args) {
     std::fprintf(stderr, "smtplb: %s\n", error.c_str());
     return kExitFailure;
   }
+  for (const auto& w : load.warnings) spdlog::warn("{}", w.to_string());
   try {
     Process process(load.config, level);
     return process.run();

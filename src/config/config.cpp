@@ -409,6 +409,15 @@ void Loader::parse_global(const toml::node& n, Config& c) {
                     if (auto i = integer(v, "max_tracked_clients", 1000, 100'000'000))
                       c.global.max_tracked_clients = unsigned(*i);
                   }},
+                 {"resolve_interval",
+                  [&](const toml::node& v) {
+                    if (auto d = duration(v, "resolve_interval", Millis(0))) {
+                      if (d->count() > 0 && d->count() < 100)
+                        error(v, "'resolve_interval' must be 0s (only at load) or at least 100ms");
+                      else
+                        c.global.resolve_interval = *d;
+                    }
+                  }},
              });
 }
 
@@ -726,6 +735,7 @@ void Loader::parse_server(const toml::node& n, PoolConfig& p, std::set<std::stri
   }
   if (ok) {
     ok = address(*address_node, s.address, s.port, false, s.addr, &s.needs_resolution);
+    s.host_name = s.needs_resolution;
     s.address_line = address_node->source().begin.line;
     s.address_column = address_node->source().begin.column;
   }

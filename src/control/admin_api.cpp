@@ -374,6 +374,8 @@ std::string Process::render_metrics() const {
       {"smtplb_server_check_transitions_total", "counter", "Health transitions, by new state."},
       {"smtplb_server_tls_cert_not_after_seconds", "gauge",
        "notAfter of the certificate seen by the last STARTTLS check (0 when none)."},
+      {"smtplb_server_resolve_failures_total", "counter",
+       "Failed lookups of the server's host name (it keeps its last address)."},
   };
   for (const auto& f : families) {
     m.family(f.name, f.type, f.help);
@@ -416,6 +418,8 @@ std::string Process::render_metrics() const {
         } else if (n == "smtplb_server_check_transitions_total") {
           m.sample(f.name, {{"pool", pn}, {"server", sn}, {"to", "up"}}, s.transitions_up.load());
           m.sample(f.name, {{"pool", pn}, {"server", sn}, {"to", "down"}}, s.transitions_down.load());
+        } else if (n == "smtplb_server_resolve_failures_total") {
+          m.sample(f.name, {{"pool", pn}, {"server", sn}}, s.resolve_failures.load());
         } else {
           m.sample(f.name, {{"pool", pn}, {"server", sn}}, double(s.tls_not_after.load()));
         }
@@ -561,7 +565,10 @@ std::string Process::render_status_json() const {
                            p.cfg->slow_start.count()) /
           kWeightScale;
       o << (sfirst ? "" : ",") << "{\"name\":" << json_string(s.cfg.name)
-        << ",\"address\":" << json_string(s.cfg.addr.to_string())
+        << ",\"address\":" << json_string(s.cfg.addr.len ? s.cfg.addr.to_string() : std::string())
+        << ",\"host\":" << json_string(s.cfg.host_name ? s.cfg.address : std::string())
+        << ",\"pending_address\":" << json_string(s.pending_address)
+        << ",\"resolve_error\":" << json_string(s.resolve_error)
         << ",\"health\":" << json_string(health_name(s.health.load()))
         << ",\"admin_state\":" << json_string(to_string(s.admin.load()))
         << ",\"backup\":" << (s.backup.load() ? "true" : "false") << ",\"weight\":" << s.weight.load()
@@ -614,8 +621,8 @@ std::string Process::render_status_text() const {
                                 : s.last_check_ok.load()    ? "passed"
                                                             : "failed: " + s.last_check_reason;
       std::snprintf(line, sizeof line, "%-24s %-24s %-9s %-6s %6u %7u %8llu  %s\n", s.label.c_str(),
-                    s.cfg.addr.to_string().c_str(), health_name(s.health.load()), to_string(s.admin.load()),
-                    s.weight.load(), s.active.load(),
+                    s.cfg.addr.len ? s.cfg.addr.to_string().c_str() : "-", health_name(s.health.load()),
+                    to_string(s.admin.load()), s.weight.load(), s.active.load(),
                     (unsigned long long)sum(
                         s.per_worker, [](const ServerWorkerCounters& c) -> const auto& { return c.sessions; }),
                     check.c_str());

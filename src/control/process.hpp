@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -82,6 +83,23 @@ class Process {
   const PoolRuntime* pool_of(const ServerRuntime& s) const;
   void on_transition(HealthChecker& c, Health from, Health to, const CheckResult& r);
 
+  // Re-resolution of server host names (global.resolve_interval). A new answer is checked
+  // at its address by a candidate (a ServerRuntime of its own, not in the snapshot);
+  // once it passes, a snapshot with the new runtime in the old one's place is published:
+  // new sessions go there, open ones stay where they are (like a reload).
+  struct Candidate {
+    std::shared_ptr<ServerRuntime> runtime;
+    std::unique_ptr<HealthChecker> checker;
+  };
+  void schedule_refresh();
+  void refresh_names();
+  // Applies answers to the running servers; `quiet`: a reload has logged its failures.
+  void on_lookups(const std::vector<HostLookup>& lookups, bool quiet);
+  void start_candidate(ServerRuntime* s, const SocketAddress& addr);
+  void drop_candidate(ServerRuntime* s);
+  void on_candidate(ServerRuntime* s, Health to, const CheckResult& r);
+  void promote(ServerRuntime* s);
+
   std::shared_ptr<const Config> config_;
   std::optional<LogLevel> level_override_;  // --log-level wins over the file
   std::shared_ptr<Snapshot> snapshot_;
@@ -113,6 +131,11 @@ class Process {
   std::vector<ReloadDone> reload_waiters_;  // answered by the reload in progress
   std::vector<ReloadDone> next_waiters_;    // answered by the coalesced one after it
   bool reload_again_ = false;               // a reload was asked for while resolving
+  Resolver refresher_{&loop_};              // busy while re-resolution waits for answers
+  uv_timer_t resolve_timer_{};              // the next re-resolution
+  // New addresses under check, by the server (in the snapshot) whose name gave them.
+  std::unordered_map<ServerRuntime*, Candidate> candidates_;
+  std::set<std::string> failing_hosts_;  // names whose last lookup failed (logged once)
 };
 
 }  // namespace smtplb

@@ -66,6 +66,12 @@ struct ServerRuntime {
   std::atomic<int64_t> ramp_start_ms{-1};
   // notAfter of the certificate seen by the last STARTTLS check (Unix seconds; 0 = none).
   std::atomic<int64_t> tls_not_after{0};
+  // A server named by a host name: failed lookups (re-resolution), why the last one
+  // failed (empty when it answered) and a new answer under check before it takes
+  // sessions ("" when none). The strings are for the control loop only.
+  std::atomic<uint64_t> resolve_failures{0};
+  std::string resolve_error;
+  std::string pending_address;
 
   // Metrics. Per worker (data path):
   std::unique_ptr<ServerWorkerCounters[]> per_worker{new ServerWorkerCounters[kMaxWorkers]};

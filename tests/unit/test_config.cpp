@@ -87,6 +87,7 @@ TEST_CASE("config: minimal file and its defaults") {
   CHECK_FALSE(c.global.hostname.empty());  // the machine's host name
   CHECK(c.global.workers == 0);
   CHECK(c.global.max_connections == 20000);
+  CHECK(c.global.resolve_interval == smtplb::Millis(30000));
   CHECK(c.log.level == LogLevel::info);
   CHECK(c.log.access_log);
 
@@ -131,6 +132,7 @@ TEST_CASE("config: every supported key") {
 hostname = "lb1.example.net"
 workers = 4
 max_connections = 500
+resolve_interval = "5s"
 
 [log]
 level = "debug"
@@ -204,6 +206,7 @@ port = 65535
   CHECK(c.global.hostname == "lb1.example.net");
   CHECK(c.global.workers == 4);
   CHECK(c.global.max_connections == 500);
+  CHECK(c.global.resolve_interval == smtplb::Millis(5000));
   CHECK(c.log.level == LogLevel::debug);
   CHECK_FALSE(c.log.access_log);
 
@@ -267,6 +270,9 @@ TEST_CASE("config: error to_string") {
 
 TEST_CASE("config: TOML syntax errors point at the spot") {
   expect_one_error("[global]\nworkers = = 3\n" + kListener + kPool, 2, 11, "");
+  expect_one_error("[global]\nresolve_interval = \"50ms\"\n" + kListener + kPool, 2, 20,
+                   "'resolve_interval' must be 0s (only at load) or at least 100ms");
+  CHECK(load("[global]\nresolve_interval = \"0s\"\n" + kListener + kPool).config->global.resolve_interval.count() == 0);
   expect_one_error(kListener + kPool + "[pool.pf\n", 8, 9, "");
   expect_one_error("[global]\nhostname = \"unterminated\n", 2, 25, "");
   // A key defined twice is a TOML error too.

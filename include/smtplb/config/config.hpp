@@ -39,6 +39,8 @@ struct GlobalConfig {
   unsigned max_connections = 20000;       // process-wide client sessions
   Millis shutdown_grace{30000};           // SIGTERM: how long relaying sessions may finish
   unsigned max_tracked_clients = 200000;  // client keys the per-client limits remember
+  // How often server host names are looked up again; 0 = only at load and reload.
+  Millis resolve_interval{30000};
 };
 
 struct LogConfig {
@@ -127,6 +129,9 @@ struct ServerConfig {
   // (include/smtplb/config/resolve_plan.hpp) before the configuration is used.
   SocketAddress addr;
   bool needs_resolution = false;
+  // `address` is a host name (not an IP literal): looked up again every
+  // global.resolve_interval. Stays true once `addr` is filled.
+  bool host_name = false;
   uint32_t address_line = 0;  // where 'address' is written, for resolution errors
   uint32_t address_column = 0;
   unsigned weight = 1;           // 0..256; 0 = no new sessions
@@ -173,6 +178,8 @@ struct ConfigError {
 struct ConfigLoad {
   std::shared_ptr<const Config> config;  // null when errors is not empty
   std::vector<ConfigError> errors;
+  // Not errors: the configuration is usable (a host name that does not resolve yet).
+  std::vector<ConfigError> warnings;
   bool ok() const { return config != nullptr; }
 };
 
