@@ -603,65 +603,85 @@ void Loader::parse_health_check(const toml::node& n, PoolConfig& p) {
   auto t = n.as_table();
   if (!t) return error(n, "[pool." + p.name + ".health_check] must be a table");
   HealthCheckConfig& h = p.health_check;
-  table_keys(*t, "pool." + p.name + ".health_check",
-             {
-                 {"interval",
-                  [&](const toml::node& v) {
-                    if (auto d = duration(v, "interval", Millis(100))) h.interval = *d;
-                  }},
-                 {"timeout",
-                  [&](const toml::node& v) {
-                    if (auto d = duration(v, "timeout", Millis(100))) h.timeout = *d;
-                  }},
-                 {"rise",
-                  [&](const toml::node& v) {
-                    if (auto i = integer(v, "rise", 1, 100)) h.rise = unsigned(*i);
-                  }},
-                 {"fall",
-                  [&](const toml::node& v) {
-                    if (auto i = integer(v, "fall", 1, 100)) h.fall = unsigned(*i);
-                  }},
-                 {"ehlo_name",
-                  [&](const toml::node& v) {
-                    if (auto s = str(v, "ehlo_name")) {
-                      if (s->find_first_of(" \t\r\n") != std::string::npos)
-                        error(v, "'ehlo_name' must not contain spaces or line breaks");
-                      else
-                        h.ehlo_name = *s;
-                    }
-                  }},
-                 {"starttls",
-                  [&](const toml::node& v) {
-                    if (auto b = boolean(v, "starttls")) h.starttls = *b;
-                  }},
-                 {"tls_verify",
-                  [&](const toml::node& v) {
-                    if (auto b = boolean(v, "tls_verify")) h.tls_verify = *b;
-                  }},
-                 {"tls_ca_file",
-                  [&](const toml::node& v) {
-                    if (auto x = str(v, "tls_ca_file")) {
-                      if (!x->empty() && ::access(x->c_str(), R_OK) != 0)
-                        error(v, "'tls_ca_file' \"" + *x + "\" cannot be read: " + std::strerror(errno));
-                      else
-                        h.tls_ca_file = *x;
-                    }
-                  }},
-                 {"tls_server_name",
-                  [&](const toml::node& v) {
-                    if (auto x = str(v, "tls_server_name")) {
-                      if (x->find_first_of(" \t\r\n") != std::string::npos || x->find('\0') != std::string::npos)
-                        error(v, "'tls_server_name' must be a host name or address");
-                      else
-                        h.tls_server_name = *x;
-                    }
-                  }},
-             });
-  if (!h.starttls)
+  table_keys(
+      *t, "pool." + p.name + ".health_check",
+      {
+          {"interval",
+           [&](const toml::node& v) {
+             if (auto d = duration(v, "interval", Millis(100))) h.interval = *d;
+           }},
+          {"timeout",
+           [&](const toml::node& v) {
+             if (auto d = duration(v, "timeout", Millis(100))) h.timeout = *d;
+           }},
+          {"rise",
+           [&](const toml::node& v) {
+             if (auto i = integer(v, "rise", 1, 100)) h.rise = unsigned(*i);
+           }},
+          {"fall",
+           [&](const toml::node& v) {
+             if (auto i = integer(v, "fall", 1, 100)) h.fall = unsigned(*i);
+           }},
+          {"ehlo_name",
+           [&](const toml::node& v) {
+             if (auto s = str(v, "ehlo_name")) {
+               if (s->find_first_of(" \t\r\n") != std::string::npos)
+                 error(v, "'ehlo_name' must not contain spaces or line breaks");
+               else
+                 h.ehlo_name = *s;
+             }
+           }},
+          {"tls",
+           [&](const toml::node& v) {
+             if (auto m = choice<CheckTls>(
+                     v, "tls",
+                     {{"none", CheckTls::none}, {"starttls", CheckTls::starttls}, {"implicit", CheckTls::implicit}}))
+               h.tls = *m;
+           }},
+          {"starttls",
+           [&](const toml::node& v) {
+             // The older spelling of tls = "starttls"; reconciled with tls below.
+             (void)boolean(v, "starttls");
+           }},
+          {"tls_verify",
+           [&](const toml::node& v) {
+             if (auto b = boolean(v, "tls_verify")) h.tls_verify = *b;
+           }},
+          {"tls_ca_file",
+           [&](const toml::node& v) {
+             if (auto x = str(v, "tls_ca_file")) {
+               if (!x->empty() && ::access(x->c_str(), R_OK) != 0)
+                 error(v, "'tls_ca_file' \"" + *x + "\" cannot be read: " + std::strerror(errno));
+               else
+                 h.tls_ca_file = *x;
+             }
+           }},
+          {"tls_server_name",
+           [&](const toml::node& v) {
+             if (auto x = str(v, "tls_server_name")) {
+               if (x->find_first_of(" \t\r\n") != std::string::npos || x->find('\0') != std::string::npos)
+                 error(v, "'tls_server_name' must be a host name or address");
+               else
+                 h.tls_server_name = *x;
+             }
+           }},
+      });
+  if (const toml::node* st = t->get("starttls"); st && st->is_boolean()) {
+    const bool on = st->as_boolean()->get();
+    if (!t->get("tls"))
+      h.tls = on ? CheckTls::starttls : CheckTls::none;
+    else if (on != (h.tls == CheckTls::starttls))
+      error(*st, std::string("'starttls = ") + (on ? "true" : "false") + "' contradicts tls = \"" +
+                     (h.tls == CheckTls::none       ? "none"
+                      : h.tls == CheckTls::starttls ? "starttls"
+                                                    : "implicit") +
+                     "\"; set tls alone");
+  }
+  if (h.tls == CheckTls::none)
     for (const char* key : {"tls_verify", "tls_ca_file", "tls_server_name"})
       if (const toml::node* v = t->get(key);
           v && !(v->is_boolean() && !v->as_boolean()->get()) && !(v->is_string() && v->as_string()->get().empty()))
-        error(*v, std::string("'") + key + "' has no effect without starttls = true");
+        error(*v, std::string("'") + key + "' has no effect without tls = \"starttls\" or \"implicit\"");
 }
 
 void Loader::parse_server(const toml::node& n, PoolConfig& p, std::set<std::string>& names) {

@@ -818,15 +818,42 @@ TEST_CASE("config: STARTTLS check keys") {
   INFO(dump(r));
   REQUIRE(r.ok());
   const HealthCheckConfig& h = r.config->pools.at(0).health_check;
-  CHECK(h.starttls);
+  CHECK(h.tls == smtplb::CheckTls::starttls);
   CHECK(h.tls_verify);
   CHECK(h.tls_server_name == "mx.example.net");
   CHECK(h.tls_ca_file.empty());
   expect_one_error(kListener + kPool + "[pool.pf.health_check]\ntls_verify = true\n", 9, 14,
-                   "'tls_verify' has no effect without starttls = true");
+                   "'tls_verify' has no effect without tls = \"starttls\" or \"implicit\"");
   expect_one_error(
       kListener + kPool + "[pool.pf.health_check]\nstarttls = true\ntls_ca_file = \"/nonexistent/ca.pem\"\n", 10, 15,
       "'tls_ca_file' \"/nonexistent/ca.pem\" cannot be read");
+}
+
+TEST_CASE("config: check TLS mode: tls = none, starttls or implicit, starttls = true as its alias") {
+  const std::string hc = kListener + kPool + "[pool.pf.health_check]\n";
+  auto mode = [&](const std::string& keys) {
+    auto r = load(hc + keys);
+    INFO(dump(r));
+    REQUIRE(r.ok());
+    return r.config->pools.at(0).health_check.tls;
+  };
+  CHECK(mode("") == smtplb::CheckTls::none);
+  CHECK(mode("tls = \"implicit\"\ntls_verify = true\n") == smtplb::CheckTls::implicit);
+  CHECK(mode("tls = \"starttls\"\n") == smtplb::CheckTls::starttls);
+  CHECK(mode("tls = \"none\"\n") == smtplb::CheckTls::none);
+  CHECK(mode("starttls = true\n") == smtplb::CheckTls::starttls);
+  CHECK(mode("starttls = false\n") == smtplb::CheckTls::none);
+  // Both, consistent: accepted.
+  CHECK(mode("starttls = true\ntls = \"starttls\"\n") == smtplb::CheckTls::starttls);
+  CHECK(mode("starttls = false\ntls = \"implicit\"\n") == smtplb::CheckTls::implicit);
+  // Both, contradicting: an error at starttls.
+  expect_one_error(hc + "tls = \"implicit\"\nstarttls = true\n", 10, 12,
+                   "'starttls = true' contradicts tls = \"implicit\"; set tls alone");
+  expect_one_error(hc + "starttls = false\ntls = \"starttls\"\n", 9, 12,
+                   "'starttls = false' contradicts tls = \"starttls\"; set tls alone");
+  expect_one_error(hc + "tls = \"465\"\n", 9, 7, "'tls' must be one of: none, starttls, implicit");
+  expect_one_error(hc + "tls = \"none\"\ntls_server_name = \"x.example\"\n", 10, 19,
+                   "'tls_server_name' has no effect without tls");
 }
 
 TEST_CASE("config: PROXY protocol in and out") {

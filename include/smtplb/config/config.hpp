@@ -21,6 +21,9 @@ enum class LogTarget : uint8_t { stderr_stream, syslog, file };
 enum class LogFormat : uint8_t { text, json };
 enum class Algorithm : uint8_t { roundrobin, leastconn };
 enum class Handoff : uint8_t { banner, connect };
+// TLS in health checks: none, STARTTLS after EHLO, or implicit (port 465: a handshake
+// before the greeting).
+enum class CheckTls : uint8_t { none, starttls, implicit };
 // Operator's intent for a server, separate from its health: drain takes no new sessions
 // but keeps being checked; maint takes none and is not checked.
 enum class AdminState : uint8_t { ready, drain, maint };
@@ -113,11 +116,11 @@ struct HealthCheckConfig {
   Millis timeout{10000};  // covers the whole dialogue
   unsigned rise = 2;
   unsigned fall = 3;
-  std::string ehlo_name;        // resolved: global.hostname when empty
-  bool starttls = false;        // STARTTLS + TLS handshake + EHLO again
-  bool tls_verify = false;      // verify the certificate chain and name
-  std::string tls_ca_file;      // empty: the system store
-  std::string tls_server_name;  // SNI and name to verify; empty: the server's address
+  std::string ehlo_name;          // resolved: global.hostname when empty
+  CheckTls tls = CheckTls::none;  // starttls: STARTTLS + handshake + EHLO again; implicit: handshake first
+  bool tls_verify = false;        // verify the certificate chain and name
+  std::string tls_ca_file;        // empty: the system store
+  std::string tls_server_name;    // SNI and name to verify; empty: the server's address
 };
 
 struct ServerConfig {
