@@ -631,6 +631,18 @@ void Loader::parse_health_check(const toml::node& n, PoolConfig& p) {
                  h.ehlo_name = *s;
              }
            }},
+          {"agent_port",
+           [&](const toml::node& v) {
+             if (auto i = integer(v, "agent_port", 0, 65535)) h.agent_port = uint16_t(*i);
+           }},
+          {"agent_interval",
+           [&](const toml::node& v) {
+             if (auto d = duration(v, "agent_interval", Millis(100))) h.agent_interval = *d;
+           }},
+          {"agent_timeout",
+           [&](const toml::node& v) {
+             if (auto d = duration(v, "agent_timeout", Millis(100))) h.agent_timeout = *d;
+           }},
           {"tls",
            [&](const toml::node& v) {
              if (auto m = choice<CheckTls>(

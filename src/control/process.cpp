@@ -27,6 +27,7 @@ Process::~Process() {
   // Handles are all closed by the time run() returns; workers join in their destructors.
   workers_.clear();
   checkers_.clear();
+  agents_.clear();
   if (snapshot_)
     for (auto& l : snapshot_->listeners) close_listener_fds(*l);
   uv_loop_close(&loop_);
@@ -114,6 +115,8 @@ int Process::run() {
     uv_close(as_handle(&grace_timer_), nullptr);
     uv_close(as_handle(&resolve_timer_), nullptr);
     for (auto& [s, c] : checkers_) c->stop();
+    for (auto& [s, a] : agents_) AgentChecker::dispose(std::move(a));
+    agents_.clear();
     uv_run(&loop_, UV_RUN_DEFAULT);
     return 1;
   }
@@ -167,13 +170,79 @@ void Process::start_checker(const std::shared_ptr<ServerRuntime>& s, const PoolC
       [this](HealthChecker& hc, Health from, Health to, const CheckResult& r) { on_transition(hc, from, to, r); });
   c->start(std::min<uint64_t>(delay_ms, uint64_t(pool.health_check.interval.count())));
   checkers_[s.get()] = std::move(c);
+  start_agent(s, pool, delay_ms);
 }
 
 void Process::retire_checker(ServerRuntime* s) {
+  retire_agent(s);
   auto it = checkers_.find(s);
   if (it == checkers_.end()) return;
   HealthChecker::dispose(std::move(it->second));
   checkers_.erase(it);
+}
+
+void Process::start_agent(const std::shared_ptr<ServerRuntime>& s, const PoolConfig& pool, uint64_t delay_ms) {
+  if (pool.health_check.agent_port == 0 || s->cfg.addr.len == 0 || agents_.count(s.get())) return;
+  auto a =
+      std::make_unique<AgentChecker>(&loop_, s, pool.health_check,
+                                     [this](AgentChecker& ac, bool ok, const AgentReply& reply, const std::string& line,
+                                            const std::string& error) { on_agent(ac, ok, reply, line, error); });
+  a->start(std::min<uint64_t>(delay_ms, uint64_t(pool.health_check.agent_every().count())));
+  agents_[s.get()] = std::move(a);
+}
+
+void Process::retire_agent(ServerRuntime* s) {
+  auto it = agents_.find(s);
+  if (it == agents_.end()) return;
+  AgentChecker::dispose(std::move(it->second));
+  agents_.erase(it);
+}
+
+namespace {
+// What the agent says: down, drain, maint, or up (as in /status and the metrics).
+const char* agent_state_name(const ServerRuntime& s) {
+  if (s.agent_down.load()) return "down";
+  const AdminState a = s.agent_admin.load();
+  return a == AdminState::ready ? "up" : to_string(a);
+}
+std::string printable_line(std::string_view s) {
+  std::string out;
+  for (char c : s) out += (c >= 0x20 && c < 0x7f) ? c : '?';
+  return out;
+}
+}  // namespace
+
+void Process::on_agent(AgentChecker& a, bool ok, const AgentReply& reply, const std::string& line,
+                       const std::string& error) {
+  ServerRuntime& s = a.server();
+  if (!ok) {
+    bump(s.agent_failures);
+    if (!a.failing)
+      spdlog::warn("server {} agent at {}: {}; its last answer stays in force (logged again only after it answers)",
+                   s.label, a.target(), error);
+    a.failing = true;
+    return;
+  }
+  if (a.failing) spdlog::info("server {} agent at {} answers again", s.label, a.target());
+  a.failing = false;
+  const uint32_t weight_before = s.effective_weight();
+  const std::string state_before = agent_state_name(s);
+  const bool usable_before = s.usable();
+  if (reply.weight_percent) s.agent_percent.store(*reply.weight_percent);
+  if (reply.admin) s.agent_admin.store(*reply.admin);
+  if (reply.up) s.agent_down.store(!*reply.up);
+  s.agent_reply = printable_line(line);
+  const uint32_t weight_after = s.effective_weight();
+  const std::string state_after = agent_state_name(s);
+  if (weight_after == weight_before && state_after == state_before) return;
+  spdlog::info(
+      "server {} agent says \"{}\": agent state {} -> {}, weight {} -> {} ({}% of {}); admin state {}, "
+      "{}",
+      s.label, s.agent_reply, state_before, state_after, weight_before, weight_after, s.agent_percent.load(),
+      s.weight.load(), to_string(s.effective_admin()), s.usable() ? "takes new sessions" : "no new sessions");
+  // New capacity: sessions queued for a full pool may go now.
+  if (weight_after > weight_before || (!usable_before && s.usable()))
+    for (auto& w : workers_) w->kick();
 }
 
 void Process::reload(ReloadDone done) {
@@ -298,6 +367,18 @@ Process::ReloadResult Process::apply_reload(std::shared_ptr<const Config> cfg) {
         spdlog::info("server {} is in maintenance (state = \"maint\"): checks stopped", s->label);
       } else if (it != checkers_.end()) {
         it->second->reconfigure(p.cfg->health_check, p.cfg->proxy_protocol);
+        if (p.cfg->health_check.agent_port == 0 && agents_.count(s.get())) {
+          // Agent feedback turned off: its last answer no longer applies.
+          retire_agent(s.get());
+          s->agent_percent.store(100);
+          s->agent_admin.store(AdminState::ready);
+          s->agent_down.store(false);
+          s->agent_reply.clear();
+        } else if (auto a = agents_.find(s.get()); a != agents_.end()) {
+          a->second->reconfigure(p.cfg->health_check);
+        } else {
+          start_agent(s, *p.cfg, rng_() % 100);
+        }
       } else if (s->cfg.addr.len == 0 && s->health.load() == Health::down) {
         // Still waiting for its name to resolve (already logged).
       } else {
@@ -383,6 +464,8 @@ void Process::begin_stop() {
   for (auto& w : workers_) w->request_drain();
   for (auto& [s, c] : checkers_) HealthChecker::dispose(std::move(c));
   checkers_.clear();
+  for (auto& [s, a] : agents_) AgentChecker::dispose(std::move(a));
+  agents_.clear();
   for (auto& [s, c] : candidates_) {
     HealthChecker::dispose(std::move(c.checker));
     s->pending_address.clear();
@@ -641,6 +724,11 @@ void Process::promote(ServerRuntime* old) {
   fresh->configured_weight.store(old->configured_weight.load());
   fresh->resolve_failures.store(old->resolve_failures.load());
   fresh->resolve_error = old->resolve_error;
+  fresh->agent_percent.store(old->agent_percent.load());
+  fresh->agent_admin.store(old->agent_admin.load());
+  fresh->agent_down.store(old->agent_down.load());
+  fresh->agent_failures.store(old->agent_failures.load());
+  fresh->agent_reply = old->agent_reply;
   next->pools[pi].servers[si] = fresh;
   apply_settings(*next);
   retire_checker(old);
@@ -648,6 +736,7 @@ void Process::promote(ServerRuntime* old) {
     if (cand.checker) HealthChecker::dispose(std::move(cand.checker));
   } else if (cand.checker) {
     checkers_[fresh.get()] = std::move(cand.checker);
+    start_agent(fresh, *next->pools[pi].cfg, 0);  // the agent at the new address
   }
   const std::string before = old->cfg.addr.len ? old->cfg.addr.to_string() : std::string("none");
   const uint32_t open = old->active.load();

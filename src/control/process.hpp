@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "control/admin.hpp"
+#include "control/agent_check.hpp"
 #include "control/health_check.hpp"
 #include "control/resolver.hpp"
 #include "control/systemd.hpp"
@@ -80,6 +81,10 @@ class Process {
   void raise_fd_limit();
   void start_checker(const std::shared_ptr<ServerRuntime>& s, const PoolConfig& pool, uint64_t delay_ms);
   void retire_checker(ServerRuntime* s);
+  // Agent feedback (health_check.agent_port): runs while the server is checked.
+  void start_agent(const std::shared_ptr<ServerRuntime>& s, const PoolConfig& pool, uint64_t delay_ms);
+  void retire_agent(ServerRuntime* s);
+  void on_agent(AgentChecker& a, bool ok, const AgentReply& reply, const std::string& line, const std::string& error);
   const PoolRuntime* pool_of(const ServerRuntime& s) const;
   void on_transition(HealthChecker& c, Health from, Health to, const CheckResult& r);
 
@@ -121,6 +126,7 @@ class Process {
   std::unique_ptr<LogWriter> log_writer_;
   std::vector<std::unique_ptr<Worker>> workers_;
   std::unordered_map<ServerRuntime*, std::unique_ptr<HealthChecker>> checkers_;
+  std::unordered_map<ServerRuntime*, std::unique_ptr<AgentChecker>> agents_;
   std::minstd_rand rng_{std::random_device{}()};
   std::unique_ptr<AdminServer> admin_;
   int64_t start_time_ms_ = 0;         // wall clock at start, for start_time_seconds

@@ -856,6 +856,25 @@ TEST_CASE("config: check TLS mode: tls = none, starttls or implicit, starttls = 
                    "'tls_server_name' has no effect without tls");
 }
 
+TEST_CASE("config: agent feedback keys") {
+  const std::string hc = kListener + kPool + "[pool.pf.health_check]\ninterval = \"3s\"\n";
+  auto r = load(hc);
+  REQUIRE(r.ok());
+  const HealthCheckConfig& off = r.config->pools.at(0).health_check;
+  CHECK(off.agent_port == 0);
+  CHECK(off.agent_every() == smtplb::Millis(3000));  // default: the check interval
+  CHECK(off.agent_timeout == smtplb::Millis(2000));
+  auto on = load(hc + "agent_port = 5555\nagent_interval = \"500ms\"\nagent_timeout = \"1s\"\n");
+  INFO(dump(on));
+  REQUIRE(on.ok());
+  const HealthCheckConfig& h = on.config->pools.at(0).health_check;
+  CHECK(h.agent_port == 5555);
+  CHECK(h.agent_every() == smtplb::Millis(500));
+  CHECK(h.agent_timeout == smtplb::Millis(1000));
+  expect_one_error(hc + "agent_port = 70000\n", 10, 14, "'agent_port' must be between 0 and 65535");
+  expect_one_error(hc + "agent_interval = \"10ms\"\n", 10, 18, "agent_interval");
+}
+
 TEST_CASE("config: PROXY protocol in and out") {
   auto r = load(
       "[listener.mx]\naddress = \"127.0.0.1\"\npool = \"pf\"\nproxy_protocol = \"any\"\n"

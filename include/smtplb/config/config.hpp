@@ -121,6 +121,12 @@ struct HealthCheckConfig {
   bool tls_verify = false;        // verify the certificate chain and name
   std::string tls_ca_file;        // empty: the system store
   std::string tls_server_name;    // SNI and name to verify; empty: the server's address
+  // Agent feedback (HAProxy's agent-check): a TCP port on each server whose one-line
+  // reply scales the weight and sets the agent's state. 0: off.
+  uint16_t agent_port = 0;
+  Millis agent_interval{0};  // 0: the same as interval
+  Millis agent_timeout{2000};
+  Millis agent_every() const { return agent_interval.count() ? agent_interval : interval; }
 };
 
 struct ServerConfig {
