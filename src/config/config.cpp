@@ -207,6 +207,7 @@ class Loader {
   explicit Loader(std::string file) : file_(std::move(file)) {}
 
   ConfigLoad run(std::string_view text);
+  AgentConfigLoad run_agent(std::string_view text);
 
  private:
   // Handles one key of a table; the node is the key's value.
@@ -929,8 +930,109 @@ ConfigLoad Loader::run(std::string_view text) {
 
 }  // namespace
 
+AgentConfigLoad Loader::run_agent(std::string_view text) {
+  AgentConfigLoad out;
+  toml::table root;
+  try {
+    root = toml::parse(text, std::string_view(file_));
+  } catch (const toml::parse_error& e) {
+    error(e.source(), std::string(e.description()));
+    out.errors = std::move(errors_);
+    return out;
+  }
+  auto c = std::make_shared<AgentConfig>();
+  c->path = file_;
+  const toml::node* address_node = nullptr;
+  const toml::node* high_node = nullptr;
+  const toml::node* drain_node = nullptr;
+  for (auto&& [k, v] : root) {
+    const std::string key(k.str());
+    const toml::table* t = v.as_table();
+    if ((key == "agent" || key == "queue") && !t) {
+      error(v, "[" + key + "] must be a table");
+      continue;
+    }
+    if (key == "agent") {
+      table_keys(*t, "agent",
+                 {
+                     {"address",
+                      [&](const toml::node& n) {
+                        if (auto s = str(n, "address")) {
+                          c->address = *s;
+                          address_node = &n;
+                        }
+                      }},
+                     {"port",
+                      [&](const toml::node& n) {
+                        if (auto i = integer(n, "port", 0, 65535)) c->port = uint16_t(*i);
+                      }},
+                     {"queue_directory",
+                      [&](const toml::node& n) {
+                        if (auto s = str(n, "queue_directory")) {
+                          if (s->empty() || s->front() != '/')
+                            error(n, "'queue_directory' must be an absolute path");
+                          else
+                            c->queue_directory = *s;
+                        }
+                      }},
+                     {"refresh",
+                      [&](const toml::node& n) {
+                        if (auto d = duration(n, "refresh", Millis(100))) c->refresh = *d;
+                      }},
+                 });
+    } else if (key == "queue") {
+      table_keys(*t, "queue",
+                 {
+                     {"low",
+                      [&](const toml::node& n) {
+                        if (auto i = integer(n, "low", 0, 100'000'000)) c->queue.low = uint64_t(*i);
+                      }},
+                     {"high",
+                      [&](const toml::node& n) {
+                        if (auto i = integer(n, "high", 1, 100'000'000)) c->queue.high = uint64_t(*i);
+                        high_node = &n;
+                      }},
+                     {"floor",
+                      [&](const toml::node& n) {
+                        if (auto i = integer(n, "floor", 0, 100)) c->queue.floor = uint32_t(*i);
+                      }},
+                     {"drain",
+                      [&](const toml::node& n) {
+                        if (auto i = integer(n, "drain", 0, 100'000'000)) c->queue.drain = uint64_t(*i);
+                        drain_node = &n;
+                      }},
+                 });
+    } else {
+      static constexpr std::string_view kSections[] = {"agent", "queue"};
+      error(k.source(), "unknown section or key '" + key + "'" + did_you_mean(key, kSections));
+    }
+  }
+  if (errors_.empty()) {
+    if (c->queue.high <= c->queue.low)
+      error(
+          high_node ? high_node->source() : toml::source_region{},
+          "'high' (" + std::to_string(c->queue.high) + ") must be above 'low' (" + std::to_string(c->queue.low) + ")");
+    if (c->queue.drain != 0 && c->queue.drain < c->queue.high)
+      error(*drain_node, "'drain' must be 0 (off) or at least 'high' (" + std::to_string(c->queue.high) + ")");
+    if (address_node)
+      address(*address_node, c->address, c->port, true, c->bind);
+    else
+      address(root, c->address, c->port, true, c->bind);
+  }
+  if (!errors_.empty()) {
+    out.errors = std::move(errors_);
+    return out;
+  }
+  out.config = std::move(c);
+  return out;
+}
+
 ConfigLoad load_config_string(std::string_view text, const std::string& path) {
   return Loader(path).run(text);
+}
+
+AgentConfigLoad load_agent_config_string(std::string_view text, const std::string& path) {
+  return Loader(path).run_agent(text);
 }
 
 namespace {
@@ -948,17 +1050,11 @@ std::string unreadable(int err) {
   return why;
 }
 
-}  // namespace
-
-ConfigLoad load_config_file(const std::string& path) {
-  ConfigLoad out;
+// The whole file, or the errno that stopped reading it.
+int read_whole_file(const std::string& path, std::string& text) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    out.errors.push_back({path, 0, 0, unreadable(errno)});
-    return out;
-  }
+  if (fd < 0) return errno;
   struct stat st {};
-  std::string text;
   int err = 0;
   if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
     err = EISDIR;
@@ -977,11 +1073,29 @@ ConfigLoad load_config_file(const std::string& path) {
     }
   }
   ::close(fd);
-  if (err != 0) {
+  return err;
+}
+
+}  // namespace
+
+ConfigLoad load_config_file(const std::string& path) {
+  ConfigLoad out;
+  std::string text;
+  if (const int err = read_whole_file(path, text); err != 0) {
     out.errors.push_back({path, 0, 0, unreadable(err)});
     return out;
   }
   return load_config_string(text, path);
+}
+
+AgentConfigLoad load_agent_config_file(const std::string& path) {
+  AgentConfigLoad out;
+  std::string text;
+  if (const int err = read_whole_file(path, text); err != 0) {
+    out.errors.push_back({path, 0, 0, unreadable(err)});
+    return out;
+  }
+  return load_agent_config_string(text, path);
 }
 
 }  // namespace smtplb

@@ -20,8 +20,9 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (STEP_TIMEOUT, SmtpClient, TestCase, log_time, main, make_config, server_of,  # noqa: E402
-                     wait_until)
+from harness import (SMTPLB_BIN, STEP_TIMEOUT, SmtpClient, TestCase, log_time, main, make_config,  # noqa: E402
+                     server_of, wait_until)
+import subprocess  # noqa: E402
 
 AGENT_INTERVAL = 0.2
 
@@ -203,6 +204,75 @@ class AgentTest(TestCase):
         self.assertEqual(len(re.findall(r"server p/s1 agent at .*: connect:", log)), 1, log)
         print("agent: dead agent: split over 600 sessions s1 %d, s2 %d (unchanged 1:2); %d failed queries counted, "
               "one warning" % (dead["s1"], dead["s2"], failures))
+
+    def start_agent_process(self, config_path, log_path):
+        log = open(log_path, "wb")
+        self.addCleanup(log.close)
+        proc = subprocess.Popen([SMTPLB_BIN, "agent", "-f", config_path], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT)
+
+        def stop():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(STEP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(STEP_TIMEOUT)
+        self.addCleanup(stop)
+        wait_until(lambda: b"listening on" in open(log_path, "rb").read() or proc.poll() is not None,
+                   STEP_TIMEOUT, "smtplb agent to listen")
+        self.assertIsNone(proc.poll(), open(log_path, "rb").read())
+        return proc
+
+    def test_smtplb_agent_from_the_queue(self):
+        d = tempfile.mkdtemp(prefix="smtplb-agent-q-")
+        self.addCleanup(shutil.rmtree, d, True)
+        queue = os.path.join(d, "queue")
+        for sub in ("incoming", "active", "deferred/A", "deferred/B"):
+            os.makedirs(os.path.join(queue, sub))
+
+        def deferred(n):
+            """Makes the deferred queue hold n messages (spread over two hash directories)."""
+            have = sorted(os.path.join(r, f) for r, _, fs in os.walk(os.path.join(queue, "deferred")) for f in fs)
+            for extra in have[n:]:
+                os.unlink(extra)
+            for i in range(len(have), n):
+                with open(os.path.join(queue, "deferred", "AB"[i % 2], "Q%05d" % i), "w") as f:
+                    f.write("x")
+
+        self.a1.close()  # smtplb agent takes s1's agent port
+        cfg_path = os.path.join(d, "agent.toml")
+        with open(cfg_path, "w") as f:
+            f.write('[agent]\naddress = "127.0.0.2"\nport = %d\nqueue_directory = "%s"\nrefresh = "100ms"\n'
+                    '[queue]\nlow = 5\nhigh = 25\nfloor = 10\ndrain = 40\n' % (self.a1.port, queue))
+        r = subprocess.run([SMTPLB_BIN, "agent", "-f", cfg_path, "--once"], capture_output=True, text=True,
+                           timeout=STEP_TIMEOUT)
+        self.assertEqual((r.returncode, r.stdout), (0, "ready up 100% #incoming=0 active=0 deferred=0\n"), r)
+        self.start_agent_process(cfg_path, os.path.join(d, "agent.log"))
+
+        self.admin_path = os.path.join(d, "admin.sock")
+        lb = self.smtplb(make_config([(self.s1, {"weight": 100}), (self.s2, {"weight": 100})],
+                                     health={"agent_port": self.a1.port,
+                                             "agent_interval": "%dms" % (AGENT_INTERVAL * 1000)},
+                                     extra='\n[admin]\nsocket = "%s"\nlisten = ""\n' % self.admin_path),
+                         up=["p/s1", "p/s2"])
+        port = lb.port()
+        figures = []
+        for n, words, count in ((0, "ready up 100%", 600), (15, "ready up 55%", 1550), (30, "ready up 10%", 1100),
+                                (45, "drain 10%", 300), (0, "ready up 100%", 600)):
+            deferred(n)
+            if figures:  # the first answer changes nothing (100%, up)
+                lb.wait_log(re.escape('server p/s1 agent says "%s #incoming=0 active=0 deferred=%d"' % (words, n)))
+            split, fail = sessions(port, count)
+            self.assertEqual(fail, [])
+            share = split.get("s1", 0) / float(count)
+            figures.append((n, words, split.get("s1", 0), split.get("s2", 0), share))
+            pct = int(words.split()[-1].rstrip("%"))
+            expect = 0.0 if "drain" in words else pct / (pct + 100.0)
+            self.assertAlmostEqual(share, expect, delta=0.01, msg=(n, words, split))
+        for n, words, a, b, share in figures:
+            print("smtplb agent: deferred=%d -> '%s': split s1 %d, s2 %d (s1 share %.3f)" % (n, words, a, b, share))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 
 #include "smtplb/config/duration.hpp"
 #include "smtplb/edge/rate_limit.hpp"
+#include "smtplb/lb/queue_weight.hpp"
 
 namespace smtplb {
 
@@ -191,6 +192,25 @@ struct ConfigLoad {
   std::vector<ConfigError> warnings;
   bool ok() const { return config != nullptr; }
 };
+
+// `smtplb agent`: its own small file (one [agent] and one [queue] table).
+struct AgentConfig {
+  std::string path;
+  std::string address = "0.0.0.0";  // where the agent listens: an IP literal
+  uint16_t port = 5555;             // the pool's health_check.agent_port; 0: any (tests)
+  SocketAddress bind;
+  std::string queue_directory = "/var/spool/postfix";
+  Millis refresh{2000};  // how often the queue is counted
+  QueueThresholds queue;
+};
+
+struct AgentConfigLoad {
+  std::shared_ptr<const AgentConfig> config;  // null when errors is not empty
+  std::vector<ConfigError> errors;
+  bool ok() const { return config != nullptr; }
+};
+AgentConfigLoad load_agent_config_string(std::string_view text, const std::string& path);
+AgentConfigLoad load_agent_config_file(const std::string& path);
 
 // A file that cannot be read is one error at line 0 saying why (it does not exist, is a
 // directory, permission denied for the user smtplb runs as, ...).
