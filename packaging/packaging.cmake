@@ -15,8 +15,11 @@ set(SMTPLB_PACKAGE_MAINTAINER "smtplb maintainers <smtplb@lists.smtplb.org>")
 set(_smtplb_pkg_src ${CMAKE_CURRENT_SOURCE_DIR}/packaging)
 set(_smtplb_pkg_bin ${CMAKE_CURRENT_BINARY_DIR}/packaging)
 
-install(FILES conf/smtplb.toml DESTINATION share/smtplb)
-install(FILES ${_smtplb_pkg_src}/smtplb.service DESTINATION lib/systemd/system)
+install(FILES conf/smtplb.toml conf/agent.toml DESTINATION share/smtplb)
+# smtplb-agent.service is installed, never enabled by the maintainer scripts: it belongs
+# on Postfix hosts, not on the balancer.
+install(FILES ${_smtplb_pkg_src}/smtplb.service ${_smtplb_pkg_src}/smtplb-agent.service
+        DESTINATION lib/systemd/system)
 install(FILES ${_smtplb_pkg_src}/smtplb.sysusers DESTINATION lib/sysusers.d RENAME smtplb.conf)
 
 # Man pages (hand-written roff, the version filled in) and the changelog, compressed

@@ -15,7 +15,7 @@ fi
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build=$root/build-fuzz
-targets=(fuzz_smtp_reply fuzz_config fuzz_proxy_protocol fuzz_http fuzz_session_core fuzz_edge)
+targets=(fuzz_smtp_reply fuzz_config fuzz_proxy_protocol fuzz_http fuzz_session_core fuzz_edge fuzz_agent_reply)
 
 for tool in clang clang++ cmake ninja; do
   command -v "$tool" >/dev/null || { echo "fuzz: '$tool' not found (scripts/deps.sh test)" >&2; exit 1; }

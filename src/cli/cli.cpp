@@ -6,6 +6,7 @@
 #include <exception>
 #include <optional>
 
+#include "cli/agent.hpp"
 #include "cli/ctl.hpp"
 #include "control/process.hpp"
 #include "control/resolver.hpp"
@@ -21,6 +22,7 @@ constexpr const char* kUsage =
     "usage: smtplb [-f|--config FILE] [-c|--check] [-q|--quiet] [--log-level LEVEL] [-V|--version]\n"
     "       smtplb ctl [--socket PATH] status | drain|ready|maint POOL/SERVER | weight POOL/SERVER N | reload\n"
     "                                  | drain [--wait QUIET [--timeout MAX]] | ready\n"
+    "       smtplb agent [-f FILE] [--check] [--once]   (on a Postfix host: queue-aware agent-check)\n"
     "\n"
     "  -f, --config FILE    configuration file (default /etc/smtplb/smtplb.toml)\n"
     "  -c, --check          validate the configuration, print every problem, and exit\n"
@@ -51,6 +53,7 @@ int run_cli(const std::vector<std::string>& args) {
   std::optional<LogLevel> level;
 
   if (args.size() > 1 && args[1] == "ctl") return run_ctl(std::vector<std::string>(args.begin() + 1, args.end()));
+  if (args.size() > 1 && args[1] == "agent") return run_agent(std::vector<std::string>(args.begin() + 1, args.end()));
   for (size_t i = 1; i < args.size(); ++i) {
     const std::string& a = args[i];
     auto value = [&](const char* name) -> std::optional<std::string> {
@@ -84,8 +87,9 @@ int run_cli(const std::vector<std::string>& args) {
     }
   }
 
-  // Host names are looked up here, before anything starts (and with --check, which
-  // reports an unresolvable one like any other error).
+  // Host names are looked up here, before anything starts. One that does not resolve is
+  // a warning, not an error: the server starts DOWN and its name is looked up again (a
+  // DNS hiccup at boot must not keep the service down).
   ConfigLoad load = resolve_config_now(load_config_file(config_path));
   if (!load.ok()) {
     for (const auto& e : load.errors) std::fprintf(stderr, "%s\n", e.to_string().c_str());
@@ -97,6 +101,11 @@ int run_cli(const std::vector<std::string>& args) {
     return kExitConfig;
   }
   if (check) {
+    for (const auto& w : load.warnings) {
+      ConfigError e = w;
+      e.message = "warning: " + e.message;
+      std::fprintf(stderr, "%s\n", e.to_string().c_str());
+    }
     if (!quiet) std::printf("configuration file %s test is successful\n", config_path.c_str());
     return kExitOk;
   }
@@ -106,6 +115,7 @@ int run_cli(const std::vector<std::string>& args) {
     std::fprintf(stderr, "smtplb: %s\n", error.c_str());
     return kExitFailure;
   }
+  for (const auto& w : load.warnings) spdlog::warn("{}", w.to_string());
   try {
     Process process(load.config, level);
     return process.run();

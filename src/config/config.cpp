@@ -219,6 +219,7 @@ class Loader {
   explicit Loader(std::string file) : file_(std::move(file)) {}
 
   ConfigLoad run(std::string_view text);
+  AgentConfigLoad run_agent(std::string_view text);
 
  private:
   // Handles one key of a table; the node is the key's value.
@@ -421,6 +422,15 @@ void Loader::parse_global(const toml::node& n, Config& c) {
                     if (auto i = integer(v, "max_tracked_clients", 1000, 100'000'000))
                       c.global.max_tracked_clients = unsigned(*i);
                   }},
+                 {"resolve_interval",
+                  [&](const toml::node& v) {
+                    if (auto d = duration(v, "resolve_interval", Millis(0))) {
+                      if (d->count() > 0 && d->count() < 100)
+                        error(v, "'resolve_interval' must be 0s (only at load) or at least 100ms");
+                      else
+                        c.global.resolve_interval = *d;
+                    }
+                  }},
              });
 }
 
@@ -610,65 +620,97 @@ void Loader::parse_health_check(const toml::node& n, PoolConfig& p) {
   auto t = n.as_table();
   if (!t) return error(n, "[pool." + p.name + ".health_check] must be a table");
   HealthCheckConfig& h = p.health_check;
-  table_keys(*t, "pool." + p.name + ".health_check",
-             {
-                 {"interval",
-                  [&](const toml::node& v) {
-                    if (auto d = duration(v, "interval", Millis(100))) h.interval = *d;
-                  }},
-                 {"timeout",
-                  [&](const toml::node& v) {
-                    if (auto d = duration(v, "timeout", Millis(100))) h.timeout = *d;
-                  }},
-                 {"rise",
-                  [&](const toml::node& v) {
-                    if (auto i = integer(v, "rise", 1, 100)) h.rise = unsigned(*i);
-                  }},
-                 {"fall",
-                  [&](const toml::node& v) {
-                    if (auto i = integer(v, "fall", 1, 100)) h.fall = unsigned(*i);
-                  }},
-                 {"ehlo_name",
-                  [&](const toml::node& v) {
-                    if (auto s = str(v, "ehlo_name")) {
-                      if (s->find_first_of(" \t\r\n") != std::string::npos)
-                        error(v, "'ehlo_name' must not contain spaces or line breaks");
-                      else
-                        h.ehlo_name = *s;
-                    }
-                  }},
-                 {"starttls",
-                  [&](const toml::node& v) {
-                    if (auto b = boolean(v, "starttls")) h.starttls = *b;
-                  }},
-                 {"tls_verify",
-                  [&](const toml::node& v) {
-                    if (auto b = boolean(v, "tls_verify")) h.tls_verify = *b;
-                  }},
-                 {"tls_ca_file",
-                  [&](const toml::node& v) {
-                    if (auto x = str(v, "tls_ca_file")) {
-                      if (!x->empty() && ::access(x->c_str(), R_OK) != 0)
-                        error(v, "'tls_ca_file' \"" + *x + "\" cannot be read: " + std::strerror(errno));
-                      else
-                        h.tls_ca_file = *x;
-                    }
-                  }},
-                 {"tls_server_name",
-                  [&](const toml::node& v) {
-                    if (auto x = str(v, "tls_server_name")) {
-                      if (x->find_first_of(" \t\r\n") != std::string::npos || x->find('\0') != std::string::npos)
-                        error(v, "'tls_server_name' must be a host name or address");
-                      else
-                        h.tls_server_name = *x;
-                    }
-                  }},
-             });
-  if (!h.starttls)
+  table_keys(
+      *t, "pool." + p.name + ".health_check",
+      {
+          {"interval",
+           [&](const toml::node& v) {
+             if (auto d = duration(v, "interval", Millis(100))) h.interval = *d;
+           }},
+          {"timeout",
+           [&](const toml::node& v) {
+             if (auto d = duration(v, "timeout", Millis(100))) h.timeout = *d;
+           }},
+          {"rise",
+           [&](const toml::node& v) {
+             if (auto i = integer(v, "rise", 1, 100)) h.rise = unsigned(*i);
+           }},
+          {"fall",
+           [&](const toml::node& v) {
+             if (auto i = integer(v, "fall", 1, 100)) h.fall = unsigned(*i);
+           }},
+          {"ehlo_name",
+           [&](const toml::node& v) {
+             if (auto s = str(v, "ehlo_name")) {
+               if (s->find_first_of(" \t\r\n") != std::string::npos)
+                 error(v, "'ehlo_name' must not contain spaces or line breaks");
+               else
+                 h.ehlo_name = *s;
+             }
+           }},
+          {"agent_port",
+           [&](const toml::node& v) {
+             if (auto i = integer(v, "agent_port", 0, 65535)) h.agent_port = uint16_t(*i);
+           }},
+          {"agent_interval",
+           [&](const toml::node& v) {
+             if (auto d = duration(v, "agent_interval", Millis(100))) h.agent_interval = *d;
+           }},
+          {"agent_timeout",
+           [&](const toml::node& v) {
+             if (auto d = duration(v, "agent_timeout", Millis(100))) h.agent_timeout = *d;
+           }},
+          {"tls",
+           [&](const toml::node& v) {
+             if (auto m = choice<CheckTls>(
+                     v, "tls",
+                     {{"none", CheckTls::none}, {"starttls", CheckTls::starttls}, {"implicit", CheckTls::implicit}}))
+               h.tls = *m;
+           }},
+          {"starttls",
+           [&](const toml::node& v) {
+             // The older spelling of tls = "starttls"; reconciled with tls below.
+             (void)boolean(v, "starttls");
+           }},
+          {"tls_verify",
+           [&](const toml::node& v) {
+             if (auto b = boolean(v, "tls_verify")) h.tls_verify = *b;
+           }},
+          {"tls_ca_file",
+           [&](const toml::node& v) {
+             if (auto x = str(v, "tls_ca_file")) {
+               if (!x->empty() && ::access(x->c_str(), R_OK) != 0)
+                 error(v, "'tls_ca_file' \"" + *x + "\" cannot be read: " + std::strerror(errno));
+               else
+                 h.tls_ca_file = *x;
+             }
+           }},
+          {"tls_server_name",
+           [&](const toml::node& v) {
+             if (auto x = str(v, "tls_server_name")) {
+               if (x->find_first_of(" \t\r\n") != std::string::npos || x->find('\0') != std::string::npos)
+                 error(v, "'tls_server_name' must be a host name or address");
+               else
+                 h.tls_server_name = *x;
+             }
+           }},
+      });
+  if (const toml::node* st = t->get("starttls"); st && st->is_boolean()) {
+    const bool on = st->as_boolean()->get();
+    if (!t->get("tls"))
+      h.tls = on ? CheckTls::starttls : CheckTls::none;
+    else if (on != (h.tls == CheckTls::starttls))
+      error(*st, std::string("'starttls = ") + (on ? "true" : "false") + "' contradicts tls = \"" +
+                     (h.tls == CheckTls::none       ? "none"
+                      : h.tls == CheckTls::starttls ? "starttls"
+                                                    : "implicit") +
+                     "\"; set tls alone");
+  }
+  if (h.tls == CheckTls::none)
     for (const char* key : {"tls_verify", "tls_ca_file", "tls_server_name"})
       if (const toml::node* v = t->get(key);
           v && !(v->is_boolean() && !v->as_boolean()->get()) && !(v->is_string() && v->as_string()->get().empty()))
-        error(*v, std::string("'") + key + "' has no effect without starttls = true");
+        error(*v, std::string("'") + key + "' has no effect without tls = \"starttls\" or \"implicit\"");
 }
 
 void Loader::parse_server(const toml::node& n, PoolConfig& p, std::set<std::string>& names) {
@@ -742,6 +784,7 @@ void Loader::parse_server(const toml::node& n, PoolConfig& p, std::set<std::stri
   }
   if (ok) {
     ok = address(*address_node, s.address, s.port, false, s.addr, &s.needs_resolution);
+    s.host_name = s.needs_resolution;
     s.address_line = address_node->source().begin.line;
     s.address_column = address_node->source().begin.column;
   }
@@ -925,8 +968,109 @@ ConfigLoad Loader::run(std::string_view text) {
 
 }  // namespace
 
+AgentConfigLoad Loader::run_agent(std::string_view text) {
+  AgentConfigLoad out;
+  toml::table root;
+  try {
+    root = toml::parse(text, std::string_view(file_));
+  } catch (const toml::parse_error& e) {
+    error(e.source(), std::string(e.description()));
+    out.errors = std::move(errors_);
+    return out;
+  }
+  auto c = std::make_shared<AgentConfig>();
+  c->path = file_;
+  const toml::node* address_node = nullptr;
+  const toml::node* high_node = nullptr;
+  const toml::node* drain_node = nullptr;
+  for (auto&& [k, v] : root) {
+    const std::string key(k.str());
+    const toml::table* t = v.as_table();
+    if ((key == "agent" || key == "queue") && !t) {
+      error(v, "[" + key + "] must be a table");
+      continue;
+    }
+    if (key == "agent") {
+      table_keys(*t, "agent",
+                 {
+                     {"address",
+                      [&](const toml::node& n) {
+                        if (auto s = str(n, "address")) {
+                          c->address = *s;
+                          address_node = &n;
+                        }
+                      }},
+                     {"port",
+                      [&](const toml::node& n) {
+                        if (auto i = integer(n, "port", 0, 65535)) c->port = uint16_t(*i);
+                      }},
+                     {"queue_directory",
+                      [&](const toml::node& n) {
+                        if (auto s = str(n, "queue_directory")) {
+                          if (s->empty() || s->front() != '/')
+                            error(n, "'queue_directory' must be an absolute path");
+                          else
+                            c->queue_directory = *s;
+                        }
+                      }},
+                     {"refresh",
+                      [&](const toml::node& n) {
+                        if (auto d = duration(n, "refresh", Millis(100))) c->refresh = *d;
+                      }},
+                 });
+    } else if (key == "queue") {
+      table_keys(*t, "queue",
+                 {
+                     {"low",
+                      [&](const toml::node& n) {
+                        if (auto i = integer(n, "low", 0, 100'000'000)) c->queue.low = uint64_t(*i);
+                      }},
+                     {"high",
+                      [&](const toml::node& n) {
+                        if (auto i = integer(n, "high", 1, 100'000'000)) c->queue.high = uint64_t(*i);
+                        high_node = &n;
+                      }},
+                     {"floor",
+                      [&](const toml::node& n) {
+                        if (auto i = integer(n, "floor", 0, 100)) c->queue.floor = uint32_t(*i);
+                      }},
+                     {"drain",
+                      [&](const toml::node& n) {
+                        if (auto i = integer(n, "drain", 0, 100'000'000)) c->queue.drain = uint64_t(*i);
+                        drain_node = &n;
+                      }},
+                 });
+    } else {
+      static constexpr std::string_view kSections[] = {"agent", "queue"};
+      error(k.source(), "unknown section or key '" + key + "'" + did_you_mean(key, kSections));
+    }
+  }
+  if (errors_.empty()) {
+    if (c->queue.high <= c->queue.low)
+      error(
+          high_node ? high_node->source() : toml::source_region{},
+          "'high' (" + std::to_string(c->queue.high) + ") must be above 'low' (" + std::to_string(c->queue.low) + ")");
+    if (c->queue.drain != 0 && c->queue.drain < c->queue.high)
+      error(*drain_node, "'drain' must be 0 (off) or at least 'high' (" + std::to_string(c->queue.high) + ")");
+    if (address_node)
+      address(*address_node, c->address, c->port, true, c->bind);
+    else
+      address(root, c->address, c->port, true, c->bind);
+  }
+  if (!errors_.empty()) {
+    out.errors = std::move(errors_);
+    return out;
+  }
+  out.config = std::move(c);
+  return out;
+}
+
 ConfigLoad load_config_string(std::string_view text, const std::string& path) {
   return Loader(path).run(text);
+}
+
+AgentConfigLoad load_agent_config_string(std::string_view text, const std::string& path) {
+  return Loader(path).run_agent(text);
 }
 
 namespace {
@@ -944,17 +1088,11 @@ std::string unreadable(int err) {
   return why;
 }
 
-}  // namespace
-
-ConfigLoad load_config_file(const std::string& path) {
-  ConfigLoad out;
+// The whole file, or the errno that stopped reading it.
+int read_whole_file(const std::string& path, std::string& text) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    out.errors.push_back({path, 0, 0, unreadable(errno)});
-    return out;
-  }
+  if (fd < 0) return errno;
   struct stat st {};
-  std::string text;
   int err = 0;
   if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
     err = EISDIR;
@@ -973,11 +1111,29 @@ ConfigLoad load_config_file(const std::string& path) {
     }
   }
   ::close(fd);
-  if (err != 0) {
+  return err;
+}
+
+}  // namespace
+
+ConfigLoad load_config_file(const std::string& path) {
+  ConfigLoad out;
+  std::string text;
+  if (const int err = read_whole_file(path, text); err != 0) {
     out.errors.push_back({path, 0, 0, unreadable(err)});
     return out;
   }
   return load_config_string(text, path);
+}
+
+AgentConfigLoad load_agent_config_file(const std::string& path) {
+  AgentConfigLoad out;
+  std::string text;
+  if (const int err = read_whole_file(path, text); err != 0) {
+    out.errors.push_back({path, 0, 0, unreadable(err)});
+    return out;
+  }
+  return load_agent_config_string(text, path);
 }
 
 }  // namespace smtplb

@@ -65,6 +65,13 @@ std::string iso_time(int64_t unix_ms) {
   return buf;
 }
 
+// What the server's agent says: down, drain, maint, or up (also without an agent).
+std::string_view agent_state(const ServerRuntime& s) {
+  if (s.agent_down.load()) return "down";
+  const AdminState a = s.agent_admin.load();
+  return a == AdminState::ready ? "up" : to_string(a);
+}
+
 const char* health_name(Health h) {
   return h == Health::up ? "up" : h == Health::down ? "down" : "unchecked";
 }
@@ -393,6 +400,14 @@ std::string Process::render_metrics() const {
       {"smtplb_server_check_transitions_total", "counter", "Health transitions, by new state."},
       {"smtplb_server_tls_cert_not_after_seconds", "gauge",
        "notAfter of the certificate seen by the last STARTTLS check (0 when none)."},
+      {"smtplb_server_resolve_failures_total", "counter",
+       "Failed lookups of the server's host name (it keeps its last address)."},
+      {"smtplb_server_effective_weight", "gauge",
+       "Weight the balancer uses: the configured (or runtime) weight scaled by the agent's percentage."},
+      {"smtplb_server_agent_weight_percent", "gauge", "Weight percentage from the server's agent (100 without one)."},
+      {"smtplb_server_agent_state", "gauge",
+       "State the server's agent reports (one series per state, 1 for the current)."},
+      {"smtplb_server_agent_failures_total", "counter", "Agent queries without a reply understood."},
   };
   for (const auto& f : families) {
     m.family(f.name, f.type, f.help);
@@ -435,6 +450,18 @@ std::string Process::render_metrics() const {
         } else if (n == "smtplb_server_check_transitions_total") {
           m.sample(f.name, {{"pool", pn}, {"server", sn}, {"to", "up"}}, s.transitions_up.load());
           m.sample(f.name, {{"pool", pn}, {"server", sn}, {"to", "down"}}, s.transitions_down.load());
+        } else if (n == "smtplb_server_resolve_failures_total") {
+          m.sample(f.name, {{"pool", pn}, {"server", sn}}, s.resolve_failures.load());
+        } else if (n == "smtplb_server_effective_weight") {
+          m.sample(f.name, {{"pool", pn}, {"server", sn}}, uint64_t{s.effective_weight()});
+        } else if (n == "smtplb_server_agent_weight_percent") {
+          m.sample(f.name, {{"pool", pn}, {"server", sn}}, uint64_t{s.agent_percent.load()});
+        } else if (n == "smtplb_server_agent_state") {
+          const std::string_view now = agent_state(s);
+          for (std::string_view st : {"up", "down", "drain", "maint"})
+            m.sample(f.name, {{"pool", pn}, {"server", sn}, {"state", st}}, uint64_t{now == st ? 1u : 0u});
+        } else if (n == "smtplb_server_agent_failures_total") {
+          m.sample(f.name, {{"pool", pn}, {"server", sn}}, s.agent_failures.load());
         } else {
           m.sample(f.name, {{"pool", pn}, {"server", sn}}, double(s.tls_not_after.load()));
         }
@@ -642,13 +669,17 @@ std::string Process::render_status_json() const {
       const ServerRuntime& s = *sp;
       const int64_t ramp = s.ramp_start_ms.load();
       const uint32_t eff =
-          effective_weight(s.weight.load(), ramp < 0 ? -1 : int64_t(uv_now(const_cast<uv_loop_t*>(&loop_))) - ramp,
+          effective_weight(s.effective_weight(), ramp < 0 ? -1 : int64_t(uv_now(const_cast<uv_loop_t*>(&loop_))) - ramp,
                            p.cfg->slow_start.count()) /
           kWeightScale;
       o << (sfirst ? "" : ",") << "{\"name\":" << json_string(s.cfg.name)
-        << ",\"address\":" << json_string(s.cfg.addr.to_string())
+        << ",\"address\":" << json_string(s.cfg.addr.len ? s.cfg.addr.to_string() : std::string())
+        << ",\"host\":" << json_string(s.cfg.host_name ? s.cfg.address : std::string())
+        << ",\"pending_address\":" << json_string(s.pending_address)
+        << ",\"resolve_error\":" << json_string(s.resolve_error)
         << ",\"health\":" << json_string(health_name(s.health.load()))
         << ",\"admin_state\":" << json_string(to_string(s.admin.load()))
+        << ",\"effective_admin_state\":" << json_string(to_string(s.effective_admin()))
         << ",\"backup\":" << (s.backup.load() ? "true" : "false") << ",\"weight\":" << s.weight.load()
         << ",\"effective_weight\":" << eff << ",\"max_connections\":" << s.max_connections.load()
         << ",\"current_connections\":" << s.active.load() << ",\"connections_total\":"
@@ -661,7 +692,11 @@ std::string Process::render_status_json() const {
                                                    : "failed")
         << ",\"reason\":" << json_string(s.last_check_reason)
         << "},\"last_change\":{\"time\":" << iso_time(s.last_change_ms)
-        << ",\"cause\":" << json_string(s.last_change_cause) << "}}";
+        << ",\"cause\":" << json_string(s.last_change_cause) << "}";
+      if (p.cfg->health_check.agent_port)
+        o << ",\"agent\":{\"state\":" << json_string(agent_state(s)) << ",\"weight_percent\":" << s.agent_percent.load()
+          << ",\"reply\":" << json_string(s.agent_reply) << ",\"failures\":" << s.agent_failures.load() << "}";
+      o << "}";
       sfirst = false;
     }
     o << "]}";
@@ -699,8 +734,8 @@ std::string Process::render_status_text() const {
                                 : s.last_check_ok.load()    ? "passed"
                                                             : "failed: " + s.last_check_reason;
       std::snprintf(line, sizeof line, "%-24s %-24s %-9s %-6s %6u %7u %8llu  %s\n", s.label.c_str(),
-                    s.cfg.addr.to_string().c_str(), health_name(s.health.load()), to_string(s.admin.load()),
-                    s.weight.load(), s.active.load(),
+                    s.cfg.addr.len ? s.cfg.addr.to_string().c_str() : "-", health_name(s.health.load()),
+                    to_string(s.admin.load()), s.weight.load(), s.active.load(),
                     (unsigned long long)sum(
                         s.per_worker, [](const ServerWorkerCounters& c) -> const auto& { return c.sessions; }),
                     check.c_str());

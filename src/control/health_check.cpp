@@ -7,6 +7,8 @@
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
 
+#include <openssl/x509_vfy.h>
+
 #include <ctime>
 #include <map>
 #include <tuple>
@@ -141,7 +143,7 @@ void HealthChecker::apply_config(const HealthCheckConfig& cfg) {
   cfg_ = cfg;
   tls_ctx_.reset();  // the next check takes the context of the (possibly new) TLS settings
   tls_name_.clear();
-  if (cfg_.starttls) {
+  if (cfg_.tls != CheckTls::none) {
     tls_name_ = cfg_.tls_server_name.empty() ? server_->cfg.address : cfg_.tls_server_name;
     if (tls_name_.size() > 2 && tls_name_.front() == '[' && tls_name_.back() == ']')
       tls_name_ = tls_name_.substr(1, tls_name_.size() - 2);
@@ -158,7 +160,7 @@ void HealthChecker::force_down(const std::string& reason) {
 void HealthChecker::begin() {
   started_ = uv_now(loop_);
   parser_.reset();
-  if (cfg_.starttls && !tls_ctx_) {
+  if (cfg_.tls != CheckTls::none && !tls_ctx_) {
     // Built here rather than in the constructor so a CA file fixed later is picked up.
     std::string error;
     tls_ctx_ = shared_tls_context(cfg_, error);
@@ -232,6 +234,8 @@ void HealthChecker::connected(int status) {
           self->fail_step(step_name(self->step_) + ": " + uv_strerror(int(n)));
         }
       });
+  // Port 465: the handshake comes first (after the PROXY header), the greeting inside TLS.
+  if (cfg_.tls == CheckTls::implicit) start_tls();
 }
 
 void HealthChecker::received(const char* data, size_t len) {
@@ -243,7 +247,7 @@ void HealthChecker::received(const char* data, size_t len) {
     // small writes in a row would wait for a delayed ACK (Nagle).
     if (st == TlsClient::Status::ok) return tls_established();
     flush_tls();  // the next flight, or an alert
-    if (st != TlsClient::Status::want_read) fail(CheckFailure::tls, tls_->error());
+    if (st != TlsClient::Status::want_read) fail(tls_failure(), tls_->error());
     return;
   }
   std::string plain;
@@ -259,7 +263,7 @@ void HealthChecker::closed_by_peer() {
   if (tls_ && step_ == Step::tls_handshake) {
     // Let OpenSSL name it ("unexpected eof while reading"), like any other handshake failure.
     tls_->feed_eof();
-    if (tls_->handshake() == TlsClient::Status::error) return fail(CheckFailure::tls, tls_->error());
+    if (tls_->handshake() == TlsClient::Status::error) return fail(tls_failure(), tls_->error());
   }
   fail_step("connection closed during " + step_name(step_));
 }
@@ -307,8 +311,8 @@ void HealthChecker::reply_bytes(std::string_view data) {
       break;
     case Step::ehlo:
       if (code != 250) return fail_step(what);
-      step_ = cfg_.starttls ? Step::starttls : Step::quit;
-      send(cfg_.starttls ? "STARTTLS\r\n" : "QUIT\r\n");
+      step_ = cfg_.tls == CheckTls::starttls ? Step::starttls : Step::quit;
+      send(cfg_.tls == CheckTls::starttls ? "STARTTLS\r\n" : "QUIT\r\n");
       break;
     case Step::starttls:
       if (code != 220) return fail_step(what);
@@ -344,7 +348,17 @@ void HealthChecker::start_tls() {
   step_ = Step::tls_handshake;
   const TlsClient::Status st = tls_->handshake();  // the ClientHello
   flush_tls();
-  if (st == TlsClient::Status::error) fail(CheckFailure::tls, tls_->error());
+  if (st == TlsClient::Status::error) fail(tls_failure(), tls_->error());
+}
+
+CheckFailure HealthChecker::tls_failure() const {
+  // A handshake failed by verification says why in the verify result: the two an
+  // operator acts on differently (fix the name, renew the certificate) count apart.
+  if (!tls_ || !tls_ctx_ || !tls_ctx_->verify()) return CheckFailure::tls;
+  const long v = tls_->verify_result();
+  if (v == X509_V_ERR_HOSTNAME_MISMATCH || v == X509_V_ERR_IP_ADDRESS_MISMATCH) return CheckFailure::tls_name;
+  if (v == X509_V_ERR_CERT_HAS_EXPIRED) return CheckFailure::tls_expired;
+  return CheckFailure::tls;
 }
 
 void HealthChecker::tls_established() {
@@ -357,6 +371,14 @@ void HealthChecker::tls_established() {
   // as after any reply.
   std::string early;
   if (tls_->read(early) == TlsClient::Status::error) return fail(CheckFailure::tls, tls_->error());
+  if (cfg_.tls == CheckTls::implicit) {
+    // Implicit TLS: the server speaks first, once it has our Finished; anything that
+    // came with its last flight is the start of the greeting.
+    flush_tls();
+    step_ = Step::greeting;
+    if (!early.empty()) reply_bytes(early);
+    return;
+  }
   step_ = Step::ehlo_tls;
   send("EHLO " + cfg_.ehlo_name + "\r\n");
 }

@@ -1,8 +1,9 @@
 #pragma once
 // Active SMTP health check of one server, on the control loop: connect, read the whole
 // greeting, EHLO, read the whole reply, [STARTTLS, 220, TLS handshake, EHLO again, whole
-// reply,] QUIT, wait for 221. Never writes before the server finished its reply
-// (postscreen's pregreet test), never pipelines.
+// reply,] QUIT, wait for 221. With implicit TLS (port 465) the handshake comes right after
+// the connect (and the PROXY header), and the whole dialogue runs inside TLS. Never writes before the server finished
+// its reply (postscreen's pregreet test), never pipelines.
 #include <uv.h>
 
 #include <chrono>
@@ -97,6 +98,8 @@ class HealthChecker {
   void start_tls();
   void tls_established();
   void warn_expiry(int64_t not_after);
+  // The failure a TLS error of the handshake counts as (tls, tls_name, tls_expired).
+  CheckFailure tls_failure() const;
   void send(std::string_view text);
   void write_raw(std::string data);
   void flush_tls();

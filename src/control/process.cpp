@@ -5,6 +5,7 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <cstring>
 #include <thread>
 
 #include "control/cpu_probe.hpp"
@@ -45,6 +46,7 @@ Process::~Process() {
   // Handles are all closed by the time run() returns; workers join in their destructors.
   workers_.clear();
   checkers_.clear();
+  agents_.clear();
   if (snapshot_)
     for (auto& l : snapshot_->listeners) close_listener_fds(*l);
   uv_loop_close(&loop_);
@@ -111,6 +113,8 @@ int Process::run() {
   link_.wake = &control_wake_;
   uv_timer_init(&loop_, &grace_timer_);
   grace_timer_.data = this;
+  uv_timer_init(&loop_, &resolve_timer_);
+  resolve_timer_.data = this;
 
   // The first checks start at once, 2 ms apart (200 servers: within 0.4 s; never longer
   // than the interval), so a restarted balancer takes traffic within one check dialogue,
@@ -134,7 +138,10 @@ int Process::run() {
     for (auto& w : workers_) w->request_stop();
     uv_close(as_handle(&control_wake_), nullptr);
     uv_close(as_handle(&grace_timer_), nullptr);
+    uv_close(as_handle(&resolve_timer_), nullptr);
     for (auto& [s, c] : checkers_) c->stop();
+    for (auto& [s, a] : agents_) AgentChecker::dispose(std::move(a));
+    agents_.clear();
     uv_run(&loop_, UV_RUN_DEFAULT);
     return 1;
   }
@@ -154,6 +161,7 @@ int Process::run() {
                snapshot_->listeners.size(), snapshot_->pools.size(), total);
   notifier_.ready("generation " + std::to_string(generation_) + " running, " +
                   std::to_string(snapshot_->listeners.size()) + " listeners");
+  schedule_refresh();
 
   uv_run(&loop_, UV_RUN_DEFAULT);
   for (auto& w : workers_) w->join();
@@ -164,6 +172,16 @@ int Process::run() {
 }
 
 void Process::start_checker(const std::shared_ptr<ServerRuntime>& s, const PoolConfig& pool, uint64_t delay_ms) {
+  if (s->cfg.addr.len == 0) {
+    // Its host name did not resolve: DOWN (not unknown: nothing will check it) until an
+    // answer comes and passes its check (start_candidate).
+    s->health.store(Health::down, std::memory_order_relaxed);
+    s->last_check_reason = "cannot resolve " + s->cfg.address;
+    s->last_change_cause = s->last_check_reason;
+    s->last_change_ms = wall_ms();
+    spdlog::warn("server {} is DOWN: cannot resolve {}; the name is looked up again", s->label, s->cfg.address);
+    return;
+  }
   if (s->admin.load() == AdminState::maint) {
     spdlog::info("server {} is in maintenance (state = \"maint\"): not checked, no sessions", s->label);
     return;
@@ -177,6 +195,7 @@ void Process::start_checker(const std::shared_ptr<ServerRuntime>& s, const PoolC
   c->set_slot(check_epoch_ms_, slot != check_offsets_.end() ? slot->second : 0);
   c->start(std::min<uint64_t>(delay_ms, uint64_t(pool.health_check.interval.count())));
   checkers_[s.get()] = std::move(c);
+  start_agent(s, pool, delay_ms);
 }
 
 void Process::assign_check_slots(const Snapshot& snap) {
@@ -193,10 +212,75 @@ void Process::assign_check_slots(const Snapshot& snap) {
 }
 
 void Process::retire_checker(ServerRuntime* s) {
+  retire_agent(s);
   auto it = checkers_.find(s);
   if (it == checkers_.end()) return;
   HealthChecker::dispose(std::move(it->second));
   checkers_.erase(it);
+}
+
+void Process::start_agent(const std::shared_ptr<ServerRuntime>& s, const PoolConfig& pool, uint64_t delay_ms) {
+  if (pool.health_check.agent_port == 0 || s->cfg.addr.len == 0 || agents_.count(s.get())) return;
+  auto a =
+      std::make_unique<AgentChecker>(&loop_, s, pool.health_check,
+                                     [this](AgentChecker& ac, bool ok, const AgentReply& reply, const std::string& line,
+                                            const std::string& error) { on_agent(ac, ok, reply, line, error); });
+  a->start(std::min<uint64_t>(delay_ms, uint64_t(pool.health_check.agent_every().count())));
+  agents_[s.get()] = std::move(a);
+}
+
+void Process::retire_agent(ServerRuntime* s) {
+  auto it = agents_.find(s);
+  if (it == agents_.end()) return;
+  AgentChecker::dispose(std::move(it->second));
+  agents_.erase(it);
+}
+
+namespace {
+// What the agent says: down, drain, maint, or up (as in /status and the metrics).
+const char* agent_state_name(const ServerRuntime& s) {
+  if (s.agent_down.load()) return "down";
+  const AdminState a = s.agent_admin.load();
+  return a == AdminState::ready ? "up" : to_string(a);
+}
+std::string printable_line(std::string_view s) {
+  std::string out;
+  for (char c : s) out += (c >= 0x20 && c < 0x7f) ? c : '?';
+  return out;
+}
+}  // namespace
+
+void Process::on_agent(AgentChecker& a, bool ok, const AgentReply& reply, const std::string& line,
+                       const std::string& error) {
+  ServerRuntime& s = a.server();
+  if (!ok) {
+    bump(s.agent_failures);
+    if (!a.failing)
+      spdlog::warn("server {} agent at {}: {}; its last answer stays in force (logged again only after it answers)",
+                   s.label, a.target(), error);
+    a.failing = true;
+    return;
+  }
+  if (a.failing) spdlog::info("server {} agent at {} answers again", s.label, a.target());
+  a.failing = false;
+  const uint32_t weight_before = s.effective_weight();
+  const std::string state_before = agent_state_name(s);
+  const bool usable_before = s.usable();
+  if (reply.weight_percent) s.agent_percent.store(*reply.weight_percent);
+  if (reply.admin) s.agent_admin.store(*reply.admin);
+  if (reply.up) s.agent_down.store(!*reply.up);
+  s.agent_reply = printable_line(line);
+  const uint32_t weight_after = s.effective_weight();
+  const std::string state_after = agent_state_name(s);
+  if (weight_after == weight_before && state_after == state_before) return;
+  spdlog::info(
+      "server {} agent says \"{}\": agent state {} -> {}, weight {} -> {} ({}% of {}); admin state {}, "
+      "{}",
+      s.label, s.agent_reply, state_before, state_after, weight_before, weight_after, s.agent_percent.load(),
+      s.weight.load(), to_string(s.effective_admin()), s.usable() ? "takes new sessions" : "no new sessions");
+  // New capacity: sessions queued for a full pool may go now.
+  if (weight_after > weight_before || (!usable_before && s.usable()))
+    for (auto& w : workers_) w->kick();
 }
 
 void Process::reload(ReloadDone done) {
@@ -232,13 +316,14 @@ void Process::start_reload() {
   for (const auto& h : hosts) list += (list.empty() ? "" : ", ") + h;
   spdlog::info("reload: resolving {} host name{}: {}", hosts.size(), hosts.size() == 1 ? "" : "s", list);
   resolver_.start(std::move(hosts), kResolveTimeout, [this, cfg = load.config](std::vector<HostLookup> lookups) {
-    ConfigLoad resolved = apply_lookups(*cfg, lookups);
-    if (!resolved.ok()) {
-      std::vector<std::string> errors;
-      for (const auto& e : resolved.errors) errors.push_back(e.to_string());
-      return answer_reload(fail_reload(std::move(errors)));
-    }
-    answer_reload(apply_reload(resolved.config));
+    // Never fails: a name without an answer keeps the running address of its server, or
+    // leaves a new server without one (DOWN, looked up again).
+    ConfigLoad resolved = apply_lookups(*cfg, lookups, config_.get());
+    for (const auto& w : resolved.warnings) spdlog::warn("reload: {}", w.to_string());
+    const ReloadResult r = apply_reload(resolved.config);
+    // Changed answers for kept servers: checked at the new address, then switched.
+    if (r.ok) on_lookups(lookups, true);
+    answer_reload(r);
   });
 }
 
@@ -326,6 +411,20 @@ Process::ReloadResult Process::apply_reload(std::shared_ptr<const Config> cfg) {
         spdlog::info("server {} is in maintenance (state = \"maint\"): checks stopped", s->label);
       } else if (it != checkers_.end()) {
         it->second->reconfigure(p.cfg->health_check, p.cfg->proxy_protocol);
+        if (p.cfg->health_check.agent_port == 0 && agents_.count(s.get())) {
+          // Agent feedback turned off: its last answer no longer applies.
+          retire_agent(s.get());
+          s->agent_percent.store(100);
+          s->agent_admin.store(AdminState::ready);
+          s->agent_down.store(false);
+          s->agent_reply.clear();
+        } else if (auto a = agents_.find(s.get()); a != agents_.end()) {
+          a->second->reconfigure(p.cfg->health_check);
+        } else {
+          start_agent(s, *p.cfg, rng_() % 100);
+        }
+      } else if (s->cfg.addr.len == 0 && s->health.load() == Health::down) {
+        // Still waiting for its name to resolve (already logged).
       } else {
         // New, or back from maint.
         start_checker(s, *p.cfg,
@@ -333,8 +432,13 @@ Process::ReloadResult Process::apply_reload(std::shared_ptr<const Config> cfg) {
       }
     }
   }
+  for (const auto& p : next->pools)  // candidates of kept servers take the new settings too
+    for (const auto& s : p.servers)
+      if (auto c = candidates_.find(s.get()); c != candidates_.end())
+        c->second.checker->reconfigure(p.cfg->health_check, p.cfg->proxy_protocol);
   for (const auto& [pi, si] : plan.removed_servers) {
     const auto& s = snapshot_->pools[pi].servers[si];
+    drop_candidate(s.get());
     retire_checker(s.get());
     spdlog::info("server {} removed: no new sessions; {} open ones run to their end", s->label, s->active.load());
   }
@@ -367,6 +471,11 @@ Process::ReloadResult Process::apply_reload(std::shared_ptr<const Config> cfg) {
                generation_, plan.added_servers(), plan.removed_servers.size(), plan.added_listeners(),
                plan.removed_listeners.size());
   notifier_.ready("generation " + std::to_string(generation_) + " loaded");
+  // resolve_interval may have changed, names may have come or gone.
+  if (!refresher_.busy()) {
+    uv_timer_stop(&resolve_timer_);
+    schedule_refresh();
+  }
   result.ok = true;
   result.generation = generation_;
   return result;
@@ -408,6 +517,15 @@ void Process::begin_stop() {
   for (auto& w : workers_) w->request_drain();
   for (auto& [s, c] : checkers_) HealthChecker::dispose(std::move(c));
   checkers_.clear();
+  for (auto& [s, a] : agents_) AgentChecker::dispose(std::move(a));
+  agents_.clear();
+  for (auto& [s, c] : candidates_) {
+    HealthChecker::dispose(std::move(c.checker));
+    s->pending_address.clear();
+  }
+  candidates_.clear();
+  refresher_.cancel();
+  uv_timer_stop(&resolve_timer_);
   uv_timer_start(
       &grace_timer_,
       [](uv_timer_t* t) {
@@ -447,6 +565,7 @@ void Process::finish_if_done() {
   if (admin_) admin_->stop();
   uv_close(as_handle(&control_wake_), nullptr);
   uv_close(as_handle(&grace_timer_), nullptr);
+  uv_close(as_handle(&resolve_timer_), nullptr);
   close_signals();
 }
 
@@ -455,6 +574,7 @@ void Process::close_signals() {
   // the loop ends only after it comes back. Closing the signal handles restores the
   // default actions: until then a second SIGTERM must reach on_signal, not kill us.
   if (resolver_.in_flight() > 0) return resolver_.when_idle([this] { close_signals(); });
+  if (refresher_.in_flight() > 0) return refresher_.when_idle([this] { close_signals(); });
   for (auto& s : signals_) uv_close(as_handle(&s), nullptr);
 }
 
@@ -465,6 +585,8 @@ const PoolRuntime* Process::pool_of(const ServerRuntime& s) const {
 }
 
 void Process::on_transition(HealthChecker& c, Health from, Health to, const CheckResult& r) {
+  for (auto& [s, cand] : candidates_)
+    if (cand.runtime.get() == &c.server()) return on_candidate(s, to, r);
   ServerRuntime& server = c.server();
   bump(to == Health::up ? server.transitions_up : server.transitions_down);
   server.last_change_ms =
@@ -506,6 +628,187 @@ void Process::on_transition(HealthChecker& c, Health from, Health to, const Chec
     spdlog::warn("server {} is DOWN: check failed ({}), {} of {} servers up", server.label, r.reason, up, total);
   if (usable == 0 && pending == 0)
     spdlog::error("pool {} has no usable server: clients get 421 4.3.2", pool->cfg->name);
+}
+
+void Process::schedule_refresh() {
+  if (phase_ != Phase::running || refresher_.busy() || uv_is_active(as_handle(&resolve_timer_))) return;
+  if (host_names(*config_).empty()) return;
+  // A name without an address yet is tried again soon whatever the interval: its server
+  // is DOWN meanwhile (a DNS hiccup at boot).
+  constexpr uint64_t kUnresolvedRetryMs = 10000;
+  uint64_t ms = uint64_t(config_->global.resolve_interval.count());
+  if (!hosts_to_resolve(*config_).empty()) ms = ms == 0 ? kUnresolvedRetryMs : std::min(ms, kUnresolvedRetryMs);
+  if (ms == 0) return;  // "0s": only at load and reload
+  uv_timer_start(
+      &resolve_timer_, [](uv_timer_t* t) { static_cast<Process*>(t->data)->refresh_names(); }, ms, 0);
+}
+
+void Process::refresh_names() {
+  if (phase_ != Phase::running) return;
+  std::vector<std::string> hosts = host_names(*config_);
+  if (hosts.empty()) return;
+  spdlog::debug("looking up {} server host name{} again", hosts.size(), hosts.size() == 1 ? "" : "s");
+  refresher_.start(std::move(hosts), kResolveTimeout, [this](std::vector<HostLookup> lookups) {
+    on_lookups(lookups, false);
+    schedule_refresh();
+  });
+}
+
+namespace {
+bool same_address(const SocketAddress& a, const SocketAddress& b) {
+  return a.len == b.len && std::memcmp(&a.storage, &b.storage, a.len) == 0;
+}
+}  // namespace
+
+void Process::on_lookups(const std::vector<HostLookup>& lookups, bool quiet) {
+  for (const auto& l : lookups) {
+    if (!l.ok) {
+      if (failing_hosts_.insert(l.host).second && !quiet)
+        spdlog::warn(
+            "cannot resolve '{}' ({}): its servers keep their address; counted in "
+            "smtplb_server_resolve_failures_total, logged again only after it resolves",
+            l.host, l.error);
+    } else if (failing_hosts_.erase(l.host)) {
+      spdlog::info("'{}' resolves again ({})", l.host, l.addr.to_string());
+    }
+  }
+  // Decided over the running snapshot first, acted on after: a switch replaces it.
+  std::vector<std::pair<ServerRuntime*, SocketAddress>> changed;
+  for (const auto& p : snapshot_->pools)
+    for (size_t si = 0; si < p.servers.size(); ++si) {
+      const ServerConfig& sc = p.cfg->servers[si];
+      ServerRuntime* s = p.servers[si].get();
+      if (!sc.host_name) continue;
+      auto it = std::find_if(lookups.begin(), lookups.end(), [&](const HostLookup& l) { return l.host == sc.address; });
+      if (it == lookups.end()) continue;
+      if (!it->ok) {
+        bump(s->resolve_failures);
+        s->resolve_error = it->error;
+        continue;
+      }
+      s->resolve_error.clear();
+      SocketAddress a = it->addr;
+      a.set_port(sc.port);
+      auto cand = candidates_.find(s);
+      if (s->cfg.addr.len != 0 && same_address(a, s->cfg.addr)) {
+        if (cand != candidates_.end()) {
+          spdlog::info("server {}: {} resolves to {} again; the check of {} is dropped", s->label, sc.address,
+                       a.to_string(), s->pending_address);
+          drop_candidate(s);
+        }
+        continue;
+      }
+      if (cand != candidates_.end() && same_address(cand->second.runtime->cfg.addr, a)) continue;
+      changed.emplace_back(s, a);
+    }
+  for (const auto& [s, a] : changed) start_candidate(s, a);
+}
+
+void Process::start_candidate(ServerRuntime* s, const SocketAddress& addr) {
+  for (const auto& p : snapshot_->pools)
+    for (size_t si = 0; si < p.servers.size(); ++si) {
+      if (p.servers[si].get() != s) continue;
+      drop_candidate(s);
+      ServerConfig sc = p.cfg->servers[si];
+      sc.addr = addr;
+      sc.needs_resolution = false;
+      Candidate c;
+      c.runtime = std::make_shared<ServerRuntime>(*p.cfg, sc, p.state);
+      s->pending_address = addr.to_string();
+      spdlog::info("server {}: {} now resolves to {} (in use: {}); checked there before it takes new sessions",
+                   s->label, sc.address, s->pending_address,
+                   s->cfg.addr.len ? s->cfg.addr.to_string() : std::string("none"));
+      if (s->admin.load() == AdminState::maint) {
+        // Not checked in maintenance: nothing to wait for, it takes no sessions anyway.
+        candidates_.emplace(s, std::move(c));
+        return promote(s);
+      }
+      c.checker = std::make_unique<HealthChecker>(
+          &loop_, p.cfg->proxy_protocol, c.runtime, p.cfg->health_check,
+          [this](HealthChecker& hc, Health from, Health to, const CheckResult& r) { on_transition(hc, from, to, r); });
+      // The first check at once; then the server's own slot on the check grid.
+      if (auto slot = check_offsets_.find(s); slot != check_offsets_.end())
+        c.checker->set_slot(check_epoch_ms_, slot->second);
+      c.checker->start(0);
+      candidates_.emplace(s, std::move(c));
+      return;
+    }
+}
+
+void Process::drop_candidate(ServerRuntime* s) {
+  auto it = candidates_.find(s);
+  if (it == candidates_.end()) return;
+  if (it->second.checker) HealthChecker::dispose(std::move(it->second.checker));
+  candidates_.erase(it);
+  s->pending_address.clear();
+}
+
+void Process::on_candidate(ServerRuntime* s, Health to, const CheckResult& r) {
+  // A server without an address so far switches whatever the first result: DOWN either
+  // way, and from then on its own checks tell.
+  if (to == Health::up || s->cfg.addr.len == 0) return promote(s);
+  spdlog::warn("server {}: the new address {} fails its check ({}); new sessions stay on {}", s->label,
+               s->pending_address, r.reason, s->cfg.addr.to_string());
+}
+
+void Process::promote(ServerRuntime* old) {
+  auto it = candidates_.find(old);
+  if (it == candidates_.end()) return;
+  Candidate cand = std::move(it->second);
+  candidates_.erase(it);
+  old->pending_address.clear();
+  std::optional<std::pair<size_t, size_t>> at;
+  for (size_t pi = 0; pi < snapshot_->pools.size(); ++pi)
+    for (size_t si = 0; si < snapshot_->pools[pi].servers.size(); ++si)
+      if (snapshot_->pools[pi].servers[si].get() == old) at.emplace(pi, si);
+  if (!at) {
+    if (cand.checker) HealthChecker::dispose(std::move(cand.checker));
+    return;
+  }
+  const auto [pi, si] = *at;
+  const std::shared_ptr<ServerRuntime>& fresh = cand.runtime;
+  auto cfg = std::make_shared<Config>(*config_);
+  ServerConfig& sc = cfg->pools[pi].servers[si];
+  sc.addr = fresh->cfg.addr;
+  sc.needs_resolution = false;
+  const ReloadPlan plan = plan_reload(*config_, *cfg);
+  auto next = build_snapshot(cfg, generation_ + 1, snapshot_.get(), &plan);
+  // What the operator set at run time, and the counts that describe the name, carry over.
+  fresh->admin.store(old->admin.load());
+  fresh->configured_admin.store(old->configured_admin.load());
+  fresh->weight.store(old->weight.load());
+  fresh->configured_weight.store(old->configured_weight.load());
+  fresh->resolve_failures.store(old->resolve_failures.load());
+  fresh->resolve_error = old->resolve_error;
+  fresh->agent_percent.store(old->agent_percent.load());
+  fresh->agent_admin.store(old->agent_admin.load());
+  fresh->agent_down.store(old->agent_down.load());
+  fresh->agent_failures.store(old->agent_failures.load());
+  fresh->agent_reply = old->agent_reply;
+  next->pools[pi].servers[si] = fresh;
+  apply_settings(*next);
+  retire_checker(old);
+  if (fresh->admin.load() == AdminState::maint) {
+    if (cand.checker) HealthChecker::dispose(std::move(cand.checker));
+  } else if (cand.checker) {
+    if (auto slot = check_offsets_.find(old); slot != check_offsets_.end()) check_offsets_[fresh.get()] = slot->second;
+    checkers_[fresh.get()] = std::move(cand.checker);
+    start_agent(fresh, *next->pools[pi].cfg, 0);  // the agent at the new address
+  }
+  const std::string before = old->cfg.addr.len ? old->cfg.addr.to_string() : std::string("none");
+  const uint32_t open = old->active.load();
+  snapshot_ = next;
+  config_ = cfg;
+  ++generation_;
+  for (auto& w : workers_) w->publish(next);
+  spdlog::info(
+      "server {} now at {} ({} resolves there; was {}), health {}: new sessions go there, {} open session{} "
+      "stay{} on the old address (generation {})",
+      fresh->label, fresh->cfg.addr.to_string(), sc.address, before, to_string(fresh->health.load()), open,
+      open == 1 ? "" : "s", open == 1 ? "s" : "", generation_);
+  fresh->last_change_ms = wall_ms();
+  fresh->last_change_cause = "address " + fresh->cfg.addr.to_string() + " (was " + before + ")";
+  for (auto& w : workers_) w->kick();
 }
 
 }  // namespace smtplb

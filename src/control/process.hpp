@@ -7,11 +7,13 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
 #include "control/admin.hpp"
+#include "control/agent_check.hpp"
 #include "control/health_check.hpp"
 #include "control/resolver.hpp"
 #include "control/systemd.hpp"
@@ -84,8 +86,29 @@ class Process {
   // evenly over their interval) and moves running checkers to theirs.
   void assign_check_slots(const Snapshot& snap);
   void retire_checker(ServerRuntime* s);
+  // Agent feedback (health_check.agent_port): runs while the server is checked.
+  void start_agent(const std::shared_ptr<ServerRuntime>& s, const PoolConfig& pool, uint64_t delay_ms);
+  void retire_agent(ServerRuntime* s);
+  void on_agent(AgentChecker& a, bool ok, const AgentReply& reply, const std::string& line, const std::string& error);
   const PoolRuntime* pool_of(const ServerRuntime& s) const;
   void on_transition(HealthChecker& c, Health from, Health to, const CheckResult& r);
+
+  // Re-resolution of server host names (global.resolve_interval). A new answer is checked
+  // at its address by a candidate (a ServerRuntime of its own, not in the snapshot);
+  // once it passes, a snapshot with the new runtime in the old one's place is published:
+  // new sessions go there, open ones stay where they are (like a reload).
+  struct Candidate {
+    std::shared_ptr<ServerRuntime> runtime;
+    std::unique_ptr<HealthChecker> checker;
+  };
+  void schedule_refresh();
+  void refresh_names();
+  // Applies answers to the running servers; `quiet`: a reload has logged its failures.
+  void on_lookups(const std::vector<HostLookup>& lookups, bool quiet);
+  void start_candidate(ServerRuntime* s, const SocketAddress& addr);
+  void drop_candidate(ServerRuntime* s);
+  void on_candidate(ServerRuntime* s, Health to, const CheckResult& r);
+  void promote(ServerRuntime* s);
 
   std::shared_ptr<const Config> config_;
   std::optional<LogLevel> level_override_;  // --log-level wins over the file
@@ -110,6 +133,8 @@ class Process {
   std::unordered_map<ServerRuntime*, std::unique_ptr<HealthChecker>> checkers_;
   uint64_t check_epoch_ms_ = 0;  // loop time the check grid counts from
   std::unordered_map<const ServerRuntime*, uint64_t> check_offsets_;
+  std::unordered_map<ServerRuntime*, std::unique_ptr<AgentChecker>> agents_;
+  std::minstd_rand rng_{std::random_device{}()};
   std::unique_ptr<AdminServer> admin_;
   int64_t start_time_ms_ = 0;         // wall clock at start, for start_time_seconds
   int64_t generation_loaded_ms_ = 0;  // wall clock when the running generation loaded
@@ -119,6 +144,11 @@ class Process {
   std::vector<ReloadDone> reload_waiters_;  // answered by the reload in progress
   std::vector<ReloadDone> next_waiters_;    // answered by the coalesced one after it
   bool reload_again_ = false;               // a reload was asked for while resolving
+  Resolver refresher_{&loop_};              // busy while re-resolution waits for answers
+  uv_timer_t resolve_timer_{};              // the next re-resolution
+  // New addresses under check, by the server (in the snapshot) whose name gave them.
+  std::unordered_map<ServerRuntime*, Candidate> candidates_;
+  std::set<std::string> failing_hosts_;  // names whose last lookup failed (logged once)
 };
 
 }  // namespace smtplb

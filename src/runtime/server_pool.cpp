@@ -6,6 +6,8 @@
 #include <cstring>
 #include <fstream>
 
+#include "smtplb/lb/agent_reply.hpp"
+
 namespace smtplb {
 
 unsigned read_somaxconn() {
@@ -61,14 +63,14 @@ bool ServerRuntime::release() {
   return pool_state->queued.fetch_add(0, std::memory_order_acq_rel) > 0;
 }
 
+uint32_t ServerRuntime::effective_weight() const {
+  return agent_scaled_weight(weight.load(std::memory_order_relaxed), agent_percent.load(std::memory_order_relaxed));
+}
+
 ServerView ServerRuntime::view(int64_t now_ms) const {
   const int64_t ramp = ramp_start_ms.load(std::memory_order_relaxed);
-  return {usable(),
-          backup.load(std::memory_order_relaxed),
-          full(),
-          weight.load(std::memory_order_relaxed),
-          ramp < 0 ? -1 : now_ms - ramp,
-          active.load(std::memory_order_relaxed)};
+  return {usable(),           backup.load(std::memory_order_relaxed), full(),
+          effective_weight(), ramp < 0 ? -1 : now_ms - ramp,          active.load(std::memory_order_relaxed)};
 }
 
 ListenerRuntime::~ListenerRuntime() {

@@ -1,6 +1,7 @@
 #pragma once
 // Runtime state shared between the control loop and the workers, and the immutable
 // snapshot the control loop publishes to them.
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -67,6 +68,20 @@ struct ServerRuntime {
   std::atomic<int64_t> ramp_start_ms{-1};
   // notAfter of the certificate seen by the last STARTTLS check (Unix seconds; 0 = none).
   std::atomic<int64_t> tls_not_after{0};
+  // A server named by a host name: failed lookups (re-resolution), why the last one
+  // failed (empty when it answered) and a new answer under check before it takes
+  // sessions ("" when none). The strings are for the control loop only.
+  std::atomic<uint64_t> resolve_failures{0};
+  // Agent feedback (written by the control loop): the agent's weight in percent of
+  // `weight`, its admin state and whether it says the server is down. Combined with the
+  // operator's: the more restrictive admin state wins, and down is down.
+  std::atomic<uint32_t> agent_percent{100};
+  std::atomic<AdminState> agent_admin{AdminState::ready};
+  std::atomic<bool> agent_down{false};
+  std::atomic<uint64_t> agent_failures{0};  // unreachable agent or a reply not understood
+  std::string agent_reply;                  // the last reply understood (control loop only)
+  std::string resolve_error;
+  std::string pending_address;
 
   // Metrics. Per worker (data path):
   std::unique_ptr<ServerWorkerCounters[]> per_worker{new ServerWorkerCounters[kMaxWorkers]};
@@ -81,10 +96,16 @@ struct ServerRuntime {
   int64_t last_change_ms = 0;     // wall clock of the last transition; control only
   std::string last_change_cause;  // control loop only
 
-  // May take new sessions (health, admin state and weight; not the connection limit).
+  // The weight the balancer uses: the configured (or admin-set) one scaled by the agent.
+  uint32_t effective_weight() const;
+  // Operator and agent combined: the more restrictive admin state.
+  AdminState effective_admin() const {
+    return std::max(admin.load(std::memory_order_relaxed), agent_admin.load(std::memory_order_relaxed));
+  }
+  // May take new sessions (health, admin states, agent and weight; not the connection limit).
   bool usable() const {
-    return weight.load(std::memory_order_relaxed) > 0 && health.load(std::memory_order_relaxed) == Health::up &&
-           admin.load(std::memory_order_relaxed) == AdminState::ready;
+    return effective_weight() > 0 && health.load(std::memory_order_relaxed) == Health::up &&
+           effective_admin() == AdminState::ready && !agent_down.load(std::memory_order_relaxed);
   }
   bool full() const {
     const uint32_t max = max_connections.load(std::memory_order_relaxed);

@@ -280,14 +280,15 @@ def _chunks(value: Chunks) -> list:
 class FakeSmtpServer:
     """Scripted SMTP server. Use as a context manager or call close()."""
 
-    def __init__(self, name: str = "s1", behaviour: Optional[Behaviour] = None, host: str = "127.0.0.1"):
+    def __init__(self, name: str = "s1", behaviour: Optional[Behaviour] = None, host: str = "127.0.0.1",
+                 port: int = 0):
         self.name = name
         self.host = host
         self.behaviour = behaviour or Behaviour()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._lsock = socket.socket(family, socket.SOCK_STREAM)
         self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._lsock.bind((host, 0))
+        self._lsock.bind((host, port))
         self._lsock.listen(512)
         self.port = self._lsock.getsockname()[1]
         self._lock = threading.Lock()
@@ -1092,8 +1093,9 @@ def server_of(greeting: bytes) -> str:
 class TestCase(unittest.TestCase):
     """Adds fake() and smtplb() that register their own cleanup."""
 
-    def fake(self, name: str = "s1", behaviour: Optional[Behaviour] = None, host: str = "127.0.0.1") -> FakeSmtpServer:
-        s = FakeSmtpServer(name, behaviour, host)
+    def fake(self, name: str = "s1", behaviour: Optional[Behaviour] = None, host: str = "127.0.0.1",
+             port: int = 0) -> FakeSmtpServer:
+        s = FakeSmtpServer(name, behaviour, host, port)
         self.addCleanup(s.close)
         return s
 

@@ -3,14 +3,18 @@
 the reload that needs the answer. While a reload waits for a name, the admin API answers
 at once, health checks of the other servers keep running and clients keep being served;
 `POST /reload` answers when the reload is done (200, or 422 with FILE:LINE:COL errors);
-an unresolvable name fails the reload and keeps the running configuration; reloads asked
-for meanwhile are coalesced into one more; SIGTERM abandons a pending reload.
+reloads asked for meanwhile are coalesced into one more; SIGTERM abandons a pending
+reload. A name that does not resolve is not fatal (start, --check, reload): its server
+is DOWN ("cannot resolve NAME") and the name is looked up again. Names are looked up
+again every global.resolve_interval: a changed address is checked before it takes new
+sessions, open sessions stay on the old one, and a failing resolver keeps the address.
 
 How: smtplb runs in a private mount namespace (`unshare --mount`, as root; skipped
 otherwise) in which /etc/resolv.conf is a file naming a fake DNS server written here
 (UDP and TCP port 53 on 127.0.0.77, or the next free 127.0.0.x). It answers A queries
 for names under slow.test with 127.0.0.1 after DELAY seconds (other types: no data,
-also after DELAY) and NXDOMAIN at once for every other name. The namespace lives as long
+also after DELAY), at once for the names the test put in `instant` (an address, or
+SERVFAIL for None), and NXDOMAIN at once for every other name. The namespace lives as long
 as the smtplb process (nothing is mounted outside it). Every wait is bounded; everything
 started is stopped by PID / closed, also on failure.
 """
@@ -83,6 +87,7 @@ class FakeDns:
     def __init__(self, delay=DELAY):
         self.delay = delay
         self.names = {}
+        self.instant = {}
         self.queries = []
         self.answered = []
         self.lock = threading.Lock()
@@ -139,7 +144,15 @@ class FakeDns:
         qid, flags, name, qtype, question = q
         with self.lock:
             self.queries.append((time.monotonic(), name, qtype))
-        if name == SLOW_ZONE or name.endswith("." + SLOW_ZONE):
+            instant = self.instant.get(name, False)
+        if instant is not False:
+            with self.lock:
+                self.answered.append((time.monotonic(), name, qtype))
+            if instant is None:
+                send(_response(qid, flags, question, 2))  # SERVFAIL: the resolver fails
+            else:
+                send(_response(qid, flags, question, 0, [instant] if qtype == 1 else []))
+        elif name == SLOW_ZONE or name.endswith("." + SLOW_ZONE):
             addr = self.names.get(name, "127.0.0.1")
             reply = _response(qid, flags, question, 0, [addr] if qtype == 1 else [])
 
@@ -234,9 +247,12 @@ def table(header, values):
     return "\n".join([header] + ["%s = %s" % (k, toml_value(v)) for k, v in values.items()]) + "\n"
 
 
-def config(servers, admin_path, interval="200ms"):
+def config(servers, admin_path, interval="200ms", resolve_interval=None):
     """One listener, one pool p; servers: (name, address, port[, extra])."""
-    out = [table("[global]", {"hostname": HOSTNAME, "workers": 1}),
+    g = {"hostname": HOSTNAME, "workers": 1}
+    if resolve_interval:
+        g["resolve_interval"] = resolve_interval
+    out = [table("[global]", g),
            table("[log]", {"level": "info", "access_log": True}),
            '[admin]\nsocket = "%s"\nlisten = ""\n' % admin_path,
            table("[listener.mx]", {"address": "127.0.0.1", "port": 0, "pool": "p"}),
@@ -347,8 +363,9 @@ class SlowResolverTest(TestCase):
         return ["unshare", "--mount", "--", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
                 self.resolv]
 
-    def start(self, servers, **kw):
-        return self.smtplb(config(servers, self.admin_path), wrapper=self.wrapper(), **kw)
+    def start(self, servers, resolve_interval=None, **kw):
+        return self.smtplb(config(servers, self.admin_path, resolve_interval=resolve_interval),
+                           wrapper=self.wrapper(), **kw)
 
     def run_lb(self, text, *args):
         path = os.path.join(self.dir, "run.toml")
@@ -357,22 +374,44 @@ class SlowResolverTest(TestCase):
         return path, subprocess.run([*self.wrapper(), SMTPLB_BIN, *args, "-f", path], stdin=subprocess.DEVNULL,
                                     capture_output=True, text=True, timeout=DELAY + STEP_TIMEOUT)
 
-    def test_start_and_check_resolve_names_first(self):
-        """The start and --check resolve names before anything else: an unresolvable one
-        is a FILE:LINE:COL error (exit 78, not started); a slow one delays the start."""
-        text = config([("s1", "127.0.0.1", self.s1.port), ("s3", "nope.invalid-zone.test", 2525)], self.admin_path)
-        line = text.splitlines().index('address = "nope.invalid-zone.test"') + 1
-        for args in (["--check"], []):
-            path, r = self.run_lb(text, *args)
-            self.assertEqual(r.returncode, 78, r)
-            self.assertRegex(r.stderr, r"(?m)^%s:%d:11: cannot resolve 'nope\.invalid-zone\.test': \S"
-                             % (re.escape(path), line))
-            if not args:
-                self.assertIn("not started", r.stderr)
+    def test_unresolvable_name_at_start_is_a_warning_and_looked_up_again(self):
+        """The start and --check resolve names before anything else. One that does not
+        resolve is a FILE:LINE:COL warning (--check exits 0), not an error: its server
+        starts DOWN ("cannot resolve NAME"), the others serve, and the name is looked up
+        again until it answers; then that server is checked and takes sessions. A slow
+        name delays the start."""
+        text = config([("s1", "127.0.0.1", self.s1.port), ("s3", "late.dyn.test", self.s2.port)], self.admin_path,
+                      resolve_interval="1s")
+        line = text.splitlines().index('address = "late.dyn.test"') + 1
+        path, r = self.run_lb(text, "--check")
+        self.assertEqual(r.returncode, 0, r)
+        self.assertRegex(r.stderr, r"(?m)^%s:%d:11: warning: cannot resolve 'late\.dyn\.test': \S.*; server p/s3 "
+                         r"starts DOWN and the name is looked up again$" % (re.escape(path), line))
+        self.assertIn("test is successful", r.stdout)
+
+        lb = self.start([("s1", "127.0.0.1", self.s1.port), ("s3", "late.dyn.test", self.s2.port)],
+                        resolve_interval="1s", up=["p/s1"])
+        lb.wait_log(r"server p/s3 is DOWN: cannot resolve late\.dyn\.test; the name is looked up again")
+        status, body, _ = admin(self.admin_path, "GET", "/status")
+        self.assertRegex(body, r'"name":"s3","address":"","host":"late\.dyn\.test",[^}]*"health":"down"[^}]*'
+                         r'"reason":"cannot resolve late\.dyn\.test"')
+        self.assertEqual({greet(lb.port()) for _ in range(4)}, {"s1"})
+        queried = len(self.dns.queried("late.dyn.test"))
+        wait_until(lambda: len(self.dns.queried("late.dyn.test")) > queried, STEP_TIMEOUT, "the name looked up again")
+        with self.dns.lock:
+            self.dns.instant["late.dyn.test"] = "127.0.0.1"
+        lb.wait_log(r"server p/s3 now at 127\.0\.0\.1:%d" % self.s2.port)
+        wait_until(lambda: "s2" in {greet(lb.port()) for _ in range(4)}, STEP_TIMEOUT, "a session on s3's server")
+        status, body, _ = admin(self.admin_path, "GET", "/status")
+        self.assertRegex(body, r'"name":"s3","address":"127\.0\.0\.1:%d","host":"late\.dyn\.test",'
+                         r'"pending_address":"","resolve_error":"","health":"up"' % self.s2.port)
+
         path, r = self.run_lb(config([("s2", "mx1.slow.test", self.s2.port)], self.admin_path), "--check", "-q")
         self.assertEqual((r.returncode, r.stdout, r.stderr), (0, "", ""))
-        lb = self.start([("s2", "mx1.slow.test", self.s2.port)], up=["p/s2"], start_timeout=DELAY + STEP_TIMEOUT)
-        self.assertEqual(greet(lb.port()), "s2")
+        lb2_admin = os.path.join(self.dir, "admin2.sock")
+        lb2 = self.smtplb(config([("s2", "mx1.slow.test", self.s2.port)], lb2_admin), wrapper=self.wrapper(),
+                          up=["p/s2"], start_timeout=DELAY + STEP_TIMEOUT)
+        self.assertEqual(greet(lb2.port()), "s2")
 
     def wait_query(self, name):
         return wait_until(lambda: self.dns.queried(name), STEP_TIMEOUT, "a DNS query for %s" % name)[0][0]
@@ -412,7 +451,9 @@ class SlowResolverTest(TestCase):
         status, body, _ = admin(self.admin_path, "GET", "/status")
         self.assertIn('"address":"127.0.0.1:%d"' % self.s2.port, body)
 
-    def test_unresolvable_name_fails_the_reload_and_keeps_the_configuration(self):
+    def test_unresolvable_name_at_reload_is_a_warning(self):
+        """A reload with a name that does not resolve succeeds: that server is DOWN
+        ("cannot resolve NAME"), the others take their sessions."""
         lb = self.start([("s1", "127.0.0.1", self.s1.port)], up=["p/s1"])
         text = config([("s1", "127.0.0.1", self.s1.port), ("s3", "nope.invalid-zone.test", 2525),
                        ("s2", "mx1.slow.test", self.s2.port)], self.admin_path)
@@ -420,18 +461,15 @@ class SlowResolverTest(TestCase):
         lines = text.splitlines()
         line = next(i for i, ln in enumerate(lines) if ln == 'address = "nope.invalid-zone.test"') + 1
         status, body, _ = admin(self.admin_path, "POST", "/reload")
-        self.assertEqual(status, 422, body)
-        got = body.splitlines()
-        self.assertEqual(got[0], "reload failed; still running generation 1", body)
-        self.assertEqual(len(got), 2, body)
-        self.assertRegex(got[1], r"^%s:%d:11: cannot resolve 'nope\.invalid-zone\.test': \S"
-                         % (re.escape(lb.config_path), line))
-        lb.wait_log(r"reload failed \(1 errors\); still running generation 1")
+        self.assertEqual((status, body), (200, "reloaded: generation 2\n"))
+        lb.wait_log(r"reload: %s:%d:11: cannot resolve 'nope\.invalid-zone\.test': \S"
+                    % (re.escape(lb.config_path), line))
+        lb.wait_log(r"server p/s3 is DOWN: cannot resolve nope\.invalid-zone\.test")
+        lb.wait_log(r"server p/s2 is UP")
         status, body, _ = admin(self.admin_path, "GET", "/status")
-        self.assertIn('"generation":1', body)
-        self.assertIn('"last_reload_successful":false', body)
-        self.assertNotIn('"name":"s2"', body)
-        self.assertEqual({greet(lb.port()) for _ in range(3)}, {"s1"})
+        self.assertIn('"last_reload_successful":true', body)
+        self.assertRegex(body, r'"name":"s3","address":"",[^}]*"health":"down"')
+        wait_until(lambda: {greet(lb.port()) for _ in range(6)} == {"s1", "s2"}, STEP_TIMEOUT, "sessions on s1 and s2")
 
     def test_reloads_asked_for_while_resolving_are_coalesced(self):
         """Two more SIGHUPs and a POST /reload while a reload waits for DNS: one more
@@ -518,6 +556,167 @@ class SlowResolverTest(TestCase):
         log = lb.log()
         self.assertIn("reload abandoned: stopping", log)
         self.assertNotRegex(log, RELOADED_RE)
+
+
+class ReresolveTest(TestCase):
+    """A name re-resolved every resolve_interval, under load."""
+
+    INTERVAL = 1.0  # resolve_interval
+    CHECK = 0.2     # health_check.interval
+
+    @classmethod
+    def setUpClass(cls):
+        why = namespace_problem()
+        if why:
+            raise unittest.SkipTest(why)
+
+    def setUp(self):
+        self.dns = FakeDns()
+        self.addCleanup(self.dns.close)
+        self.dir = tempfile.mkdtemp(prefix="smtplb-reresolve-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.resolv = os.path.join(self.dir, "resolv.conf")
+        with open(self.resolv, "w") as f:
+            f.write("nameserver %s\noptions timeout:2 attempts:1\n" % self.dns.host)
+        self.admin_path = os.path.join(self.dir, "admin.sock")
+        # The same port on two addresses: the name moves from one to the other.
+        for _ in range(20):
+            self.old = self.fake("old", host="127.0.0.2")
+            try:
+                self.new = self.fake("new", host="127.0.0.3", port=self.old.port)
+                break
+            except OSError:
+                self.old.close()
+        else:
+            self.skipTest("no port free on both 127.0.0.2 and 127.0.0.3")
+
+    def set_answer(self, value):
+        with self.dns.lock:
+            self.dns.instant["mx.dyn.test"] = value
+
+    def status(self):
+        status, body, _ = admin(self.admin_path, "GET", "/status")
+        self.assertEqual(status, 200, body)
+        return body
+
+    def test_changed_address_under_load(self):
+        name = "mx.dyn.test"
+        port = self.old.port
+        self.set_answer("127.0.0.2")
+        lb = self.smtplb(config([("pf", name, port)], self.admin_path, interval="%dms" % (self.CHECK * 1000),
+                                resolve_interval="%dms" % (self.INTERVAL * 1000)),
+                         wrapper=["unshare", "--mount", "--", "sh", "-c",
+                                  'mount --bind "$0" /etc/resolv.conf && exec "$@"', self.resolv],
+                         up=["p/pf"])
+        # Sessions open on the old address before the change; they finish after it.
+        held = []
+        for _ in range(3):
+            c = self.client(lb.port())
+            self.assertEqual(server_of(c.greeting()), "old")
+            c.expect("EHLO client.test", 250)
+            held.append(c)
+
+        # Load: two clients, one session after the other each, until told to stop.
+        results = []  # (start, end, server or None, error)
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def load():
+            while not stop.is_set():
+                start = time.monotonic()
+                try:
+                    c = SmtpClient(lb.port())
+                    try:
+                        who = server_of(c.greeting())
+                        reply = c.quit()
+                        err = None if reply.startswith(b"221") else "QUIT: %r" % reply
+                    finally:
+                        c.close()
+                except (OSError, AssertionError) as e:
+                    who, err = None, repr(e)
+                with lock:
+                    results.append((start, time.monotonic(), who, err))
+
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        self.addCleanup(stop.set)
+        try:
+            time.sleep(1.0)
+            changed = time.monotonic()
+            self.set_answer("127.0.0.3")
+            lb.wait_log(r"server p/pf now at 127\.0\.0\.3:%d \(mx\.dyn\.test resolves there; was 127\.0\.0\.2:%d\)"
+                        % (port, port), timeout=STEP_TIMEOUT)
+
+            def first_new():
+                with lock:
+                    return next((r for r in results if r[2] == "new"), None)
+            first = wait_until(first_new, STEP_TIMEOUT, "a session on the new address")
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(STEP_TIMEOUT)
+        took = first[1] - changed
+        with lock:
+            done = list(results)
+        failures = [r for r in done if r[3]]
+        late_old = [r for r in done if r[2] == "old" and r[0] > first[1] + 0.5]
+        before = sum(1 for r in done if r[2] == "old")
+        after = sum(1 for r in done if r[2] == "new")
+        print("re-resolution: %d sessions (%d on 127.0.0.2, %d on 127.0.0.3), %d failed; the first on the new "
+              "address %.2f s after the DNS change (resolve_interval %.1f s + check interval %.1f s)"
+              % (len(done), before, after, len(failures), took, self.INTERVAL, self.CHECK))
+        self.assertEqual(failures, [])
+        self.assertEqual(late_old, [], "sessions still reached the old address after the switch")
+        self.assertGreater(before, 0)
+        self.assertGreater(after, 0)
+        # Within resolve_interval + one check (a lookup and a check dialogue take
+        # milliseconds; the rest is slack for a loaded machine).
+        self.assertLess(took, self.INTERVAL + self.CHECK + 1.0)
+        # The sessions opened before the change finish on the old address.
+        for i, c in enumerate(held):
+            self.assertTrue(c.send_message(b"Subject: held %d\r\n\r\nbody\r\n" % i).startswith(b"250"))
+            self.assertTrue(c.quit().startswith(b"221"))
+        self.assertEqual(len(self.old.wait_messages(3)), 3)
+        self.assertEqual(self.new.messages(), [])
+        self.assertRegex(self.status(), r'"name":"pf","address":"127\.0\.0\.3:%d","host":"mx\.dyn\.test",'
+                         r'"pending_address":"","resolve_error":""' % port)
+
+        # A failing resolver (SERVFAIL, then NXDOMAIN): the address stays, one warning per
+        # failure streak, the failures are counted.
+        self.set_answer(None)
+        offset = lb.log_offset()
+        lb.wait_log(r"cannot resolve 'mx\.dyn\.test' \(.*\): its servers keep their address")
+        asked = len(self.dns.queried(name))
+        wait_until(lambda: len(self.dns.queried(name)) >= asked + 4, 4 * self.INTERVAL + STEP_TIMEOUT,
+                   "two more lookups")
+        with self.dns.lock:
+            del self.dns.instant[name]  # NXDOMAIN
+        wait_until(lambda: len(self.dns.queried(name)) >= asked + 8, 4 * self.INTERVAL + STEP_TIMEOUT,
+                   "two more lookups")
+        time.sleep(0.2)
+        self.assertEqual(len(re.findall(r"cannot resolve 'mx\.dyn\.test'", lb.log()[offset:])), 1, lb.log()[offset:])
+        self.assertEqual({greet(lb.port()) for _ in range(6)}, {"new"})
+        body = self.status()
+        self.assertRegex(body, r'"name":"pf","address":"127\.0\.0\.3:%d",[^}]*"resolve_error":"[^"]+"' % port)
+        status, metrics, _ = admin(self.admin_path, "GET", "/metrics")
+        m = re.search(r'(?m)^smtplb_server_resolve_failures_total\{pool="p",server="pf"\} (\d+)$', metrics)
+        self.assertIsNotNone(m, metrics)
+        self.assertGreaterEqual(int(m.group(1)), 3)
+        print("failing resolver: %s failed lookups counted, address kept, one warning" % m.group(1))
+
+        # A new address that fails its check (nothing listens on 127.0.0.4): sessions stay.
+        self.set_answer("127.0.0.4")
+        lb.wait_log(r"'mx\.dyn\.test' resolves again")
+        lb.wait_log(r"server p/pf: the new address 127\.0\.0\.4:%d fails its check" % port)
+        self.assertIn('"pending_address":"127.0.0.4:%d"' % port, self.status())
+        self.assertEqual({greet(lb.port()) for _ in range(6)}, {"new"})
+        # Back to the address in use: the pending check is dropped.
+        self.set_answer("127.0.0.3")
+        lb.wait_log(r"server p/pf: mx\.dyn\.test resolves to 127\.0\.0\.3:%d again; the check of "
+                    r"127\.0\.0\.4:%d is dropped" % (port, port))
+        self.assertIn('"pending_address":""', self.status())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 """STARTTLS health checks: EHLO, STARTTLS, 220, TLS handshake, EHLO again
 inside TLS, QUIT, 221; optional certificate verification; distinct DOWN reasons; the
 expiry warning; and a STARTTLS client session (swaks) relayed through smtplb untouched.
+Implicit TLS checks (tls = "implicit", port 465): the handshake first (after a PROXY
+header), then greeting, EHLO and QUIT inside TLS, with the same verification and distinct
+reasons; and a port-465 client (swaks --tls-on-connect) through smtplb with
+handoff = "connect".
 
 Certificates are made at test time with the openssl CLI (a CA, leaf certificates for the
 right name, a wrong name, an IP address, an expired one via `openssl ca -startdate/-enddate`,
@@ -20,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 from typing import Optional
 
@@ -119,6 +124,8 @@ class TlsBehaviour:
     after_220: str = "tls"
     ehlo_tls_reply: Optional[bytes] = None
     inject: bytes = b""  # plaintext sent in the same write as the reply to STARTTLS
+    implicit: bool = False  # port 465: TLS from the first byte (then no STARTTLS offered)
+    proxy: bool = False     # expect a PROXY v1 line before anything else (recorded)
 
 
 class TlsConn:
@@ -127,6 +134,7 @@ class TlsConn:
         self.kind = "pending"           # "check" (first command EHLO <CHECK_EHLO>) or "session"
         self.commands: list = []        # (command line, inside TLS?)
         self.after_starttls = b""       # bytes that followed STARTTLS before our reply (pipelining)
+        self.proxy_line: Optional[bytes] = None  # the PROXY header, when the behaviour expects one
         self.tls_version: Optional[str] = None
         self.tls_error: Optional[str] = None
         self.messages: list = []        # DATA bodies (raw, dot-stuffed, without the final dot)
@@ -218,7 +226,7 @@ class StarttlsServer:
 
     def _ehlo_reply(self, tls: bool) -> bytes:
         lines = [self.name, "PIPELINING", "SIZE 10240000"]
-        if self.behaviour.offer_starttls and not tls:
+        if self.behaviour.offer_starttls and not tls and not self.behaviour.implicit:
             lines.append("STARTTLS")
         lines.append("8BITMIME")
         return "".join("250%s%s\r\n" % ("-" if i + 1 < len(lines) else " ", ln)
@@ -229,9 +237,29 @@ class StarttlsServer:
         try:
             sock.settimeout(30)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls = False
+            if b.proxy:
+                header = b""
+                while not header.endswith(b"\r\n") and len(header) < 108:
+                    d = sock.recv(1)  # byte by byte: nothing after the header is consumed
+                    if not d:
+                        return
+                    header += d
+                conn.proxy_line = header
+            if b.implicit:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                ctx.load_cert_chain(b.cert, self.key)
+                try:
+                    sock = ctx.wrap_socket(plain, server_side=True)
+                except (ssl.SSLError, OSError) as e:
+                    conn.tls_error = "%s: %s" % (type(e).__name__, e)
+                    return
+                with self._lock:
+                    self._socks.append(sock)
+                conn.tls_version = sock.version()
+                tls = True
             sock.sendall(("220 %s ESMTP tlsfake\r\n" % self.name).encode())
             reader = LineReader(sock)
-            tls = False
             while True:
                 line = reader.line()
                 if line is None:
@@ -498,6 +526,134 @@ class StarttlsTest(TestCase):
         self.assertEqual(len(session.messages), 1)
         self.assertTrue(session.quit)
         self.assertEqual(session.tls_version, "TLSv1.3")
+        lb.wait_access(1, term="--", server="s1")
+
+
+def unix_get(path: str, target: str) -> str:
+    """GET on the admin socket; the body."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(STEP_TIMEOUT)
+    try:
+        s.connect(path)
+        s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target).encode())
+        raw = b""
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            raw += d
+    finally:
+        s.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), raw[:200]
+    return body.decode()
+
+
+class ImplicitTlsTest(TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.pki = Pki()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.pki.close()
+
+    def tls_fake(self, name: str, **kw) -> StarttlsServer:
+        kw.setdefault("cert", self.pki.good)
+        kw.setdefault("implicit", True)
+        s = StarttlsServer(name, TlsBehaviour(**kw), self.pki.key)
+        self.addCleanup(s.close)
+        return s
+
+    def test_check_runs_inside_tls_from_the_first_byte(self):
+        """The handshake first, then the greeting, EHLO and QUIT, all inside TLS; the
+        certificate's notAfter is published like a STARTTLS check's."""
+        srv = self.tls_fake("s1")
+        admin_sock = os.path.join(self.pki.dir, "admin-a.sock")
+        lb = self.smtplb(config([srv], health={"tls": "implicit"}, log={"level": "debug"},
+                                extra='\n[admin]\nsocket = "%s"\nlisten = ""\n' % admin_sock), up=["p/s1"])
+        check = wait_until(lambda: srv.checks(), STEP_TIMEOUT, "a check")[0]
+        self.assertTrue(check.done.wait(STEP_TIMEOUT))
+        ehlo = "EHLO " + CHECK_EHLO
+        self.assertEqual(check.commands, [(ehlo, True), ("QUIT", True)])
+        self.assertEqual(check.tls_version, "TLSv1.3")
+        self.assertTrue(check.quit)
+        self.assertIsNone(check.error)
+        lb.wait_log(r"server p/s1 TLS: TLSv1\.3 \S+, certificate notAfter \d{4}-")
+        m = re.search(r'(?m)^smtplb_server_tls_cert_not_after_seconds\{pool="p",server="s1"\} (\S+)$',
+                      unix_get(admin_sock, "/metrics"))
+        self.assertIsNotNone(m)
+        self.assertGreater(float(m.group(1)), time.time())
+
+    def test_failure_reasons_are_distinct(self):
+        """With verification: a plaintext server (bad handshake), a wrong name and an expired
+        certificate each mark the server DOWN with its own reason and metric label."""
+        good = self.tls_fake("good")
+        plain = self.tls_fake("plain", implicit=False)
+        wrong = self.tls_fake("wrongname", cert=self.pki.wrong)
+        expired = self.tls_fake("expired", cert=self.pki.expired)
+        admin_sock = os.path.join(self.pki.dir, "admin-b.sock")
+        lb = self.smtplb(config([good, plain, wrong, expired],
+                                health={"tls": "implicit", "tls_verify": True, "tls_ca_file": self.pki.ca,
+                                        "tls_server_name": RIGHT_NAME, "timeout": "2s"},
+                                extra='\n[admin]\nsocket = "%s"\nlisten = ""\n' % admin_sock),
+                         up=["p/good"], down=["p/plain", "p/wrongname", "p/expired"])
+        reasons = {n: down_reason(lb, "p/" + n) for n in ("plain", "wrongname", "expired")}
+        for n, r in reasons.items():
+            sys.stderr.write("\n  implicit TLS, %s: %s" % (n, r))
+        sys.stderr.write("\n")
+        self.assertRegex(reasons["plain"], r"^tls handshake: [a-z]")
+        self.assertEqual(reasons["wrongname"],
+                         "tls verify: hostname mismatch (depth 0, subject CN=wrong.test, expected %s)" % RIGHT_NAME)
+        self.assertEqual(reasons["expired"], "tls verify: certificate has expired (depth 0, subject CN=%s)" % RIGHT_NAME)
+        metrics = unix_get(admin_sock, "/metrics")
+
+        def failures(server, reason):
+            m = re.search(r'(?m)^smtplb_server_check_failures_total\{pool="p",server="%s",reason="%s"\} (\d+)$'
+                          % (server, reason), metrics)
+            self.assertIsNotNone(m, (server, reason))
+            return int(m.group(1))
+        self.assertGreaterEqual(failures("plain", "tls"), 1)
+        self.assertEqual(failures("plain", "tls_name") + failures("plain", "tls_expired"), 0)
+        self.assertGreaterEqual(failures("wrongname", "tls_name"), 1)
+        self.assertEqual(failures("wrongname", "tls") + failures("wrongname", "tls_expired"), 0)
+        self.assertGreaterEqual(failures("expired", "tls_expired"), 1)
+        self.assertEqual(failures("expired", "tls") + failures("expired", "tls_name"), 0)
+        self.assertEqual(failures("good", "tls") + failures("good", "tls_name") + failures("good", "tls_expired"), 0)
+        # Nothing but the ClientHello reached the plaintext server: no EHLO in clear.
+        conns = plain.snapshot()
+        self.assertTrue(conns)
+        self.assertFalse([cmd for conn in conns for cmd, _ in conn.commands if cmd.startswith(("EHLO", "QUIT"))])
+        self.assertTrue(all(conn.commands[0][0].startswith("\x16\x03") for conn in conns if conn.commands))
+
+    def test_proxy_header_goes_first(self):
+        """A pool that sends PROXY to its servers writes the header before the handshake."""
+        srv = self.tls_fake("s1", proxy=True)
+        self.smtplb(config([srv], health={"tls": "implicit"}, pool={"proxy_protocol": "v1"}), up=["p/s1"])
+        conn = wait_until(lambda: srv.snapshot(), STEP_TIMEOUT, "a check")[0]
+        self.assertTrue(conn.done.wait(STEP_TIMEOUT))
+        self.assertRegex(conn.proxy_line, rb"^PROXY TCP4 127\.0\.0\.1 127\.0\.0\.1 \d+ %d\r\n$" % srv.port)
+        self.assertEqual(conn.tls_version, "TLSv1.3")
+        self.assertEqual(conn.commands, [("EHLO " + CHECK_EHLO, True), ("QUIT", True)])
+
+    @unittest.skipUnless(shutil.which("swaks"), "swaks is not installed")
+    def test_swaks_tls_on_connect_through_smtplb(self):
+        """A port-465 client (swaks --tls-on-connect) delivers through smtplb with
+        handoff = "connect": the client speaks first (the ClientHello), smtplb relays it."""
+        srv = self.tls_fake("s1")
+        lb = self.smtplb(config([srv], health={"tls": "implicit"}, pool={"handoff": "connect"}), up=["p/s1"])
+        r = subprocess.run(["swaks", "--server", "127.0.0.1:%d" % lb.port(), "--tls-on-connect", "--ehlo",
+                            "client.test", "--from", "a@example.org", "--to", "a@b.c", "--timeout", "10"],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn("TLS started", r.stdout)
+        session = wait_until(lambda: srv.sessions(), STEP_TIMEOUT, "the swaks session")[0]
+        self.assertTrue(session.done.wait(STEP_TIMEOUT))
+        self.assertEqual(session.commands[0], ("EHLO client.test", True))
+        self.assertIn(("MAIL FROM:<a@example.org>", True), session.commands)
+        self.assertEqual(len(session.messages), 1)
+        self.assertTrue(session.quit)
         lb.wait_access(1, term="--", server="s1")
 
 

@@ -45,6 +45,8 @@ check "stripped" bash -c "! LC_ALL=C readelf -S '$bin' | grep -q '\\.debug_info'
 
 check "smtplb --version says $version" bash -c "'$bin' --version | grep -qF '$version'"
 check "smtplb --check passes on the reference config" "$bin" --check -q -f "$work/deb/usr/share/smtplb/smtplb.toml"
+check "smtplb agent --check passes on the reference agent config" \
+  "$bin" agent --check -f "$work/deb/usr/share/smtplb/agent.toml"
 printf '[listener.mx]\nport = "25"\n' >"$work/bad.toml"
 set +e; "$bin" --check -q -f "$work/bad.toml" >/dev/null 2>&1; rc=$?; set -e
 check "smtplb --check exits 78 on a bad config (got $rc)" test "$rc" = 78

@@ -7,6 +7,7 @@
 # Files (directories left out) with mode and owner, as dpkg-deb -c lists them.
 dpkg-deb -c "$deb" | awk '$1 !~ /^d/ { print $1, $2, $6 }' | sort -k3 >"$work/files"
 sort -k3 >"$work/want" <<'LIST'
+-rw-r--r-- root/root ./usr/lib/systemd/system/smtplb-agent.service
 -rw-r--r-- root/root ./usr/lib/systemd/system/smtplb.service
 -rw-r--r-- root/root ./usr/lib/sysusers.d/smtplb.conf
 -rwxr-xr-x root/root ./usr/sbin/smtplb
@@ -18,6 +19,7 @@ sort -k3 >"$work/want" <<'LIST'
 -rw-r--r-- root/root ./usr/share/doc/smtplb/examples/prometheus/smtplb.rules.yml
 -rw-r--r-- root/root ./usr/share/man/man5/smtplb.toml.5.gz
 -rw-r--r-- root/root ./usr/share/man/man8/smtplb.8.gz
+-rw-r--r-- root/root ./usr/share/smtplb/agent.toml
 -rw-r--r-- root/root ./usr/share/smtplb/smtplb.toml
 LIST
 check "file list, modes and owners" diff -u "$work/want" "$work/files"
@@ -69,6 +71,10 @@ dpkg-deb -x "$deb" "$work/root"
 check "the reference config equals conf/smtplb.toml" cmp -s "$work/root/usr/share/smtplb/smtplb.toml" "$src/conf/smtplb.toml"
 check "unit equals packaging/smtplb.service" \
   cmp -s "$work/root/usr/lib/systemd/system/smtplb.service" "$src/packaging/smtplb.service"
+check "agent unit equals packaging/smtplb-agent.service" \
+  cmp -s "$work/root/usr/lib/systemd/system/smtplb-agent.service" "$src/packaging/smtplb-agent.service"
+check "the reference agent config equals conf/agent.toml" \
+  cmp -s "$work/root/usr/share/smtplb/agent.toml" "$src/conf/agent.toml"
 for f in keepalived/keepalived.conf keepalived/smtplb-ha-network.sh prometheus/smtplb.rules.yml \
          grafana/smtplb-dashboard.json; do
   check "example $f equals packaging/$f" cmp -s "$work/root/usr/share/doc/smtplb/examples/$f" "$src/packaging/$f"

@@ -14,6 +14,7 @@ check "Packager is the project's identity (the .deb's Maintainer)" test "$(q --q
 q --qf '[%{FILEFLAGS:fflags}|%{FILEMODES:perms}|%{FILEUSERNAME}:%{FILEGROUPNAME}|%{FILENAMES}\n]' \
   | sort -t'|' -k4 >"$work/files"
 sort -t'|' -k4 >"$work/want" <<'LIST'
+|-rw-r--r--|root:root|/usr/lib/systemd/system/smtplb-agent.service
 |-rw-r--r--|root:root|/usr/lib/systemd/system/smtplb.service
 |-rw-r--r--|root:root|/usr/lib/sysusers.d/smtplb.conf
 |-rwxr-xr-x|root:root|/usr/sbin/smtplb
@@ -31,6 +32,7 @@ d|-rw-r--r--|root:root|/usr/share/doc/smtplb/examples/prometheus/smtplb.rules.ym
 d|-rw-r--r--|root:root|/usr/share/man/man5/smtplb.toml.5.gz
 d|-rw-r--r--|root:root|/usr/share/man/man8/smtplb.8.gz
 |drwxr-xr-x|root:root|/usr/share/smtplb
+|-rw-r--r--|root:root|/usr/share/smtplb/agent.toml
 |-rw-r--r--|root:root|/usr/share/smtplb/smtplb.toml
 LIST
 check "file list, flags, modes (nothing is %config)" diff -u "$work/want" "$work/files"

@@ -35,6 +35,13 @@ mkdir -p "$work/verify"
 sed "s|/usr/sbin/smtplb|$work/root/usr/sbin/smtplb|g" "$unit" >"$work/verify/smtplb.service"
 check "systemd-analyze verify" env MANPATH="$work/root/usr/share/man" \
   systemd-analyze verify "$work/verify/smtplb.service"
+# The agent's unit (installed, never enabled by the packages): a user that can read the
+# Postfix queue, not root.
+agent_unit=$work/root/usr/lib/systemd/system/smtplb-agent.service
+sed "s|/usr/sbin/smtplb|$work/root/usr/sbin/smtplb|g" "$agent_unit" >"$work/verify/smtplb-agent.service"
+check "agent unit: systemd-analyze verify" env MANPATH="$work/root/usr/share/man" \
+  systemd-analyze verify "$work/verify/smtplb-agent.service"
+check "agent unit: User=postfix" grep -qx 'User=postfix' "$agent_unit"
 
 set +e
 systemd-analyze security --offline=true --threshold=20 "$unit" >"$work/security" 2>&1

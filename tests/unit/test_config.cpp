@@ -87,6 +87,7 @@ TEST_CASE("config: minimal file and its defaults") {
   CHECK_FALSE(c.global.hostname.empty());  // the machine's host name
   CHECK(c.global.workers == 0);
   CHECK(c.global.max_connections == 20000);
+  CHECK(c.global.resolve_interval == smtplb::Millis(30000));
   CHECK(c.log.level == LogLevel::info);
   CHECK(c.log.access_log);
 
@@ -131,6 +132,7 @@ TEST_CASE("config: every supported key") {
 hostname = "lb1.example.net"
 workers = 4
 max_connections = 500
+resolve_interval = "5s"
 
 [log]
 level = "debug"
@@ -204,6 +206,7 @@ port = 65535
   CHECK(c.global.hostname == "lb1.example.net");
   CHECK(c.global.workers == 4);
   CHECK(c.global.max_connections == 500);
+  CHECK(c.global.resolve_interval == smtplb::Millis(5000));
   CHECK(c.log.level == LogLevel::debug);
   CHECK_FALSE(c.log.access_log);
 
@@ -267,6 +270,9 @@ TEST_CASE("config: error to_string") {
 
 TEST_CASE("config: TOML syntax errors point at the spot") {
   expect_one_error("[global]\nworkers = = 3\n" + kListener + kPool, 2, 11, "");
+  expect_one_error("[global]\nresolve_interval = \"50ms\"\n" + kListener + kPool, 2, 20,
+                   "'resolve_interval' must be 0s (only at load) or at least 100ms");
+  CHECK(load("[global]\nresolve_interval = \"0s\"\n" + kListener + kPool).config->global.resolve_interval.count() == 0);
   expect_one_error(kListener + kPool + "[pool.pf\n", 8, 9, "");
   expect_one_error("[global]\nhostname = \"unterminated\n", 2, 25, "");
   // A key defined twice is a TOML error too.
@@ -859,15 +865,61 @@ TEST_CASE("config: STARTTLS check keys") {
   INFO(dump(r));
   REQUIRE(r.ok());
   const HealthCheckConfig& h = r.config->pools.at(0).health_check;
-  CHECK(h.starttls);
+  CHECK(h.tls == smtplb::CheckTls::starttls);
   CHECK(h.tls_verify);
   CHECK(h.tls_server_name == "mx.example.net");
   CHECK(h.tls_ca_file.empty());
   expect_one_error(kListener + kPool + "[pool.pf.health_check]\ntls_verify = true\n", 9, 14,
-                   "'tls_verify' has no effect without starttls = true");
+                   "'tls_verify' has no effect without tls = \"starttls\" or \"implicit\"");
   expect_one_error(
       kListener + kPool + "[pool.pf.health_check]\nstarttls = true\ntls_ca_file = \"/nonexistent/ca.pem\"\n", 10, 15,
       "'tls_ca_file' \"/nonexistent/ca.pem\" cannot be read");
+}
+
+TEST_CASE("config: check TLS mode: tls = none, starttls or implicit, starttls = true as its alias") {
+  const std::string hc = kListener + kPool + "[pool.pf.health_check]\n";
+  auto mode = [&](const std::string& keys) {
+    auto r = load(hc + keys);
+    INFO(dump(r));
+    REQUIRE(r.ok());
+    return r.config->pools.at(0).health_check.tls;
+  };
+  CHECK(mode("") == smtplb::CheckTls::none);
+  CHECK(mode("tls = \"implicit\"\ntls_verify = true\n") == smtplb::CheckTls::implicit);
+  CHECK(mode("tls = \"starttls\"\n") == smtplb::CheckTls::starttls);
+  CHECK(mode("tls = \"none\"\n") == smtplb::CheckTls::none);
+  CHECK(mode("starttls = true\n") == smtplb::CheckTls::starttls);
+  CHECK(mode("starttls = false\n") == smtplb::CheckTls::none);
+  // Both, consistent: accepted.
+  CHECK(mode("starttls = true\ntls = \"starttls\"\n") == smtplb::CheckTls::starttls);
+  CHECK(mode("starttls = false\ntls = \"implicit\"\n") == smtplb::CheckTls::implicit);
+  // Both, contradicting: an error at starttls.
+  expect_one_error(hc + "tls = \"implicit\"\nstarttls = true\n", 10, 12,
+                   "'starttls = true' contradicts tls = \"implicit\"; set tls alone");
+  expect_one_error(hc + "starttls = false\ntls = \"starttls\"\n", 9, 12,
+                   "'starttls = false' contradicts tls = \"starttls\"; set tls alone");
+  expect_one_error(hc + "tls = \"465\"\n", 9, 7, "'tls' must be one of: none, starttls, implicit");
+  expect_one_error(hc + "tls = \"none\"\ntls_server_name = \"x.example\"\n", 10, 19,
+                   "'tls_server_name' has no effect without tls");
+}
+
+TEST_CASE("config: agent feedback keys") {
+  const std::string hc = kListener + kPool + "[pool.pf.health_check]\ninterval = \"3s\"\n";
+  auto r = load(hc);
+  REQUIRE(r.ok());
+  const HealthCheckConfig& off = r.config->pools.at(0).health_check;
+  CHECK(off.agent_port == 0);
+  CHECK(off.agent_every() == smtplb::Millis(3000));  // default: the check interval
+  CHECK(off.agent_timeout == smtplb::Millis(2000));
+  auto on = load(hc + "agent_port = 5555\nagent_interval = \"500ms\"\nagent_timeout = \"1s\"\n");
+  INFO(dump(on));
+  REQUIRE(on.ok());
+  const HealthCheckConfig& h = on.config->pools.at(0).health_check;
+  CHECK(h.agent_port == 5555);
+  CHECK(h.agent_every() == smtplb::Millis(500));
+  CHECK(h.agent_timeout == smtplb::Millis(1000));
+  expect_one_error(hc + "agent_port = 70000\n", 10, 14, "'agent_port' must be between 0 and 65535");
+  expect_one_error(hc + "agent_interval = \"10ms\"\n", 10, 18, "agent_interval");
 }
 
 TEST_CASE("config: PROXY protocol in and out") {

@@ -13,6 +13,7 @@
 
 #include "smtplb/config/duration.hpp"
 #include "smtplb/edge/rate_limit.hpp"
+#include "smtplb/lb/queue_weight.hpp"
 
 namespace smtplb {
 
@@ -23,6 +24,9 @@ enum class Algorithm : uint8_t { roundrobin, leastconn, source };
 
 const char* to_string(Algorithm a);
 enum class Handoff : uint8_t { banner, connect };
+// TLS in health checks: none, STARTTLS after EHLO, or implicit (port 465: a handshake
+// before the greeting).
+enum class CheckTls : uint8_t { none, starttls, implicit };
 // Operator's intent for a server, separate from its health: drain takes no new sessions
 // but keeps being checked; maint takes none and is not checked.
 enum class AdminState : uint8_t { ready, drain, maint };
@@ -41,6 +45,8 @@ struct GlobalConfig {
   unsigned max_connections = 20000;       // process-wide client sessions
   Millis shutdown_grace{30000};           // SIGTERM: how long relaying sessions may finish
   unsigned max_tracked_clients = 200000;  // client keys the per-client limits remember
+  // How often server host names are looked up again; 0 = only at load and reload.
+  Millis resolve_interval{30000};
 };
 
 struct LogConfig {
@@ -124,11 +130,17 @@ struct HealthCheckConfig {
   Millis timeout{10000};  // covers the whole dialogue
   unsigned rise = 2;
   unsigned fall = 3;
-  std::string ehlo_name;        // resolved: global.hostname when empty
-  bool starttls = false;        // STARTTLS + TLS handshake + EHLO again
-  bool tls_verify = false;      // verify the certificate chain and name
-  std::string tls_ca_file;      // empty: the system store
-  std::string tls_server_name;  // SNI and name to verify; empty: the server's address
+  std::string ehlo_name;          // resolved: global.hostname when empty
+  CheckTls tls = CheckTls::none;  // starttls: STARTTLS + handshake + EHLO again; implicit: handshake first
+  bool tls_verify = false;        // verify the certificate chain and name
+  std::string tls_ca_file;        // empty: the system store
+  std::string tls_server_name;    // SNI and name to verify; empty: the server's address
+  // Agent feedback (HAProxy's agent-check): a TCP port on each server whose one-line
+  // reply scales the weight and sets the agent's state. 0: off.
+  uint16_t agent_port = 0;
+  Millis agent_interval{0};  // 0: the same as interval
+  Millis agent_timeout{2000};
+  Millis agent_every() const { return agent_interval.count() ? agent_interval : interval; }
 };
 
 struct ServerConfig {
@@ -140,6 +152,9 @@ struct ServerConfig {
   // (include/smtplb/config/resolve_plan.hpp) before the configuration is used.
   SocketAddress addr;
   bool needs_resolution = false;
+  // `address` is a host name (not an IP literal): looked up again every
+  // global.resolve_interval. Stays true once `addr` is filled.
+  bool host_name = false;
   uint32_t address_line = 0;  // where 'address' is written, for resolution errors
   uint32_t address_column = 0;
   unsigned weight = 1;           // 0..256; 0 = no new sessions
@@ -191,8 +206,29 @@ struct ConfigError {
 struct ConfigLoad {
   std::shared_ptr<const Config> config;  // null when errors is not empty
   std::vector<ConfigError> errors;
+  // Not errors: the configuration is usable (a host name that does not resolve yet).
+  std::vector<ConfigError> warnings;
   bool ok() const { return config != nullptr; }
 };
+
+// `smtplb agent`: its own small file (one [agent] and one [queue] table).
+struct AgentConfig {
+  std::string path;
+  std::string address = "0.0.0.0";  // where the agent listens: an IP literal
+  uint16_t port = 5555;             // the pool's health_check.agent_port; 0: any (tests)
+  SocketAddress bind;
+  std::string queue_directory = "/var/spool/postfix";
+  Millis refresh{2000};  // how often the queue is counted
+  QueueThresholds queue;
+};
+
+struct AgentConfigLoad {
+  std::shared_ptr<const AgentConfig> config;  // null when errors is not empty
+  std::vector<ConfigError> errors;
+  bool ok() const { return config != nullptr; }
+};
+AgentConfigLoad load_agent_config_string(std::string_view text, const std::string& path);
+AgentConfigLoad load_agent_config_file(const std::string& path);
 
 // A file that cannot be read is one error at line 0 saying why (it does not exist, is a
 // directory, permission denied for the user smtplb runs as, ...).

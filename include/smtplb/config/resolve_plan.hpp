@@ -18,14 +18,27 @@ struct HostLookup {
   std::string error;   // why not, when !ok (e.g. "Name or service not known")
 };
 
-// The distinct host names the servers of `c` name, in file order. Empty when every
-// server address is an IP literal: then `c` is complete as loaded.
+// The distinct host names the servers of `c` name that have no address yet, in file
+// order. Empty when every server address is an IP literal: then `c` is complete as loaded.
 std::vector<std::string> hosts_to_resolve(const Config& c);
 
-// A copy of `c` in which every server naming a host gets the looked-up address with its
-// own port. A host with no answer in `lookups`, or a failed one, is an error at the
-// server's 'address' (one per server naming it, "cannot resolve 'HOST': why"), and then
-// no Config is returned, as when loading fails.
-ConfigLoad apply_lookups(const Config& c, const std::vector<HostLookup>& lookups);
+// The distinct host names any server of `c` names, resolved or not, in file order: what
+// is looked up again every global.resolve_interval.
+std::vector<std::string> host_names(const Config& c);
+
+// Two servers of two configurations are the same for the answers of their host name:
+// same pool, name, address as written and port.
+bool same_named_server(const PoolConfig& pa, const ServerConfig& a, const PoolConfig& pb, const ServerConfig& b);
+
+// A copy of `c` in which every server naming a host gets an address with its own port.
+// Never fails: the configuration is usable whatever the resolver says.
+// - `running` (a reload: the configuration in use) holds the same server with an
+//   address: it keeps that address, whatever the answer. A changed address is not
+//   taken here: the control loop checks it first (src/control/process.cpp), then
+//   switches. A failed answer is a warning ("keeps its address").
+// - Otherwise the answer's address; a failed or missing answer leaves the server
+//   without one (needs_resolution stays set: it starts DOWN, the name is looked up
+//   again) and is a warning at its 'address': "cannot resolve 'HOST': why; ...".
+ConfigLoad apply_lookups(const Config& c, const std::vector<HostLookup>& lookups, const Config* running = nullptr);
 
 }  // namespace smtplb

@@ -9,18 +9,20 @@
 namespace smtplb {
 
 enum class CheckFailure : uint8_t {
-  connect,   // TCP connect refused, unreachable, or the connection broke right after it
-  timeout,   // the whole dialogue did not finish within health_check.timeout
-  greeting,  // no 220, a malformed or unsolicited greeting, or the server left during it
-  ehlo,      // EHLO (plain, or again inside TLS) not answered 250
-  starttls,  // STARTTLS not answered 220
-  tls,       // TLS context, handshake, verification or record error
-  quit,      // QUIT not answered 221
-  proxy,     // the failure looks like a PROXY protocol mismatch (greeting/EHLO of a PROXY pool)
+  connect,      // TCP connect refused, unreachable, or the connection broke right after it
+  timeout,      // the whole dialogue did not finish within health_check.timeout
+  greeting,     // no 220, a malformed or unsolicited greeting, or the server left during it
+  ehlo,         // EHLO (plain, or again inside TLS) not answered 250
+  starttls,     // STARTTLS not answered 220
+  tls,          // TLS context, handshake or record error, or a verification failure not below
+  quit,         // QUIT not answered 221
+  proxy,        // the failure looks like a PROXY protocol mismatch (greeting/EHLO of a PROXY pool)
+  tls_name,     // verification: the certificate does not name tls_server_name (or the address)
+  tls_expired,  // verification: the certificate has expired
 };
 
-inline constexpr std::array<std::string_view, 8> kCheckFailureNames = {"connect",  "timeout", "greeting", "ehlo",
-                                                                       "starttls", "tls",     "quit",     "proxy"};
+inline constexpr std::array<std::string_view, 10> kCheckFailureNames = {
+    "connect", "timeout", "greeting", "ehlo", "starttls", "tls", "quit", "proxy", "tls_name", "tls_expired"};
 inline constexpr size_t kCheckFailureCount = kCheckFailureNames.size();
 
 constexpr std::string_view to_string(CheckFailure f) {
