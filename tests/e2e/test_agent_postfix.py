@@ -88,9 +88,13 @@ class AgentPostfixTest(harness.TestCase):
                         agent.kill()
                         agent.wait(STEP_TIMEOUT)
             self.addCleanup(stop_agent)
-            wait_until(lambda: b"listening on" in open(log_path, "rb").read() or agent.poll() is not None,
+            def agent_log():
+                with open(log_path, "rb") as f:
+                    return f.read()
+
+            wait_until(lambda: b"listening on" in agent_log() or agent.poll() is not None,
                        STEP_TIMEOUT, "smtplb agent to listen")
-            self.assertIsNone(agent.poll(), open(log_path, "rb").read())
+            self.assertIsNone(agent.poll(), agent_log())
 
             lb = self.smtplb(make_config([("pf", "127.0.0.1", pf.ports["in"], {"weight": 100}),
                                           (other, {"weight": 100})],

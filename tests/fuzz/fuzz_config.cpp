@@ -1,4 +1,5 @@
-// libFuzzer target for config loading: load_config_string() on arbitrary text must never
+// libFuzzer target for config loading: load_config_string() (and load_agent_config_string(),
+// smtplb agent's file) on arbitrary text must never
 // crash or let an exception out, and its result must be coherent (errors with a position,
 // sorted; a config only when there is no error, and then a valid one).
 //
@@ -70,6 +71,28 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* bytes, size_t size) {
   if (has_tomlpp_trigger(text)) return -1;  // -1: libFuzzer keeps it out of the corpus
   size_t text_lines = 1;
   for (char c : text) text_lines += c == '\n';
+
+  // `smtplb agent`'s own file goes through the same loader machinery: the same input
+  // must give a coherent answer there too.
+  {
+    const smtplb::AgentConfigLoad a = smtplb::load_agent_config_string(text, "agent.toml");
+    FUZZ_CHECK(a.ok() == a.errors.empty());
+    for (const smtplb::ConfigError& e : a.errors) {
+      FUZZ_CHECK(e.file == "agent.toml");
+      FUZZ_CHECK(e.line >= 1 && e.line <= text_lines + 1);
+      FUZZ_CHECK(e.column >= 1);
+      FUZZ_CHECK(!e.message.empty());
+    }
+    if (a.ok()) {
+      const smtplb::AgentConfig& ac = *a.config;
+      FUZZ_CHECK(ac.bind.family() == AF_INET || ac.bind.family() == AF_INET6);
+      FUZZ_CHECK(ac.bind.port() == ac.port);
+      FUZZ_CHECK(ac.queue.high > ac.queue.low);
+      FUZZ_CHECK(ac.queue.floor <= 100);
+      FUZZ_CHECK(ac.queue.drain == 0 || ac.queue.drain >= ac.queue.high);
+      FUZZ_CHECK(!ac.queue_directory.empty());
+    }
+  }
 
   const smtplb::ConfigLoad r = smtplb::load_config_string(text, "fuzz.toml");
 
