@@ -220,9 +220,14 @@ class AgentTest(TestCase):
                     proc.kill()
                     proc.wait(STEP_TIMEOUT)
         self.addCleanup(stop)
-        wait_until(lambda: b"listening on" in open(log_path, "rb").read() or proc.poll() is not None,
+
+        def agent_log():
+            with open(log_path, "rb") as f:
+                return f.read()
+
+        wait_until(lambda: b"listening on" in agent_log() or proc.poll() is not None,
                    STEP_TIMEOUT, "smtplb agent to listen")
-        self.assertIsNone(proc.poll(), open(log_path, "rb").read())
+        self.assertIsNone(proc.poll(), agent_log())
         return proc
 
     def test_smtplb_agent_from_the_queue(self):
@@ -259,11 +264,29 @@ class AgentTest(TestCase):
                          up=["p/s1", "p/s2"])
         port = lb.port()
         figures = []
+        def agent_says():
+            try:
+                with socket.create_connection(("127.0.0.2", self.a1.port), timeout=2) as c:
+                    data = b""
+                    while True:
+                        chunk = c.recv(512)
+                        if not chunk:
+                            return data.decode("ascii", "replace").strip()
+                        data += chunk
+            except OSError:
+                return ""
+
         for n, words, count in ((0, "ready up 100%", 600), (15, "ready up 55%", 1550), (30, "ready up 10%", 1100),
                                 (45, "drain 10%", 300), (0, "ready up 100%", 600)):
+            off = lb.log_offset()
             deferred(n)
+            # The files appear one by one, so the agent may count a few on the way (and smtplb
+            # log that); first the agent must count exactly n, then smtplb must apply its words.
+            line = "%s #incoming=0 active=0 deferred=%d" % (words, n)
+            wait_until(lambda: agent_says() == line, STEP_TIMEOUT, "smtplb agent to say %r" % line)
             if figures:  # the first answer changes nothing (100%, up)
-                lb.wait_log(re.escape('server p/s1 agent says "%s #incoming=0 active=0 deferred=%d"' % (words, n)))
+                lb.wait_log(re.escape('server p/s1 agent says "%s #incoming=0 active=0 deferred=' % words) + r"\d+",
+                            since=off)
             split, fail = sessions(port, count)
             self.assertEqual(fail, [])
             share = split.get("s1", 0) / float(count)
