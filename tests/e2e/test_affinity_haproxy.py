@@ -25,7 +25,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "integration"))
 import harness  # noqa: E402
-from harness import TestCase, make_config, run_smtplb, wait_until  # noqa: E402
+from harness import TestCase, make_config, run_smtplb, stop_process, wait_until  # noqa: E402
 from test_affinity import NAMES, Loop, Server, run_pass, served_by  # noqa: E402
 
 KEYS = int(os.environ.get("SMTPLB_AFFINITY_KEYS", "20000"))
@@ -96,13 +96,7 @@ class HAProxy:
             raise RuntimeError("haproxy: " + out)
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
     def close(self):
         self.stop()

@@ -26,7 +26,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "integration"))
 import postfix  # noqa: E402
 import harness  # noqa: E402
-from harness import SMTPLB_BIN, STEP_TIMEOUT, FakeSmtpServer, Smtplb, make_config, wait_until  # noqa: E402
+from harness import (SMTPLB_BIN, STEP_TIMEOUT, FakeSmtpServer, Smtplb, make_config, stop_process,  # noqa: E402
+                     wait_until)
 from test_agent import ScriptedAgent, sessions  # noqa: E402
 
 LOW, HIGH, FLOOR = 5, 45, 10
@@ -79,15 +80,7 @@ class AgentPostfixTest(harness.TestCase):
             agent = subprocess.Popen([SMTPLB_BIN, "agent", "-f", cfg], stdin=subprocess.DEVNULL, stdout=log,
                                      stderr=subprocess.STDOUT)
 
-            def stop_agent():
-                if agent.poll() is None:
-                    agent.terminate()
-                    try:
-                        agent.wait(STEP_TIMEOUT)
-                    except subprocess.TimeoutExpired:
-                        agent.kill()
-                        agent.wait(STEP_TIMEOUT)
-            self.addCleanup(stop_agent)
+            self.addCleanup(stop_process, agent, STEP_TIMEOUT)
             def agent_log():
                 with open(log_path, "rb") as f:
                     return f.read()

@@ -170,13 +170,20 @@ class SmtpSink:
         return ("running" if code is None else "exited with %s" % code) + (" (stderr: %s)" % said if said else "")
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
+
+
+def stop_process(proc: Optional[subprocess.Popen], timeout: float = 5) -> None:
+    """Stops a process this test started, by its PID: SIGTERM, then SIGKILL if it has not
+    exited within `timeout` seconds; reaps it either way."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
 
 
 def ipv6_available() -> bool:

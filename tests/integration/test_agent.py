@@ -21,7 +21,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (SMTPLB_BIN, STEP_TIMEOUT, SmtpClient, TestCase, log_time, main, make_config,  # noqa: E402
-                     server_of, wait_until)
+                     server_of, stop_process, wait_until)
 import subprocess  # noqa: E402
 
 AGENT_INTERVAL = 0.2
@@ -211,15 +211,7 @@ class AgentTest(TestCase):
         proc = subprocess.Popen([SMTPLB_BIN, "agent", "-f", config_path], stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT)
 
-        def stop():
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(STEP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(STEP_TIMEOUT)
-        self.addCleanup(stop)
+        self.addCleanup(stop_process, proc, STEP_TIMEOUT)
 
         def agent_log():
             with open(log_path, "rb") as f:
