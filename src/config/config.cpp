@@ -981,6 +981,7 @@ AgentConfigLoad Loader::run_agent(std::string_view text) {
   auto c = std::make_shared<AgentConfig>();
   c->path = file_;
   const toml::node* address_node = nullptr;
+  const toml::node* low_node = nullptr;
   const toml::node* high_node = nullptr;
   const toml::node* drain_node = nullptr;
   for (auto&& [k, v] : root) {
@@ -1024,6 +1025,7 @@ AgentConfigLoad Loader::run_agent(std::string_view text) {
                      {"low",
                       [&](const toml::node& n) {
                         if (auto i = integer(n, "low", 0, 100'000'000)) c->queue.low = uint64_t(*i);
+                        low_node = &n;
                       }},
                      {"high",
                       [&](const toml::node& n) {
@@ -1046,10 +1048,11 @@ AgentConfigLoad Loader::run_agent(std::string_view text) {
     }
   }
   if (errors_.empty()) {
+    // Without 'high' in the file, the conflict is with the default: point at 'low', which
+    // is then necessarily there (the defaults themselves are coherent).
     if (c->queue.high <= c->queue.low)
-      error(
-          high_node ? high_node->source() : toml::source_region{},
-          "'high' (" + std::to_string(c->queue.high) + ") must be above 'low' (" + std::to_string(c->queue.low) + ")");
+      error(high_node ? *high_node : *low_node, "'high' (" + std::to_string(c->queue.high) + ") must be above 'low' (" +
+                                                    std::to_string(c->queue.low) + ")");
     if (c->queue.drain != 0 && c->queue.drain < c->queue.high)
       error(*drain_node, "'drain' must be 0 (off) or at least 'high' (" + std::to_string(c->queue.high) + ")");
     if (address_node)

@@ -64,6 +64,9 @@ TEST_CASE("agent config: defaults, keys and errors") {
     return l.errors[0].to_string();
   };
   CHECK(bad("[queue]\nlow = 50\nhigh = 50\n") == "agent.toml:3:8: 'high' (50) must be above 'low' (50)");
+  // Found by fuzz_config: 'low' above the default 'high' with no 'high' in the file; the
+  // error had no position (0:0) and now points at 'low'.
+  CHECK(bad("[queue]\nlow = 5000\n") == "agent.toml:2:7: 'high' (1000) must be above 'low' (5000)");
   CHECK(bad("[queue]\ndrain = 10\n") == "agent.toml:2:9: 'drain' must be 0 (off) or at least 'high' (1000)");
   CHECK(bad("[agent]\nqueue_directory = \"spool\"\n") == "agent.toml:2:19: 'queue_directory' must be an absolute path");
   CHECK(bad("[queue]\nflor = 1\n").find("agent.toml:2:1: unknown key 'flor' in [queue]") == 0);
