@@ -56,14 +56,22 @@ struct Options {
 
 std::string errno_name(int e) {
   switch (e) {
-    case ECONNREFUSED: return "ECONNREFUSED";
-    case ECONNRESET: return "ECONNRESET";
-    case EADDRNOTAVAIL: return "EADDRNOTAVAIL";
-    case EMFILE: return "EMFILE";
-    case ENFILE: return "ENFILE";
-    case ETIMEDOUT: return "ETIMEDOUT";
-    case ENOBUFS: return "ENOBUFS";
-    default: return std::to_string(e);
+    case ECONNREFUSED:
+      return "ECONNREFUSED";
+    case ECONNRESET:
+      return "ECONNRESET";
+    case EADDRNOTAVAIL:
+      return "EADDRNOTAVAIL";
+    case EMFILE:
+      return "EMFILE";
+    case ENFILE:
+      return "ENFILE";
+    case ETIMEDOUT:
+      return "ETIMEDOUT";
+    case ENOBUFS:
+      return "ENOBUFS";
+    default:
+      return std::to_string(e);
   }
 }
 

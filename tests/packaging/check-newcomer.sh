@@ -145,8 +145,10 @@ run_demo() { # WHO: a fresh root, a copy of the tree in WHO's home, the drive sc
     chmod 0440 "$r/etc/sudoers.d/$who"
     home=$r/home/$who
   fi
-  # The tree as it is here (tracked and new files, nothing ignored such as build/).
-  mkdir -p "$home/smtplb"
+  # A clone, as the README assumes (scripts/format.sh asks git for the sources), then the
+  # tree as it is here over it (tracked changes and new files, nothing ignored such as
+  # build/), so what is tested is this working tree.
+  git clone -q --no-hardlinks "$src" "$home/smtplb"
   git -C "$src" ls-files -z --cached --others --exclude-standard \
     | (cd "$src" && tar --null --no-recursion -T - -cf - 2>/dev/null) | tar -C "$home/smtplb" -xf -
   chroot "$r" chown -R "$who:" "$(sed "s|^$r||" <<<"$home")/smtplb"
