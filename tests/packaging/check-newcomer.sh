@@ -32,6 +32,7 @@ if [ "$(id -u)" -ne 0 ]; then echo "SKIP: needs root (chroot, namespaces)"; exit
 command -v unshare >/dev/null && command -v ip >/dev/null || { echo "SKIP: needs unshare and ip"; exit 77; }
 
 start=$(date +%s)
+trap 'exit 143' TERM INT   # runs common.sh's cleanup (EXIT)
 tarball=$("$src/tests/packaging/newcomer-root.sh")
 
 # Runs inside the chroot, as root, in the namespaces: $1 is who runs the demo.
@@ -168,7 +169,12 @@ run_demo() { # WHO: a fresh root, a copy of the tree in WHO's home, the drive sc
   timeout -s KILL "$limit" unshare --mount --net --pid --fork --kill-child -- bash -c \
     "ip link set lo up && $mounts && exec chroot '$r' /usr/bin/env -i \
      PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 /bin/bash /tmp/drive.sh '$who' '$mode'" \
-    >"$work/$who.log" 2>&1
+    >"$work/$who.log" 2>&1 &
+  # In the background, so a SIGTERM to this script (CTest's timeout, Ctrl-C) is handled at
+  # once: the cleanup kills unshare, and with it (--kill-child) everything in the namespace.
+  local ns=$!
+  cleanup_hooks+=("pkill -KILL -P $ns; kill -KILL $ns 2>/dev/null")
+  wait "$ns"
   rc=$?
   set -e
   cat "$work/$who.log"
