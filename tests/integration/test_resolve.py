@@ -338,7 +338,9 @@ def greet(port):
 # --------------------------------------------------------------------------------------
 
 
-class SlowResolverTest(TestCase):
+class FakeDnsTestCase(TestCase):
+    """Runs in a mount namespace whose /etc/resolv.conf names a FakeDns: set_up_dns()
+    starts it and writes that file (self.resolv) and self.admin_path in a fresh dir."""
 
     @classmethod
     def setUpClass(cls):
@@ -346,16 +348,22 @@ class SlowResolverTest(TestCase):
         if why:
             raise unittest.SkipTest(why)
 
-    def setUp(self):
+    def set_up_dns(self, prefix, timeout):
         self.dns = FakeDns()
         self.addCleanup(self.dns.close)
-        self.dir = tempfile.mkdtemp(prefix="smtplb-resolve-")
+        self.dir = tempfile.mkdtemp(prefix=prefix)
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.resolv = os.path.join(self.dir, "resolv.conf")
         with open(self.resolv, "w") as f:
-            # One try, long enough for the slow answers: the delay is the fake server's.
-            f.write("nameserver %s\noptions timeout:%d attempts:1\n" % (self.dns.host, int(DELAY) + 3))
+            f.write("nameserver %s\noptions timeout:%d attempts:1\n" % (self.dns.host, timeout))
         self.admin_path = os.path.join(self.dir, "admin.sock")
+
+
+class SlowResolverTest(FakeDnsTestCase):
+
+    def setUp(self):
+        # One try, long enough for the slow answers: the delay is the fake server's.
+        self.set_up_dns("smtplb-resolve-", int(DELAY) + 3)
         self.s1 = self.fake("s1")
         self.s2 = self.fake("s2")
 
@@ -558,27 +566,14 @@ class SlowResolverTest(TestCase):
         self.assertNotRegex(log, RELOADED_RE)
 
 
-class ReresolveTest(TestCase):
+class ReresolveTest(FakeDnsTestCase):
     """A name re-resolved every resolve_interval, under load."""
 
     INTERVAL = 1.0  # resolve_interval
     CHECK = 0.2     # health_check.interval
 
-    @classmethod
-    def setUpClass(cls):
-        why = namespace_problem()
-        if why:
-            raise unittest.SkipTest(why)
-
     def setUp(self):
-        self.dns = FakeDns()
-        self.addCleanup(self.dns.close)
-        self.dir = tempfile.mkdtemp(prefix="smtplb-reresolve-")
-        self.addCleanup(shutil.rmtree, self.dir, True)
-        self.resolv = os.path.join(self.dir, "resolv.conf")
-        with open(self.resolv, "w") as f:
-            f.write("nameserver %s\noptions timeout:2 attempts:1\n" % self.dns.host)
-        self.admin_path = os.path.join(self.dir, "admin.sock")
+        self.set_up_dns("smtplb-reresolve-", 2)
         # The same port on two addresses: the name moves from one to the other.
         for _ in range(20):
             self.old = self.fake("old", host="127.0.0.2")
