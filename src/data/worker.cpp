@@ -15,6 +15,7 @@
 #include "data/edge_check.hpp"
 #include "data/session.hpp"
 #include "runtime/uv_util.hpp"
+#include "smtplb/config/duration.hpp"
 #include "smtplb/edge/address.hpp"
 #include "smtplb/proto/smtp_reply.hpp"
 
@@ -22,6 +23,8 @@ namespace smtplb {
 
 namespace {
 constexpr uint64_t kAcceptPauseMs = 100;
+// While a listener waits for room under max_connections, how often it looks.
+constexpr uint64_t kLimitRecheckMs = 10;
 // Events taken from the sessions' epoll set per epoll_wait.
 constexpr int kEventBatch = 128;
 // EPOLLPRI: urgent data makes read() stop short of the mark with more queued behind it,
@@ -171,11 +174,53 @@ bool Worker::add_listener(const std::shared_ptr<ListenerRuntime>& lr, std::strin
   l->poll.data = l;
   l->pause.data = l;
   listeners_.push_back(l);
-  uv_poll_start(&l->poll, UV_READABLE, [](uv_poll_t* p, int status, int) {
+  resume(*l);
+  return true;
+}
+
+void Worker::resume(Listener& l) {
+  uv_poll_start(&l.poll, UV_READABLE, [](uv_poll_t* p, int status, int) {
     auto* self = static_cast<Listener*>(p->data);
     if (status == 0) self->worker->on_readable(*self);
   });
-  return true;
+}
+
+bool Worker::at_limit(const ListenerRuntime& lr) const {
+  return link_.connections.load(std::memory_order_relaxed) >= snapshot_->config->global.max_connections ||
+         lr.state->current.load(std::memory_order_relaxed) >= lr.cfg->max_connections;
+}
+
+void Worker::wait_for_room(Listener& l) {
+  const uint64_t now = uv_now(&loop_);
+  if (!l.waiting_since) {
+    l.waiting_since = std::max<uint64_t>(now, 1);
+    ListenerRuntime& lr = *l.runtime;
+    ListenerState& st = *lr.state;
+    int64_t last = st.last_refusal_log_ms.load(std::memory_order_relaxed);
+    if (int64_t(now) - last >= 1000 && st.last_refusal_log_ms.compare_exchange_strong(last, int64_t(now)))
+      log(spdlog::level::warn,
+          "listener {}: connection limit reached (listener max_connections {}, global max_connections {}): new "
+          "clients wait in the listen backlog for up to queue_timeout {} of pool {}, then get 421 4.3.2",
+          lr.cfg->name, lr.cfg->max_connections, snapshot_->config->global.max_connections,
+          format_duration(snapshot_->pools[lr.pool].cfg->queue_timeout), snapshot_->pools[lr.pool].cfg->name);
+  }
+  uv_poll_stop(&l.poll);
+  uv_timer_start(
+      &l.pause,
+      [](uv_timer_t* t) {
+        auto* self = static_cast<Listener*>(t->data);
+        Worker& w = *self->worker;
+        const ListenerRuntime& lr = *self->runtime;
+        const uint64_t waited = uv_now(&w.loop_) - self->waiting_since;
+        const bool room = !w.at_limit(lr);
+        if (!room && waited < uint64_t(w.snapshot_->pools[lr.pool].cfg->queue_timeout.count())) return;
+        // Room, or the oldest waiting client has waited long enough: accept again (and
+        // answer 421 to those that still find no room, until the backlog is empty).
+        self->refusing = !room;
+        uv_timer_stop(t);
+        w.resume(*self);
+      },
+      kLimitRecheckMs, kLimitRecheckMs);
 }
 
 std::vector<std::string> Worker::listening() const {
@@ -365,18 +410,41 @@ void Worker::maybe_finish() {
 }
 
 void Worker::on_readable(Listener& l) {
+  ListenerRuntime& lr = *l.runtime;
+  const auto& global = snapshot_->config->global;
   // A bounded batch per wake-up, so one busy listener cannot starve the loop.
   for (int i = 0; i < 64; ++i) {
+    // The slot is taken before the accept, so the limits hold exactly across workers and
+    // a client is taken from the backlog only when there is room for it (or to refuse it).
+    const uint32_t process = link_.connections.fetch_add(1, std::memory_order_relaxed) + 1;
+    const uint32_t here = lr.state->current.fetch_add(1, std::memory_order_relaxed) + 1;
+    const bool over = process > global.max_connections || here > lr.cfg->max_connections;
+    auto give_back = [&] {
+      link_.connections.fetch_sub(1, std::memory_order_relaxed);
+      lr.state->current.fetch_sub(1, std::memory_order_relaxed);
+    };
+    // At the limit, clients wait in the backlog (as they would for a slot on a full
+    // server) instead of being answered 421 at once: a burst is absorbed as sessions end.
+    if (over && !l.refusing && snapshot_->pools[lr.pool].cfg->queue_timeout.count() > 0) {
+      give_back();
+      wait_for_room(l);
+      return;
+    }
     SocketAddress peer;
     peer.len = sizeof peer.storage;
     const int fd = ::accept4(l.fd, reinterpret_cast<sockaddr*>(&peer.storage), &peer.len, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
-      if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+      give_back();
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        l.waiting_since = 0;  // nobody waits any more
+        l.refusing = false;
+        return;
+      }
       if (errno == ECONNABORTED || errno == EINTR || errno == EPROTO) continue;
       const bool no_fds = errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM;
       const uint64_t now = uv_now(&loop_);
       if (now - last_accept_error_ms_ >= 1000)
-        log(spdlog::level::warn, "listener {}: accept failed: {}{}", l.runtime->cfg->name, std::strerror(errno),
+        log(spdlog::level::warn, "listener {}: accept failed: {}{}", lr.cfg->name, std::strerror(errno),
             no_fds ? "; pausing accepts (clients wait in the backlog) until descriptors free up" : "");
       last_accept_error_ms_ = now;
       if (no_fds) {
@@ -386,23 +454,15 @@ void Worker::on_readable(Listener& l) {
             &l.pause,
             [](uv_timer_t* t) {
               auto* self = static_cast<Listener*>(t->data);
-              uv_poll_start(&self->poll, UV_READABLE, [](uv_poll_t* p, int status, int) {
-                auto* me = static_cast<Listener*>(p->data);
-                if (status == 0) me->worker->on_readable(*me);
-              });
+              self->worker->resume(*self);
             },
             kAcceptPauseMs, 0);
       }
       return;
     }
-    // Counted before anything else, so the limits hold exactly across workers.
-    ListenerRuntime& lr = *l.runtime;
-    const uint32_t process = link_.connections.fetch_add(1, std::memory_order_relaxed) + 1;
-    const uint32_t here = lr.state->current.fetch_add(1, std::memory_order_relaxed) + 1;
-    const auto& global = snapshot_->config->global;
-    if (process > global.max_connections || here > lr.cfg->max_connections) {
-      link_.connections.fetch_sub(1, std::memory_order_relaxed);
-      lr.state->current.fetch_sub(1, std::memory_order_relaxed);
+    if (over) {
+      // queue_timeout "0s", or these clients have waited it out.
+      give_back();
       ListenerState& st = *lr.state;
       st.rejected_limit.fetch_add(1, std::memory_order_relaxed);
       const int64_t now = int64_t(uv_now(&loop_));
@@ -422,8 +482,7 @@ void Worker::on_readable(Listener& l) {
       const EdgeCheck e = check_edge(lr, *snapshot_->clients, peer, int64_t(uv_now(&loop_)));
       if (e.outcome != EdgeCheck::Outcome::pass || e.dry_run) note_edge(lr, peer, e);
       if (e.outcome != EdgeCheck::Outcome::pass) {
-        link_.connections.fetch_sub(1, std::memory_order_relaxed);
-        lr.state->current.fetch_sub(1, std::memory_order_relaxed);
+        give_back();
         if (e.outcome == EdgeCheck::Outcome::limit)
           refuse(fd, peer, lr, too_many_connections_reply(global.hostname), {Cause::client_rule, Phase::limit});
         else

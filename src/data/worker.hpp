@@ -149,8 +149,15 @@ class Worker {
   // clients in the kernel's backlog instead of closing them.
   struct Listener {
     uv_poll_t poll;
-    uv_timer_t pause;  // resumes polling after a descriptor shortage
+    uv_timer_t pause;  // resumes polling after a descriptor shortage, or re-checks the limits
     int fd = -1;
+    // At global or listener max_connections smtplb stops accepting, and clients wait in
+    // the backlog for a slot (see on_readable). `waiting_since`: loop time since which
+    // clients may have waited there (0: the backlog was last seen empty). `refusing`:
+    // they waited the pool's queue_timeout, so what is in the backlog now is accepted
+    // and answered 421 where there is still no room, until the backlog is empty.
+    uint64_t waiting_since = 0;
+    bool refusing = false;
     int closing = 0;  // handles still closing
     Worker* worker;
     std::shared_ptr<ListenerRuntime> runtime;
@@ -167,6 +174,12 @@ class Worker {
   void serve_queue(PoolState& pool);
   void serve_all_queues();
   void on_readable(Listener& l);
+  // Polls the listening socket again (after a pause of either kind).
+  void resume(Listener& l);
+  // The listener or the process is at max_connections: stop accepting and re-check every
+  // kLimitRecheckMs until a slot frees or the pool's queue_timeout has passed.
+  void wait_for_room(Listener& l);
+  bool at_limit(const ListenerRuntime& lr) const;
   // A client over global or listener max_connections: 421, FIN, and the socket kept only
   // for a short linger (so unread client bytes do not turn our close into a reset that
   // destroys the reply). Not a session: no Session object, not counted in the limits.

@@ -586,7 +586,9 @@ class RefusalLogTest(TestCase):
 
     def test_limit_refusals_logged_at_most_once_a_second(self):
         srv = self.fake("s1")
-        lb = self.smtplb(make_config([srv], listener={"max_connections": 1}), up=["p/s1"])
+        # queue_timeout "0s": refused at once, not after waiting in the backlog.
+        lb = self.smtplb(make_config([srv], listener={"max_connections": 1}, pool={"queue_timeout": "0s"}),
+                         up=["p/s1"])
         held = self.client(lb.port())
         held.greeting()
         line = r"warning: listener mx: client 127\.0\.0\.1:\d+ answered 421 4\.3\.2: connection limit reached"

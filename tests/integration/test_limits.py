@@ -8,18 +8,25 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (UNAVAILABLE, Behaviour, TestCase, client_label, main, make_config,  # noqa: E402
-                     recv_exact, recv_until_eof, server_of)
+                     recv_exact, recv_reply, recv_until_eof, server_of)
 
 
 class MaxConnectionsTest(TestCase):
 
-    def over_limit(self, lb, srv, limit):
+    def over_limit(self, lb, srv, limit, wait):
+        """`limit` sessions held; the next client waits in the listen backlog for `wait`
+        seconds (the pool's queue_timeout), then reads the 421 line."""
         held = [self.client(lb.port()) for _ in range(limit)]
         for c in held:
             self.assertEqual(server_of(c.greeting()), "s1")
+        t0 = time.monotonic()
         s = self.sock(lb.port())
         label = client_label(s)
         self.assertEqual(recv_until_eof(s), UNAVAILABLE)
+        waited = time.monotonic() - t0
+        print(f"over the limit: 421 after {waited * 1000:.0f} ms (queue_timeout {wait * 1000:.0f} ms)", flush=True)
+        self.assertGreaterEqual(waited, wait - 0.02)
+        self.assertLess(waited, wait + 1.0)  # the bound is loose only for a loaded CI machine
         s.close()
         a = lb.wait_access(client=label)[0]
         self.assertEqual((a["term"], a["tries"], a["server"]), ("RC", 0, "-"), a)
@@ -43,17 +50,67 @@ class MaxConnectionsTest(TestCase):
             time.sleep(0.05)
 
     def test_listener_max_connections(self):
-        """listener max_connections = 3: the 4th concurrent client reads the 421 line."""
+        """listener max_connections = 3: the 4th concurrent client waits queue_timeout, then
+        reads the 421 line."""
         srv = self.fake("s1")
-        lb = self.smtplb(make_config([srv], listener={"max_connections": 3}), up=["p/s1"])
-        self.over_limit(lb, srv, 3)
+        lb = self.smtplb(make_config([srv], listener={"max_connections": 3}, pool={"queue_timeout": "300ms"}),
+                         up=["p/s1"])
+        self.over_limit(lb, srv, 3, 0.3)
 
     def test_global_max_connections(self):
         """global max_connections = 2 with a roomy listener limit."""
         srv = self.fake("s1")
-        lb = self.smtplb(make_config([srv], global_={"max_connections": 2}, listener={"max_connections": 100}),
+        lb = self.smtplb(make_config([srv], global_={"max_connections": 2}, listener={"max_connections": 100},
+                                     pool={"queue_timeout": "300ms"}), up=["p/s1"])
+        self.over_limit(lb, srv, 2, 0.3)
+
+    def test_queue_timeout_zero_refuses_at_once(self):
+        """queue_timeout = "0s": no waiting in the backlog either; the 421 comes at once."""
+        srv = self.fake("s1")
+        lb = self.smtplb(make_config([srv], listener={"max_connections": 1}, pool={"queue_timeout": "0s"}),
                          up=["p/s1"])
-        self.over_limit(lb, srv, 2)
+        self.over_limit(lb, srv, 1, 0.0)
+
+    def check_waiter_served(self, workers):
+        """Two sessions held at global max_connections = 2; three more clients connect and
+        wait in the listen backlog (nothing is read, no server is contacted). When the held
+        sessions end, the waiters are greeted by the server, in turn, without any 421."""
+        srv = self.fake("s1")
+        lb = self.smtplb(make_config([srv], global_={"max_connections": 2, "workers": workers},
+                                     listener={"max_connections": 100}, pool={"queue_timeout": "5s"}),
+                         up=["p/s1"])
+        held = [self.client(lb.port()) for _ in range(2)]
+        for c in held:
+            self.assertEqual(server_of(c.greeting()), "s1")
+        waiters = [self.sock(lb.port()) for _ in range(3)]
+        time.sleep(0.3)
+        for w in waiters:
+            w.settimeout(0.05)
+            with self.assertRaises(TimeoutError, msg="a waiting client was answered while no slot was free"):
+                w.recv(100)
+        self.assertEqual(len(srv.non_checks()), 2, "a waiting client reached a server")
+        t0 = time.monotonic()
+        held[0].quit()
+        held[1].quit()
+        for w in waiters[:2]:
+            self.assertEqual(server_of(recv_reply(w, timeout=3)), "s1")
+        print(f"workers {workers}: two waiters greeted {(time.monotonic() - t0) * 1000:.0f} ms after the held "
+              "sessions ended", flush=True)
+        # The third still waits; it is served when one of the first two leaves.
+        waiters[2].settimeout(0.2)
+        with self.assertRaises(TimeoutError):
+            waiters[2].recv(100)
+        waiters[0].sendall(b"QUIT\r\n")
+        self.assertTrue(recv_until_eof(waiters[0], timeout=3).startswith(b"221"))
+        waiters[0].close()
+        self.assertEqual(server_of(recv_reply(waiters[2], timeout=3)), "s1")
+        self.assertEqual([a for a in lb.access() if a["term"] == "RC"], [], "a client was refused")
+
+    def test_waiting_clients_are_served_as_slots_free(self):
+        self.check_waiter_served(1)
+
+    def test_waiting_clients_are_served_as_slots_free_on_another_worker(self):
+        self.check_waiter_served(2)
 
 
 class IdleTimeoutTest(TestCase):

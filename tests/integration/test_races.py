@@ -208,7 +208,9 @@ class RefusalCostTest(TestCase):
         held session ends, the next client is served at once), and smtplb must let go of
         their descriptors within about a second."""
         s1 = self.fake("s1")
-        lb = self.smtplb(build_config({"mx": "p"}, {"p": [s1]}, global_={"max_connections": 2}), up=["p/s1"])
+        # queue_timeout "0s": refused at once, not after waiting in the backlog.
+        lb = self.smtplb(build_config({"mx": "p"}, {"p": [s1]}, global_={"max_connections": 2},
+                                      pool_opts={"p": {"queue_timeout": "0s"}}), up=["p/s1"])
         held = [self.client(lb.port()) for _ in range(2)]
         for c in held:
             self.assertEqual(server_of(c.greeting()), "s1")
