@@ -859,8 +859,30 @@ def med(values):
 
 def layout_line(a):
     return (f"# layout: load generator, backends and proxy co-located on this {os.cpu_count()}-CPU machine "
-            f"({os.uname().nodename}, kernel {os.uname().release}), all on loopback; "
+            f"({os.uname().nodename}, kernel {os.uname().release}), all on loopback"
+            f"{' of a private network namespace' if a.somaxconn else ''}; "
             f"one proxy runs at a time in the scale modes")
+
+
+NETNS_ENV = "SMTPLB_BENCH_NETNS"
+
+
+def enter_private_netns(somaxconn):
+    """--somaxconn N: the whole run moves into a new network namespace (unshare --net runs
+    this script again there), where loopback is brought up and the two accept-queue sysctls,
+    which are per namespace, are set to N. Everything the run starts lives and dies with it."""
+    if os.environ.get(NETNS_ENV) != str(os.getppid()):
+        if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+            raise SystemExit("bench: --somaxconn needs root, unshare and ip (a private network namespace)")
+        env = dict(os.environ, **{NETNS_ENV: str(os.getpid())})
+        sys.stdout.flush()
+        r = subprocess.run(["unshare", "--net", "--", sys.executable, os.path.abspath(__file__), *sys.argv[1:]],
+                           env=env)
+        raise SystemExit(r.returncode)
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    for key in ("net/core/somaxconn", "net/ipv4/tcp_max_syn_backlog"):
+        with open(f"/proc/sys/{key}", "w") as f:
+            f.write(str(somaxconn))
 
 
 def proxies(a):
@@ -1368,6 +1390,10 @@ def main():
                     help="another smtplb build (an older commit, say), run as target 'baseline' with the same "
                          "configs (baseline-w2-log etc. when there are several variants)")
     ap.add_argument("--no-haproxy", action="store_true")
+    ap.add_argument("--somaxconn", type=int, metavar="N", default=0,
+                    help="run in a private network namespace (root; unshare and ip) whose net.core.somaxconn "
+                         "and net.ipv4.tcp_max_syn_backlog are N, as a host tuned for accept storms would have "
+                         "them; the host's own settings are not touched")
     ap.add_argument("--edge", type=int, metavar="KEYS", default=0,
                     help="also run smtplb-edge and haproxy-edge: per-client limits on (never reached by the "
                          "bench) and a client table filled with KEYS distinct addresses first; and show what a "
@@ -1378,6 +1404,8 @@ def main():
     ap.add_argument("--floor-bin", metavar="BINARY",
                     help="relay_floor binary (default: tests/bench/relay_floor next to --smtplb's build)")
     a = ap.parse_args()
+    if a.somaxconn:
+        enter_private_netns(a.somaxconn)
     if a.quick:
         for key, value in (("concurrency_sessions", 2000), ("overload_seconds", 2.5),
                            ("queue_timeout", 1.0), ("storm_connections", 5000), ("fleet_seconds", 5.0),
