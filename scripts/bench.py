@@ -683,9 +683,12 @@ def stop_proc(proc, timeout=10):
 
 
 def start_smtp_sinks(ports, maxconn):
+    # The backends' listen backlog follows net.core.somaxconn (4096 on Debian 12; N with
+    # --somaxconn N), as the proxies' do.
+    backlog = open("/proc/sys/net/core/somaxconn").read().strip()
     sinks = []
     for port in ports:
-        sinks.append(subprocess.Popen(["smtp-sink", "-u", "nobody", "-m", str(maxconn), f"127.0.0.1:{port}", "4096"],
+        sinks.append(subprocess.Popen(["smtp-sink", "-u", "nobody", "-m", str(maxconn), f"127.0.0.1:{port}", backlog],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         if not wait_port(port):
             raise SystemExit(f"bench: smtp-sink did not start on {port}")
