@@ -189,7 +189,28 @@ void HealthChecker::begin() {
     fail(CheckFailure::connect, "");
     return;
   }
-  if (rc < 0) fail(CheckFailure::connect, std::string("connect: ") + uv_strerror(rc));
+  if (rc < 0) return fail(CheckFailure::connect, std::string("connect: ") + uv_strerror(rc));
+  // Reading is started with the connect, so that libuv registers the socket once for both
+  // (nothing can arrive before the connection is up, and libuv reports the connect first):
+  // started in the connect callback, it costs a failing EPOLL_CTL_ADD and a MOD per check.
+  uv_read_start(
+      as_stream(&probe_->tcp),
+      [](uv_handle_t* h, size_t, uv_buf_t* b) {
+        auto* p = static_cast<Probe*>(h->data);
+        *b = p->owner ? uv_buf_init(p->owner->buf_, sizeof p->owner->buf_) : uv_buf_init(nullptr, 0);
+      },
+      [](uv_stream_t* s, ssize_t n, const uv_buf_t* b) {
+        auto* p = static_cast<Probe*>(s->data);
+        if (!p->owner) return;
+        HealthChecker* self = p->owner;
+        if (n > 0) {
+          self->received(b->base, size_t(n));
+        } else if (n == UV_EOF) {
+          self->closed_by_peer();
+        } else if (n < 0) {
+          self->fail_step(step_name(self->step_) + ": " + uv_strerror(int(n)));
+        }
+      });
 }
 
 void HealthChecker::connected(int status) {
@@ -216,24 +237,6 @@ void HealthChecker::connected(int status) {
     if (step_ != Step::connect) return;  // the write failed
   }
   step_ = Step::greeting;
-  uv_read_start(
-      as_stream(&probe_->tcp),
-      [](uv_handle_t* h, size_t, uv_buf_t* b) {
-        auto* p = static_cast<Probe*>(h->data);
-        *b = p->owner ? uv_buf_init(p->owner->buf_, sizeof p->owner->buf_) : uv_buf_init(nullptr, 0);
-      },
-      [](uv_stream_t* s, ssize_t n, const uv_buf_t* b) {
-        auto* p = static_cast<Probe*>(s->data);
-        if (!p->owner) return;
-        HealthChecker* self = p->owner;
-        if (n > 0) {
-          self->received(b->base, size_t(n));
-        } else if (n == UV_EOF) {
-          self->closed_by_peer();
-        } else if (n < 0) {
-          self->fail_step(step_name(self->step_) + ": " + uv_strerror(int(n)));
-        }
-      });
   // Port 465: the handshake comes first (after the PROXY header), the greeting inside TLS.
   if (cfg_.tls == CheckTls::implicit) start_tls();
 }
@@ -412,6 +415,16 @@ void HealthChecker::flush_tls() {
 
 void HealthChecker::write_raw(std::string data) {
   if (!probe_) return;
+  // A command is a few bytes on a connection with nothing in flight: it goes out at once.
+  // uv_write would also queue a callback and re-arm the socket in epoll (one
+  // EPOLL_CTL_MOD per command); only what the kernel did not take is queued.
+  {
+    uv_buf_t b = uv_buf_init(data.data(), unsigned(data.size()));
+    const int n = uv_try_write(as_stream(&probe_->tcp), &b, 1);
+    if (n == int(data.size())) return;
+    if (n < 0 && n != UV_EAGAIN) return fail(failure_of(step_, false), std::string("write: ") + uv_strerror(n));
+    if (n > 0) data.erase(0, size_t(n));
+  }
   auto* w = new Write;
   w->data = std::move(data);
   w->req.data = w;
