@@ -15,6 +15,7 @@ at a time."""
 
 import asyncio
 import ipaddress
+import itertools
 import json
 import os
 import random
@@ -37,6 +38,7 @@ GREY_PREFIXES = max(200, KEYS // 10)
 PARALLEL = 64  # client sessions in flight
 TCP_RE = r"admin API \(read-only\) on http://127\.0\.0\.1:(\d+)/"
 NAMES = ["mx-a", "mx-b", "mx-c", "mx-d", "mx-e"]
+ARRIVALS = itertools.count()  # orders the PROXY headers all backends saw
 
 
 def proxy_v2(src, sport=40000, dport=25):
@@ -82,8 +84,9 @@ class Loop:
 
 class Backend(asyncio.Protocol):
     """One session of a scripted backend: greets with its name ("220 mx-a ESMTP"); with
-    PROXY v1 in front (greylisting), learns the client and answers RCPT with 450 for a
-    prefix it has not seen yet, 250 afterwards."""
+    PROXY v1 in front (greylisting), learns the client (and notes it in server.arrivals)
+    and answers RCPT with 450 for a prefix it has not seen yet, 250 afterwards. With
+    server.greet "421" it greets with 421 and closes, with "silent" it never greets."""
 
     def __init__(self, server):
         self.server = server
@@ -109,7 +112,12 @@ class Backend(asyncio.Protocol):
         s = self.server
         if line.startswith("PROXY "):
             self.prefix = prefix_of(line.split()[2])
-            self.t.write(b"220 %s ESMTP\r\n" % s.name.encode())
+            s.arrivals.append((next(ARRIVALS), line.split()[2]))
+            if s.greet == "421":
+                self.t.write(b"421 4.3.2 %s busy\r\n" % s.name.encode())
+                self.t.close()
+            elif s.greet != "silent":
+                self.t.write(b"220 %s ESMTP\r\n" % s.name.encode())
         elif line[:4].upper() in ("EHLO", "HELO", "MAIL", "NOOP", "RSET"):
             self.t.write(b"250 ok\r\n")
         elif line[:4].upper() == "RCPT":
@@ -130,6 +138,8 @@ class Server:
         self.loop, self.name, self.greylist = loop, name, greylist
         self.seen = set()
         self.conns = set()
+        self.arrivals = []  # (order, client address) of each PROXY header
+        self.greet = None  # None: 220; "421"; "silent"
         self.port = port
         self.start()
 
@@ -240,10 +250,10 @@ class AffinityTest(TestCase):
         self.dir = tempfile.mkdtemp(prefix="smtplb-affinity-")
         self.addCleanup(shutil.rmtree, self.dir, True)
 
-    def config(self, servers, order, pool, n=0):
+    def config(self, servers, order, pool, n=0, health=None):
         sock = os.path.join(self.dir, "admin%d.sock" % n)
         cfg = make_config([(name, "127.0.0.1", servers[name].port) for name in order], pool=pool,
-                          health={"interval": "300ms", "rise": 1, "fall": 1},
+                          health=health or {"interval": "300ms", "rise": 1, "fall": 1},
                           listener={"proxy_protocol": "v2", "trusted_proxies": ["127.0.0.0/8"]},
                           log={"access_log": False})
         return cfg + '\n[admin]\nsocket = "%s"\nlisten = "127.0.0.1:0"\n' % sock, sock
@@ -342,6 +352,55 @@ class AffinityTest(TestCase):
         sys.stderr.write("affinity: reload with reordered servers: %d keys changed; second smtplb (other order) "
                          "agrees on %d of %d\n" % (sum(1 for a in srcs if reloaded[a] != base[a]), agree, len(srcs)))
         self.assertEqual(agree, len(srcs))
+
+    def test_retries_follow_the_keys_preferences(self):
+        """The retries of one session (a 421 greeting, a silent one, then every server
+        failing) go down the key's own preference list, as /status?where shows it, and never
+        back to a server already tried. One check only and fall = 100: the servers stay UP,
+        so every move here is a retry, not the table skipping a DOWN server."""
+        servers = {n: Server(self.loop, n, greylist=True) for n in NAMES}  # PROXY v1: they see the client
+        for s in servers.values():
+            self.addCleanup(s.kill)
+        pool = {"algorithm": "source", "proxy_protocol": "v1", "retries": 6, "banner_timeout": "300ms"}
+        cfg, _ = self.config(servers, NAMES, pool, n=4, health={"interval": "10m", "rise": 1, "fall": 100})
+        lb = self.start(cfg)
+        srcs = addresses(120)[::2]  # one address per prefix: 30 IPv4 and 30 IPv6 keys
+        prefs = {a: self.where(lb, a)["pools"][0]["preferences"] for a in srcs}
+        for a in srcs:
+            self.assertEqual(sorted(prefs[a]), NAMES, a)
+
+        def attempts(addrs):
+            """{address: the servers its sessions reached, in order}; forgets them."""
+            seen = sorted((i, a, name) for name, s in servers.items() for i, a in s.arrivals)
+            for s in servers.values():
+                s.arrivals.clear()
+            return {a: [name for _, b, name in seen if b == a] for a in addrs}
+
+        victim = "mx-c"
+        mine = [a for a in srcs if prefs[a][0] == victim]
+        self.assertGreater(len(mine), 0)
+        for mode in ("421", "silent"):
+            servers[victim].greet = mode
+            got = served_by(self.loop.run(run_pass(lb.port(), mine)))
+            tried = attempts(mine)
+            for a in mine:
+                self.assertEqual(tried[a], prefs[a][:2], (mode, a))
+                self.assertEqual(got[a], prefs[a][1], (mode, a))
+            sys.stderr.write("affinity retries: %s greets %s: %d keys, each served by its second preference after one "
+                             "try of %s\n" % (victim, mode, len(mine), victim))
+
+        # Every server fails: each is tried once, in the key's order, never a second time,
+        # and the client gets smtplb's 421 (retries = 6 would allow two more tries).
+        for s in servers.values():
+            s.greet = "421"
+        some = srcs[:20]
+        got = self.loop.run(run_pass(lb.port(), some))
+        tried = attempts(some)
+        for a in some:
+            self.assertEqual(tried[a], prefs[a], a)
+            self.assertTrue((got[a][0] or "").startswith("421 4.3.2 "), got[a])
+        sys.stderr.write("affinity retries: every server 421: %d keys, each tried all 5 servers once in its own "
+                         "order, then 421\n" % len(some))
 
     def greylisting(self, algorithm):
         """Share of second attempts accepted: each prefix's first try is greylisted (450) by

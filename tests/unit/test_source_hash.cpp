@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -398,4 +399,100 @@ TEST_CASE("source pick: the O(1) path chooses what the full choice chooses, or l
   for (auto& v : p.views) v = {true, v.backup, false, 1, -1, 0};
   CHECK(!PoolBalancer::pick_source_cached(
       with_factor, [&](size_t i) { return p.views[i]; }, {}, [](size_t) { return true; }));
+}
+
+TEST_CASE("source pick: hash_balance_factor bounds each server in proportion to its weight") {
+  // Weights 1, 1, 2, 2, 4 (total 10); the hot key's first preference is a weight-1 server.
+  const std::vector<SourceMember> m{
+      {"mx-a", 1, false}, {"mx-b", 1, false}, {"mx-c", 2, false}, {"mx-d", 2, false}, {"mx-e", 4, false}};
+  constexpr uint64_t kTotalWeight = 10, kFactor = 125;
+  SourcePool p(m);
+  uint32_t hot = 0;
+  while (p.table.cached(hot, false)[0] != 0) ++hot;
+  std::mt19937 rng(6);
+  size_t detours = 0;
+  for (uint64_t n = 1; n <= 2000; ++n) {
+    const uint32_t b = n % 2 ? hot : uint32_t(rng() % SourceTable::kBuckets);
+    const Selection s = p.pick(b, {}, unsigned(kFactor));
+    REQUIRE(s.index);
+    detours += s.detoured;
+    // After placing session n: no server above ceil(n * 125% * weight / total weight).
+    for (size_t i = 0; i < m.size(); ++i)
+      CHECK(p.views[i].active <= (n * kFactor * m[i].weight + 100 * kTotalWeight - 1) / (100 * kTotalWeight));
+  }
+  std::string loads;
+  for (size_t i = 0; i < m.size(); ++i)
+    loads += " " + m[i].name + "(w" + std::to_string(m[i].weight) + ")=" + std::to_string(p.views[i].active);
+  MESSAGE("source pick: factor 125, weights 1 1 2 2 4, 2000 sessions, half from one key of mx-a:"
+          << loads << ", " << detours << " detours");
+  // The hot key alone keeps its server at the bound: ceil(2000 x 125% x 1/10) = 250 at the
+  // end, so at least 1000 - 250 of its sessions were passed on.
+  const uint64_t bound_a = (2000 * kFactor * 1 + 100 * kTotalWeight - 1) / (100 * kTotalWeight);
+  CHECK(p.views[0].active == bound_a);
+  CHECK(detours >= 1000 - bound_a);
+}
+
+TEST_CASE("source pick: a key whose server is over hash_balance_factor goes to its next preference") {
+  // A model of the rule, checked against PoolBalancer::pick on random pool states: in the
+  // tier in use, with T the open sessions of its usable servers and W their weight, a
+  // server may take the key while active + 1 <= ceil((T + 1) x factor/100 x weight/W),
+  // that is while active < (T + 1) x factor/100 x weight/W; the key goes to its first
+  // such preference that this session may use (usable, not full, not tried), or, when
+  // there is none, to its first preference it may use.
+  auto m = pool_of(9);
+  for (size_t i = 0; i < m.size(); ++i) m[i].weight = uint32_t(1 + (i * 5) % 4);
+  m[7].backup = m[8].backup = true;
+  SourcePool p(m);
+  std::mt19937 rng(7);
+  std::vector<SourceTable::Ranked> scratch;
+  std::vector<uint32_t> ranking;
+  size_t detoured = 0, first = 0, none = 0;
+  for (int round = 0; round < 20000; ++round) {
+    for (auto& v : p.views) {
+      v.usable = rng() % 5 != 0;
+      v.full = rng() % 10 == 0;
+      v.active = uint32_t(rng() % 30);
+    }
+    if (round % 8 == 0)  // now and then only the backups are usable
+      for (size_t i = 0; i < 7; ++i) p.views[i].usable = false;
+    std::vector<uint32_t> tried;
+    for (uint32_t i = 0; i < m.size(); ++i)
+      if (rng() % 6 == 0) tried.push_back(i);
+    const uint32_t b = uint32_t(rng() % SourceTable::kBuckets);
+    const unsigned factor = 101 + unsigned(rng() % 100);
+
+    bool regular = false;
+    for (const auto& v : p.views) regular |= v.usable && !v.backup;
+    uint64_t total = 0, weights = 0;
+    for (const auto& v : p.views)
+      if (v.usable && v.backup != regular) {
+        total += v.active;
+        weights += v.weight;
+      }
+    p.table.rank(b, !regular, scratch, ranking);
+    std::optional<size_t> expect, fallback;
+    for (uint32_t i : ranking) {
+      const ServerView& v = p.views[i];
+      if (!v.usable || v.full || std::find(tried.begin(), tried.end(), i) != tried.end()) continue;
+      if (!fallback) fallback = i;
+      if (v.active * 100 * weights < (total + 1) * factor * v.weight) {
+        expect = i;
+        break;
+      }
+    }
+    if (!expect) expect = fallback;
+
+    const Selection s = p.pick(b, tried, factor);
+    if (s.index) --p.views[*s.index].active;
+    REQUIRE(s.index == expect);
+    CHECK(s.detoured == (expect && expect != fallback));
+    detoured += s.detoured;
+    first += expect && expect == fallback;
+    none += !expect;
+  }
+  MESSAGE("source pick: balance factor model, 20000 random states: "
+          << first << " first usable preference, " << detoured << " passed on, " << none << " no server");
+  CHECK(detoured > 1000);
+  CHECK(first > 1000);
+  CHECK(none > 100);
 }
