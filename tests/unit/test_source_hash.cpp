@@ -207,6 +207,33 @@ TEST_CASE("source hash: the cached rows are the start of the full ranking") {
   }
 }
 
+TEST_CASE("source hash: every scan path (AVX-512, AVX2, plain) builds the same table") {
+  // The build uses the widest vector unit the CPU has; a machine without it takes the next
+  // path, and every path must give every balancer the same table. Where the CPU lacks a
+  // unit its path falls back to the next one, so the comparison still holds.
+  for (bool weighted : {false, true}) {
+    auto m = pool_of(37);
+    if (weighted)
+      for (size_t i = 0; i < m.size(); ++i) m[i].weight = uint32_t(1 + (i * 5) % 4);
+    m[3].backup = true;
+    m[11].backup = true;
+    std::vector<std::vector<uint32_t>> tables;
+    for (SourceTable::Scan s : {SourceTable::Scan::best, SourceTable::Scan::avx2, SourceTable::Scan::scalar}) {
+      SourceTable::set_scan_for_tests(s);
+      const SourceTable t(m);
+      std::vector<uint32_t> all;
+      for (uint32_t b = 0; b < SourceTable::kBuckets; ++b)
+        for (bool backup : {false, true})
+          for (uint32_t i : t.cached(b, backup)) all.push_back(i);
+      tables.push_back(std::move(all));
+    }
+    SourceTable::set_scan_for_tests(SourceTable::Scan::best);
+    CHECK(tables[0].size() == size_t(SourceTable::kBuckets) * (SourceTable::kDepth + 2));
+    CHECK(tables[0] == tables[1]);
+    CHECK(tables[0] == tables[2]);
+  }
+}
+
 TEST_CASE("source hash: a pool smaller than the cached depth, and an empty one") {
   const auto one = pool_of(1);
   const SourceTable t1(one);

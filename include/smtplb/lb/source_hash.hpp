@@ -51,6 +51,11 @@ class SourceTable {
 
   static uint32_t bucket_of(uint64_t key_hash) { return uint32_t(key_hash % kBuckets); }
 
+  // How the build computes its pairs: the widest vector unit the CPU has (AVX-512, AVX2)
+  // or plain code. All give the same table; tests pin each one to compare them.
+  enum class Scan { best, avx2, scalar };
+  static void set_scan_for_tests(Scan s);
+
   // The first (up to kDepth) preferences of the bucket among the regular or backup
   // servers, best first.
   std::span<const uint32_t> cached(uint32_t bucket, bool backup) const {
