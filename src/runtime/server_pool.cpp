@@ -107,9 +107,21 @@ std::shared_ptr<Snapshot> build_snapshot(std::shared_ptr<const Config> config, u
       pr.servers.push_back(same ? old->servers[*same] : std::make_shared<ServerRuntime>(p, p.servers[si], pr.state));
     }
     if (p.algorithm == Algorithm::source) {
-      std::vector<SourceMember> members;
-      for (const ServerConfig& s : p.servers) members.push_back({s.name, s.weight, s.backup});
-      pr.source = std::make_shared<const SourceTable>(members);
+      // The table depends on each position's name, weight and backup flag only: when none
+      // changed (a re-resolution, a reload that touched other settings) the old one serves,
+      // and the control loop skips a build (tens of ms for 1 000 servers).
+      auto same_member = [](const ServerConfig& a, const ServerConfig& b) {
+        return a.name == b.name && a.weight == b.weight && a.backup == b.backup;
+      };
+      if (old && old->source && old->cfg->algorithm == Algorithm::source &&
+          std::equal(p.servers.begin(), p.servers.end(), old->cfg->servers.begin(), old->cfg->servers.end(),
+                     same_member)) {
+        pr.source = old->source;
+      } else {
+        std::vector<SourceMember> members;
+        for (const ServerConfig& s : p.servers) members.push_back({s.name, s.weight, s.backup});
+        pr.source = std::make_shared<const SourceTable>(members);
+      }
     }
     snap->pools.push_back(std::move(pr));
   }

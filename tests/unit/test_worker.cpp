@@ -235,3 +235,35 @@ TEST_CASE("worker: a slot freed on another worker between a session's pick and i
   uv_run(w0.loop(), UV_RUN_NOWAIT);
   uv_run(w1.loop(), UV_RUN_NOWAIT);
 }
+
+TEST_CASE("snapshot: a source pool keeps its table while names, weights and backup flags stay") {
+  auto source_config = [](const std::string& servers, const std::string& extra) {
+    const std::string text = "[global]\nhostname = \"lb.test\"\n[admin]\nsocket = \"\"\nlisten = \"\"\n" + kMx +
+                             "[pool.p]\nalgorithm = \"source\"\n" + extra + servers;
+    ConfigLoad load = load_config_string(text, "test.toml");
+    for (const auto& e : load.errors) MESSAGE(e.to_string());
+    REQUIRE(load.ok());
+    return load.config;
+  };
+  auto server = [](const std::string& name, int port, const std::string& extra = "") {
+    return "[[pool.p.server]]\nname = \"" + name + "\"\naddress = \"127.0.0.1\"\nport = " + std::to_string(port) +
+           "\n" + extra;
+  };
+  const std::string two = server("a", 1) + server("b", 2);
+  auto reload = [](const Snapshot& prev, std::shared_ptr<const Config> cfg) {
+    const ReloadPlan plan = plan_reload(*prev.config, *cfg);
+    return build_snapshot(cfg, prev.generation + 1, &prev, &plan);
+  };
+  auto first = build_snapshot(source_config(two, ""), 1);
+  REQUIRE(first->pools[0].source);
+  // Other settings, another port: the same table object.
+  auto same = reload(*first, source_config(server("a", 1) + server("b", 3), "retries = 1\n"));
+  CHECK(same->pools[0].source == first->pools[0].source);
+  // A weight, a backup flag, a new server or a new order: a new table.
+  CHECK(reload(*first, source_config(server("a", 1, "weight = 2\n") + server("b", 2), ""))->pools[0].source !=
+        first->pools[0].source);
+  CHECK(reload(*first, source_config(server("a", 1) + server("b", 2, "backup = true\n"), ""))->pools[0].source !=
+        first->pools[0].source);
+  CHECK(reload(*first, source_config(two + server("c", 4), ""))->pools[0].source != first->pools[0].source);
+  CHECK(reload(*first, source_config(server("b", 2) + server("a", 1), ""))->pools[0].source != first->pools[0].source);
+}
