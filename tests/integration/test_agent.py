@@ -162,7 +162,7 @@ class AgentTest(TestCase):
         print("agent: 'up 50%%' applied %.2f s after the agent changed (agent_interval %.1f s); split over 2000 "
               "sessions: s1 %d, s2 %d (s1 share %.3f, was %.3f over 600 at 100%%)"
               % (took, AGENT_INTERVAL, half.get("s1", 0), half.get("s2", 0), share, base["s1"] / 600.0))
-        self.assertLess(took, 2 * AGENT_INTERVAL + 0.5)
+        self.assertLess(took, 2 * AGENT_INTERVAL)  # the agent is asked once per interval
         # Weights 50:100 with smooth round-robin on one worker: exactly a third.
         self.assertAlmostEqual(share, 1 / 3.0, delta=0.01)
         self.assertEqual(self.metric(lb, "smtplb_server_effective_weight", "s1"), 50)
