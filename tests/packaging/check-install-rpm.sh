@@ -71,6 +71,7 @@ reset_calls
 check "rpm -e" r -e smtplb
 show_calls
 check "erase: disable --now" test -n "$(calls 'disable --now smtplb.service')"
+check "erase: smtplb-agent.service disabled and stopped too" test -n "$(calls 'disable --now .*smtplb-agent\.service')"
 check "erase: not enabled, not 'running'" bash -c "[ ! -e '$wants' ] && [ ! -e '$root/run/smtplb.fake-active' ]"
 reset_calls
 check "rpm -i with $conf already written" r -i "$rpm"

@@ -106,6 +106,7 @@ reset_calls
 check "remove" apt_remove smtplb
 show_calls
 check "remove: stopped" test -n "$(calls ' stop smtplb.service')"
+check "remove: smtplb-agent.service stopped too" test -n "$(calls ' stop .*smtplb-agent\.service')"
 reset_calls
 check "purge" dpkg_do --purge smtplb
 show_calls
