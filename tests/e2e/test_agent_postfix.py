@@ -4,17 +4,20 @@ fills the deferred queue, the agent's weight falls as it grows, and smtplb shift
 sessions away from that Postfix (splits measured over whole round-robin cycles).
 
 Postfix (127.0.0.1) relays example.net to a port nothing listens on, so every message
-ends up deferred. smtplb agent reads its queue directory and listens on 127.0.0.1 at the
-pool's agent_port; the other server is a fake SMTP server on 127.0.0.3 whose scripted
-agent always says "up 100%". Root only (Postfix's master); every process is stopped by
-PID and every wait is bounded.
+ends up deferred. smtplb agent runs as the postfix user (as smtplb-agent.service does; the
+queue directories are mode 0700, owned by it), reads the queue directory and listens on
+127.0.0.1 at the pool's agent_port; the other server is a fake SMTP server on 127.0.0.3
+whose scripted agent always says "up 100%". Root only (Postfix's master); every process
+is stopped by PID and every wait is bounded.
 """
 
 import os
+import pwd
 import re
 import shutil
 import smtplib
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -70,14 +73,23 @@ class AgentPostfixTest(harness.TestCase):
                     scripted.close()
             self.addCleanup(scripted.close)
             agent_port = scripted.port
+            # As smtplb-agent.service runs it: the postfix user (the mail_owner here too), the
+            # only one that can list Postfix's queue directories (mode 0700).
+            owner = pwd.getpwnam("postfix")
+            for q in ("incoming", "active", "deferred"):
+                st = os.stat(os.path.join(pf.queue_dir, q))
+                self.assertEqual((st.st_uid, stat.S_IMODE(st.st_mode)), (owner.pw_uid, 0o700), q)
+            os.chmod(d, 0o755)
             cfg = os.path.join(d, "agent.toml")
             with open(cfg, "w") as f:
                 f.write('[agent]\naddress = "127.0.0.1"\nport = %d\nqueue_directory = "%s"\nrefresh = "200ms"\n'
                         '[queue]\nlow = %d\nhigh = %d\nfloor = %d\n' % (agent_port, pf.queue_dir, LOW, HIGH, FLOOR))
+            os.chmod(cfg, 0o644)
             log_path = os.path.join(d, "agent.log")
             log = open(log_path, "wb")
             self.addCleanup(log.close)
-            agent = subprocess.Popen([SMTPLB_BIN, "agent", "-f", cfg], stdin=subprocess.DEVNULL, stdout=log,
+            agent = subprocess.Popen(["setpriv", "--reuid=postfix", "--regid=postfix", "--clear-groups", SMTPLB_BIN,
+                                      "agent", "-f", cfg], stdin=subprocess.DEVNULL, stdout=log,
                                      stderr=subprocess.STDOUT)
 
             self.addCleanup(stop_process, agent, STEP_TIMEOUT)
@@ -88,6 +100,9 @@ class AgentPostfixTest(harness.TestCase):
             wait_until(lambda: b"listening on" in agent_log() or agent.poll() is not None,
                        STEP_TIMEOUT, "smtplb agent to listen")
             self.assertIsNone(agent.poll(), agent_log())
+            with open("/proc/%d/status" % agent.pid) as f:
+                uids = re.search(r"(?m)^Uid:\s+(\d+)\s+(\d+)", f.read()).groups()
+            self.assertEqual(uids, (str(owner.pw_uid), str(owner.pw_uid)))
 
             lb = self.smtplb(make_config([("pf", "127.0.0.1", pf.ports["in"], {"weight": 100}),
                                           (other, {"weight": 100})],
@@ -125,6 +140,7 @@ class AgentPostfixTest(harness.TestCase):
             # rest "delivery temporarily suspended: connect to ...: Connection refused".
             pf.wait_log(r"status=deferred \((delivery temporarily suspended: )?connect to 127\.0\.0\.1"
                         r"\[127\.0\.0\.1\]:%d: Connection refused\)" % unreachable, count=50)
+            print("smtplb agent ran as user postfix (uid %d)" % owner.pw_uid)
             for total, answer, a, b, share in figures:
                 print("postfix queue: %s -> split over %d sessions: postfix %d, other %d (postfix share %.3f)"
                       % (answer, a + b, a, b, share))

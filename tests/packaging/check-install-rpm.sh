@@ -55,6 +55,7 @@ check "rpm -i, no config yet" r -i "$rpm"
 show_calls
 advice
 check "install: enabled" bash -c "[ -n \"\$(grep -E -- 'enable smtplb.service' '$log')\" ] && [ -L '$wants' ]"
+check "install: smtplb-agent.service shipped, neither enabled nor started" agent_untouched
 check "install: not started (no config: never port 25 with placeholder backends)" \
   bash -c "[ -z \"\$(grep -E -- ' (start|restart|--now)' '$log')\" ] && [ ! -e '$root/run/smtplb.fake-active' ]"
 check "install: %post says it is enabled but waits for $conf" \
@@ -70,11 +71,13 @@ reset_calls
 check "rpm -e" r -e smtplb
 show_calls
 check "erase: disable --now" test -n "$(calls 'disable --now smtplb.service')"
+check "erase: smtplb-agent.service disabled and stopped too" test -n "$(calls 'disable --now .*smtplb-agent\.service')"
 check "erase: not enabled, not 'running'" bash -c "[ ! -e '$wants' ] && [ ! -e '$root/run/smtplb.fake-active' ]"
 reset_calls
 check "rpm -i with $conf already written" r -i "$rpm"
 show_calls
 check "install: enabled and started" bash -c "[ -L '$wants' ] && [ -e '$root/run/smtplb.fake-active' ]"
+check "install: smtplb-agent.service shipped, neither enabled nor started" agent_untouched
 check "install: %post gives no advice" bash -c "! grep -q '^smtplb: ' '$work/rpm.log'"
 echo "     rpm install test took $(( $(date +%s) - start )) s"
 finish

@@ -89,6 +89,7 @@ show_calls
 sed -n 's/^smtplb: /     postinst: /p' "$work/apt.log"
 check "install: daemon-reload" test -n "$(calls 'daemon-reload')"
 check "install: enabled (wants symlink)" test -L "$wants"
+check "install: smtplb-agent.service shipped, neither enabled nor started" agent_untouched
 check "install: not started (no config: never port 25 with placeholder backends)" \
   test -z "$(calls ' (start|restart|reload-or-restart) ')"
 check "install: not 'running'" test ! -e "$root/run/smtplb.fake-active"
@@ -105,6 +106,7 @@ reset_calls
 check "remove" apt_remove smtplb
 show_calls
 check "remove: stopped" test -n "$(calls ' stop smtplb.service')"
+check "remove: smtplb-agent.service stopped too" test -n "$(calls ' stop .*smtplb-agent\.service')"
 reset_calls
 check "purge" dpkg_do --purge smtplb
 show_calls
@@ -118,6 +120,7 @@ reset_calls
 check "first install with $conf already written" apt_install /tmp/smtplb.deb
 show_calls
 check "install: enabled and started" bash -c "[ -L '$wants' ] && [ -e '$root/run/smtplb.fake-active' ]"
+check "install: smtplb-agent.service shipped, neither enabled nor started" agent_untouched
 check "install: postinst gives no advice" bash -c "! grep -q '^smtplb: ' '$work/apt.log'"
 check "install: config untouched" cmp -s "$root$conf" "$root$ref"
 echo "     install test took $(( $(date +%s) - start )) s"

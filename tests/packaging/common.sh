@@ -79,5 +79,12 @@ STUB
   : >"$log"
 }
 calls() { grep -E -- "$1" "$log" 2>/dev/null | grep -v -- '--version' || true; }
+# The agent's unit is installed, never enabled or started by the maintainer scripts: no
+# systemctl call names it and no enablement link or deb-systemd-helper state exists.
+agent_untouched() {
+  [ -f "$root/usr/lib/systemd/system/smtplb-agent.service" ] &&
+    [ -z "$(calls smtplb-agent)" ] &&
+    [ -z "$(find "$root/etc/systemd" "$root/var/lib/systemd" -name 'smtplb-agent*' 2>/dev/null)" ]
+}
 show_calls() { sed 's/^/     /' "$log"; }
 reset_calls() { : >"$log"; }
