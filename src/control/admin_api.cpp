@@ -348,7 +348,8 @@ std::string Process::render_metrics() const {
            "Client keys forgotten to stay within global.max_tracked_clients (least recently seen first).");
   m.sample("smtplb_client_table_evictions_total", {}, snapshot_->clients->evictions());
 
-  m.family("smtplb_pool_servers", "gauge", "Servers of the pool by state: up, down, unchecked, drain, maint.");
+  m.family("smtplb_pool_servers", "gauge",
+           "Servers of the pool by state: up, down, unchecked, drain, maint (agent feedback included).");
   m.family("smtplb_pool_no_server_total", "counter", "Clients answered 421 because no server could take them.");
   m.family("smtplb_pool_queue_current", "gauge", "Sessions waiting for a free server slot.");
   m.family("smtplb_pool_queue_timeouts_total", "counter", "Clients answered 421 after queue_timeout.");
@@ -358,11 +359,14 @@ std::string Process::render_metrics() const {
   for (const auto& p : snapshot_->pools) {
     uint64_t up = 0, down = 0, unchecked = 0, drain = 0, maint = 0;
     for (const auto& s : p.servers) {
-      const AdminState a = s->admin.load();
+      // As the balancer sees it: the agent's admin state and its "down" count too.
+      const AdminState a = s->effective_admin();
       if (a == AdminState::maint)
         ++maint;
       else if (a == AdminState::drain)
         ++drain;
+      else if (s->health.load() == Health::up && s->agent_down.load(std::memory_order_relaxed))
+        ++down;
       else if (s->health.load() == Health::up)
         ++up;
       else if (s->health.load() == Health::down)

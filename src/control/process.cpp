@@ -687,9 +687,20 @@ void Process::on_lookups(const std::vector<HostLookup>& lookups, bool quiet) {
         continue;
       }
       s->resolve_error.clear();
+      // An address still in the answer stays (round-robin DNS rotates the order);
+      // otherwise the answer's first is the new one.
+      auto in_answer = [&](const SocketAddress& current) {
+        if (current.len == 0) return false;
+        for (SocketAddress x : it->all) {
+          x.set_port(sc.port);
+          if (same_address(x, current)) return true;
+        }
+        return false;
+      };
       SocketAddress a = it->addr;
       a.set_port(sc.port);
       auto cand = candidates_.find(s);
+      if (in_answer(s->cfg.addr)) a = s->cfg.addr;
       if (s->cfg.addr.len != 0 && same_address(a, s->cfg.addr)) {
         if (cand != candidates_.end()) {
           spdlog::info("server {}: {} resolves to {} again; the check of {} is dropped", s->label, sc.address,
@@ -698,7 +709,7 @@ void Process::on_lookups(const std::vector<HostLookup>& lookups, bool quiet) {
         }
         continue;
       }
-      if (cand != candidates_.end() && same_address(cand->second.runtime->cfg.addr, a)) continue;
+      if (cand != candidates_.end() && in_answer(cand->second.runtime->cfg.addr)) continue;
       changed.emplace_back(s, a);
     }
   for (const auto& [s, a] : changed) start_candidate(s, a);

@@ -2,6 +2,7 @@
 
 #include <netdb.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "runtime/uv_util.hpp"
@@ -64,6 +65,16 @@ void Resolver::start(std::vector<std::string> hosts, Millis timeout, Done done) 
               std::memcpy(&out.addr.storage, res->ai_addr, res->ai_addrlen);
               out.addr.len = res->ai_addrlen;
               out.ok = true;
+              for (const addrinfo* ai = res; ai && out.all.size() < HostLookup::kMaxAddresses; ai = ai->ai_next) {
+                if (ai->ai_addrlen > sizeof out.addr.storage) continue;
+                SocketAddress a;
+                std::memcpy(&a.storage, ai->ai_addr, ai->ai_addrlen);
+                a.len = ai->ai_addrlen;
+                if (std::none_of(out.all.begin(), out.all.end(), [&](const SocketAddress& seen) {
+                      return seen.len == a.len && std::memcmp(&seen.storage, &a.storage, a.len) == 0;
+                    }))
+                  out.all.push_back(a);
+              }
             } else {
               out.error = status == 0 ? "no address" : uv_strerror(status);
             }

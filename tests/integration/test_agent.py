@@ -233,6 +233,13 @@ class AgentTest(TestCase):
         self.assertIsNotNone(m, body)
         return m.groups()
 
+    def pool_servers(self):
+        """smtplb_pool_servers of pool p, by state."""
+        status, body = self.admin("GET", "/metrics")
+        self.assertEqual(status, 200)
+        return {m.group(1): int(m.group(2)) for m in
+                re.finditer(r'(?m)^smtplb_pool_servers\{pool="p",state="(\w+)"\} (\d+)$', body)}
+
     def test_agent_and_operator_admin_states(self):
         """The combination rules: the more restrictive of the operator's and the agent's
         admin state applies (the operator's `ready` does not end an agent's drain, the
@@ -272,6 +279,7 @@ class AgentTest(TestCase):
         agent_says("drain", "agent state up -> drain")
         operator("ready")
         self.assertEqual(self.states(), ("up", "ready", "drain", "drain"))
+        self.assertEqual(self.pool_servers(), {"up": 1, "down": 0, "unchecked": 0, "drain": 1, "maint": 0})
         self.assertEqual(split("agent drain, operator ready"), {"s2": 200})
         agent_says("ready", "agent state drain -> up")
         self.assertEqual(split("agent ready again"), {"s1": 100, "s2": 100})
@@ -288,6 +296,7 @@ class AgentTest(TestCase):
         # Agent down while the health checks pass: out until the agent says up.
         agent_says("down", "agent state up -> down")
         self.assertEqual(self.states(), ("up", "ready", "ready", "down"))
+        self.assertEqual(self.pool_servers(), {"up": 1, "down": 1, "unchecked": 0, "drain": 0, "maint": 0})
         self.assertEqual(split("agent down, checks pass"), {"s2": 200})
         agent_says("up", "agent state down -> up")
         self.assertEqual(split("agent up again"), {"s1": 100, "s2": 100})

@@ -150,6 +150,11 @@ class FakeDns:
                 self.answered.append((time.monotonic(), name, qtype))
             if instant is None:
                 send(_response(qid, flags, question, 2))  # SERVFAIL: the resolver fails
+            elif isinstance(instant, list):
+                # Round-robin DNS: the list turns by one at every A query.
+                with self.lock:
+                    k = sum(1 for q in self.queries if q[1] == name and q[2] == 1) % len(instant)
+                send(_response(qid, flags, question, 0, instant[k:] + instant[:k] if qtype == 1 else []))
             else:
                 send(_response(qid, flags, question, 0, [instant] if qtype == 1 and instant else []))
         elif name == SLOW_ZONE or name.endswith("." + SLOW_ZONE):
@@ -635,6 +640,44 @@ class ReresolveTest(FakeDnsTestCase):
         status, body, _ = admin(self.admin_path, "GET", "/status")
         self.assertEqual(status, 200, body)
         return body
+
+    def test_rotating_answers_keep_the_address(self):
+        """Round-robin DNS: the name answers 127.0.0.2 and 127.0.0.3, the order turning at
+        every lookup. The server stays on the address it has, lookup after lookup; only an
+        answer without it moves the server (to that answer's first address, checked first)."""
+        name = "mx.dyn.test"
+        port = self.old.port
+        self.set_answer(["127.0.0.2", "127.0.0.3"])
+        lb = self.smtplb(config([("pf", name, port)], self.admin_path, interval="%dms" % (self.CHECK * 1000),
+                                resolve_interval="300ms"),
+                         wrapper=["unshare", "--mount", "--", "sh", "-c",
+                                  'mount --bind "$0" /etc/resolv.conf && exec "$@"', self.resolv],
+                         up=["p/pf"])
+        m = re.search(r'"name":"pf","address":"(127\.0\.0\.[23]):%d"' % port, self.status())
+        self.assertIsNotNone(m, self.status())
+        first = m.group(1)
+        fakes = {"127.0.0.2": self.old, "127.0.0.3": self.new}
+        other = "127.0.0.3" if first == "127.0.0.2" else "127.0.0.2"
+        asked = len(self.dns.queried(name))
+        wait_until(lambda: len(self.dns.queried(name)) >= asked + 12, STEP_TIMEOUT, "six more lookups")
+        time.sleep(0.2)
+        self.assertNotIn("now resolves to", lb.log())
+        self.assertRegex(self.status(), r'"name":"pf","address":"%s:%d",[^}]*"pending_address":""'
+                         % (re.escape(first), port))
+        self.assertEqual({greet(lb.port()) for _ in range(6)}, {fakes[first].name})
+        self.assertEqual(fakes[other].checks(), [], "%s was checked as a new address" % other)
+        # An answer without the address in use: its first address, after a check.
+        self.set_answer([other, "127.0.0.4"])
+        lb.wait_log(r"server p/pf now at %s:%d \(mx\.dyn\.test resolves there; was %s:%d\)"
+                    % (re.escape(other), port, re.escape(first), port), timeout=STEP_TIMEOUT)
+        wait_until(lambda: greet(lb.port()) == fakes[other].name, STEP_TIMEOUT, "sessions on the new address")
+        # And it stays there while the answers keep turning.
+        offset = lb.log_offset()
+        asked = len(self.dns.queried(name))
+        wait_until(lambda: len(self.dns.queried(name)) >= asked + 8, STEP_TIMEOUT, "four more lookups")
+        self.assertNotIn("now resolves to", lb.log()[offset:])
+        print("rotating answers: %d lookups; the server stayed on %s, then moved once, to %s"
+              % (len(self.dns.queried(name)), first, other))
 
     def test_changed_address_under_load(self):
         name = "mx.dyn.test"

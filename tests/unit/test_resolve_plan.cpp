@@ -49,10 +49,10 @@ SocketAddress v4(const char* ip) {
 }
 
 HostLookup answer(const char* host, const char* ip) {
-  return {host, true, v4(ip), ""};
+  return {host, true, v4(ip), "", {v4(ip)}};
 }
 HostLookup failure(const char* host, const char* why) {
-  return {host, false, {}, why};
+  return {host, false, {}, why, {}};
 }
 
 }  // namespace

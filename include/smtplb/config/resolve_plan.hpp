@@ -14,8 +14,13 @@ namespace smtplb {
 struct HostLookup {
   std::string host;
   bool ok = false;
-  SocketAddress addr;  // port 0; valid when ok
+  SocketAddress addr;  // port 0; valid when ok: the answer's first address
   std::string error;   // why not, when !ok (e.g. "Name or service not known")
+  // Every address of the answer (port 0, first included, at most kMaxAddresses): a
+  // server whose address is still among them keeps it, so a name whose answers rotate
+  // (round-robin DNS) does not move its servers at every lookup.
+  std::vector<SocketAddress> all;
+  static constexpr size_t kMaxAddresses = 16;
 };
 
 // The distinct host names the servers of `c` name that have no address yet, in file
