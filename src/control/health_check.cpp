@@ -4,8 +4,12 @@
 
 #include "smtplb/proto/proxy_protocol.hpp"
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <spdlog/spdlog.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <openssl/x509_vfy.h>
 
@@ -81,11 +85,12 @@ void HealthChecker::schedule(uint64_t ms) {
       &timer_,
       [](uv_timer_t* t) {
         auto* self = static_cast<HealthChecker*>(t->data);
-        if (self->step_ == Step::idle)
-          self->begin();
-        else
-          self->fail(CheckFailure::timeout,
-                     "timeout after " + format_duration(self->cfg_.timeout) + " waiting for " + step_name(self->step_));
+        if (self->step_ == Step::idle) return self->begin();
+        // A connect that was not reported on its own (connect_for_greeting) may have
+        // completed: then it is the greeting that did not come.
+        if (self->step_ == Step::connect && self->established()) self->step_ = Step::greeting;
+        self->fail(CheckFailure::timeout,
+                   "timeout after " + format_duration(self->cfg_.timeout) + " waiting for " + step_name(self->step_));
       },
       ms, 0);
 }
@@ -173,14 +178,19 @@ void HealthChecker::begin() {
   probe_->owner = this;
   probe_->tcp.data = probe_;
   uv_tcp_init(loop_, &probe_->tcp);
-  // Each step sends one short command and waits for the answer: Nagle only adds delay.
-  uv_tcp_nodelay(&probe_->tcp, 1);
   step_ = Step::connect;
   schedule(uint64_t(cfg_.timeout.count()));  // one deadline for the whole dialogue
-  int rc = uv_tcp_connect(&probe_->connect_req, &probe_->tcp, server_->cfg.addr.sa(), [](uv_connect_t* req, int st) {
-    auto* p = static_cast<Probe*>(req->handle->data);
-    if (p->owner) p->owner->connected(st);
-  });
+  int rc = 0;
+  if (proxy_ == ProxyOut::none && cfg_.tls != CheckTls::implicit) {
+    rc = connect_for_greeting();
+  } else {
+    // Each step sends one short command and waits for the answer: Nagle only adds delay.
+    uv_tcp_nodelay(&probe_->tcp, 1);
+    rc = uv_tcp_connect(&probe_->connect_req, &probe_->tcp, server_->cfg.addr.sa(), [](uv_connect_t* req, int st) {
+      auto* p = static_cast<Probe*>(req->handle->data);
+      if (p->owner) p->owner->connected(st);
+    });
+  }
   if (rc == UV_EMFILE || rc == UV_ENFILE || rc == UV_ENOBUFS || rc == UV_ENOMEM || rc == UV_EADDRNOTAVAIL) {
     // Out of descriptors or ports here: says nothing about the server, so the check is
     // skipped rather than counted as a failure.
@@ -203,6 +213,15 @@ void HealthChecker::begin() {
         auto* p = static_cast<Probe*>(s->data);
         if (!p->owner) return;
         HealthChecker* self = p->owner;
+        if (self->step_ == Step::connect) {
+          // connect_for_greeting: the first event says how the connect went. Refused,
+          // unreachable or timed out is the connect's failure; anything else (bytes, a
+          // close, a reset) means the connection was up.
+          if (n == UV_ECONNREFUSED || n == UV_ENETUNREACH || n == UV_EHOSTUNREACH || n == UV_ETIMEDOUT ||
+              n == UV_EHOSTDOWN || n == UV_ENETDOWN)
+            return self->fail(CheckFailure::connect, std::string("connect: ") + uv_strerror(int(n)));
+          if (n != 0) self->step_ = Step::greeting;
+        }
         if (n > 0) {
           self->received(b->base, size_t(n));
         } else if (n == UV_EOF) {
@@ -211,6 +230,30 @@ void HealthChecker::begin() {
           self->fail_step(step_name(self->step_) + ": " + uv_strerror(int(n)));
         }
       });
+}
+
+int HealthChecker::connect_for_greeting() {
+  const SocketAddress& to = server_->cfg.addr;
+  const int fd = ::socket(to.sa()->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return uv_translate_sys_error(errno);
+  const int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // as uv_tcp_nodelay
+  if (::connect(fd, to.sa(), to.len) < 0 && errno != EINPROGRESS) {
+    const int err = uv_translate_sys_error(errno);
+    ::close(fd);
+    return err;
+  }
+  const int rc = uv_tcp_open(&probe_->tcp, fd);
+  if (rc < 0) ::close(fd);
+  return rc;
+}
+
+bool HealthChecker::established() const {
+  uv_os_fd_t fd;
+  if (!probe_ || uv_fileno(reinterpret_cast<const uv_handle_t*>(&probe_->tcp), &fd) != 0) return false;
+  tcp_info info{};
+  socklen_t len = sizeof info;
+  return ::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) == 0 && info.tcpi_state == TCP_ESTABLISHED;
 }
 
 void HealthChecker::connected(int status) {

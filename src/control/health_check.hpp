@@ -91,6 +91,14 @@ class HealthChecker {
   void fail_step(std::string reason);
   void apply_config(const HealthCheckConfig& cfg);
   void begin();
+  // Where nothing goes before the greeting (no PROXY header, no implicit TLS): a socket
+  // connected here and given to libuv, so the check waits only for the greeting (the
+  // connect's own wake-up, SO_ERROR and an epoll change are saved). Returns a libuv
+  // error code or 0.
+  int connect_for_greeting();
+  // The check's socket has completed its handshake (TCP_INFO), for a connect that was
+  // never reported on its own.
+  bool established() const;
   void connected(int status);
   void received(const char* data, size_t len);
   void closed_by_peer();

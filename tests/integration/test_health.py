@@ -5,6 +5,7 @@ DOWN servers."""
 
 import os
 import re
+import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -62,8 +63,17 @@ class CheckDialogueTest(TestCase):
             "garbage": Behaviour(greeting=b"hello there\r\n"),
         }
         fakes = {name: self.fake(name, b) for name, b in cases.items()}
-        servers = list(fakes.values()) + [("refused", "127.0.0.1", refused)]
-        down = [n for n in list(cases) + ["refused"] if n != "good"]
+        # A listener whose accept queue is full (backlog 0, one connection waiting): the
+        # kernel drops further SYNs, so the check's connect never completes.
+        full = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(full.close)
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        filler = socket.create_connection(full.getsockname(), timeout=2)
+        self.addCleanup(filler.close)
+        servers = list(fakes.values()) + [("refused", "127.0.0.1", refused),
+                                          ("unanswered", "127.0.0.1", full.getsockname()[1])]
+        down = [n for n in list(cases) + ["refused", "unanswered"] if n != "good"]
         lb = self.smtplb(make_config(servers, health={"timeout": "1s"}),
                          up=["p/good"], down=["p/" + n for n in down])
         expect = {
@@ -74,14 +84,15 @@ class CheckDialogueTest(TestCase):
             "slowehlo": "timeout after 1s waiting for ehlo",
             "quit500": "quit 500 5.5.1 no quitting",
             "refused": "connect: connection refused",
+            "unanswered": "timeout after 1s waiting for connect",
             "garbage": "greeting: malformed reply line",
         }
         log = lb.log()
         for name, reason in expect.items():
             with self.subTest(server=name):
-                self.assertRegex(log, r"warning: server p/%s is DOWN: check failed \(%s[^)]*\), \d of 9 servers up"
+                self.assertRegex(log, r"warning: server p/%s is DOWN: check failed \(%s[^)]*\), \d of 10 servers up"
                                  % (name, re.escape(reason)))
-        self.assertRegex(log, r"info: server p/good is UP: check passed \(first check\), \d of 9 servers up")
+        self.assertRegex(log, r"info: server p/good is UP: check passed \(first check\), \d of 10 servers up")
 
         # Sessions go to the one UP server only.
         self.assertEqual(sessions_by_server(lb.port(), 6, self), ["good"] * 6)
