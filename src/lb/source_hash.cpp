@@ -93,6 +93,9 @@ __attribute__((target("avx2"))) void scan_avx2(uint32_t seed, const uint32_t* bh
 // vector on purpose): not ours to fix.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#if !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 template <class Hit>
 __attribute__((target("avx512f"))) void scan_avx512(uint32_t seed, const uint32_t* bh, const uint32_t* thr, Hit& hit) {
   const __m512i vseed = _mm512_set1_epi32(int(seed));
