@@ -129,7 +129,8 @@ int Process::run() {
   size_t index = 0;
   for (const auto& p : snapshot_->pools)
     for (const auto& s : p.servers)
-      start_checker(s, *p.cfg, first_check_delay(index++, total, uint64_t(p.cfg->health_check.interval.count())));
+      start_checker(s, *p.cfg,
+                    on_check_tick(first_check_delay(index++, total, uint64_t(p.cfg->health_check.interval.count()))));
 
   admin_ = std::make_unique<AdminServer>(&loop_, [this](const AdminServer::Request& r) { return admin(r); });
   if (!admin_->start(*config_, error)) {
@@ -205,7 +206,8 @@ void Process::assign_check_slots(const Snapshot& snap) {
   size_t index = 0;
   for (const auto& p : snap.pools)
     for (const auto& s : p.servers) {
-      const uint64_t offset = check_slot_offset(index++, total, uint64_t(p.cfg->health_check.interval.count()));
+      const uint64_t offset =
+          on_check_tick(check_slot_offset(index++, total, uint64_t(p.cfg->health_check.interval.count())));
       check_offsets_[s.get()] = offset;
       if (auto it = checkers_.find(s.get()); it != checkers_.end()) it->second->set_slot(check_epoch_ms_, offset);
     }
@@ -427,8 +429,9 @@ Process::ReloadResult Process::apply_reload(std::shared_ptr<const Config> cfg) {
         // Still waiting for its name to resolve (already logged).
       } else {
         // New, or back from maint.
-        start_checker(s, *p.cfg,
-                      first_check_delay(started++, starting, uint64_t(p.cfg->health_check.interval.count())));
+        start_checker(
+            s, *p.cfg,
+            on_check_tick(first_check_delay(started++, starting, uint64_t(p.cfg->health_check.interval.count()))));
       }
     }
   }

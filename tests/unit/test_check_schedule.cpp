@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <map>
+#include <string>
 #include <vector>
 
 #include "smtplb/lb/check_schedule.hpp"
@@ -50,20 +51,40 @@ TEST_CASE("after a check the next one starts one interval later, whatever the di
 TEST_CASE("1000 checkers on the grid: the busiest 100 ms holds the average, in every round") {
   const uint64_t interval = 2000, epoch = 12'345;
   const size_t n = 1000;
-  std::vector<uint64_t> next(n), started(n);
-  for (size_t i = 0; i < n; ++i) next[i] = epoch + first_check_delay(i, n, interval);
-  std::map<uint64_t, size_t> per_window;  // 100 ms windows after the epoch
-  // Simulate 10 rounds; each dialogue takes 1..40 ms.
-  for (int round = 0; round < 10; ++round)
-    for (size_t i = 0; i < n; ++i) {
-      const uint64_t start = next[i] + (i % 3);  // a timer fires up to 2 ms late
-      ++per_window[(start - epoch) / 100];
-      next[i] = after_check_slot(epoch, check_slot_offset(i, n, interval), interval, start, start + 1 + i % 40);
-    }
-  size_t busiest = 0;
-  for (const auto& [w, count] : per_window) busiest = std::max(busiest, count);
-  MESSAGE("busiest 100 ms window: " << busiest << " checks (average " << n * 100 / interval << ")");
-  CHECK(busiest <= 52);
+  // As the process places them (on the 10 ms tick: 5 checks per tick here), and on the
+  // bare grid.
+  for (bool tick : {true, false}) {
+    auto place = [tick](uint64_t ms) { return tick ? on_check_tick(ms) : ms; };
+    std::vector<uint64_t> next(n);
+    for (size_t i = 0; i < n; ++i) next[i] = epoch + place(first_check_delay(i, n, interval));
+    std::map<uint64_t, size_t> per_window;  // 100 ms windows after the epoch
+    std::map<uint64_t, size_t> per_start;   // checks starting at one loop millisecond
+    // Simulate 10 rounds; each dialogue takes 1..40 ms.
+    for (int round = 0; round < 10; ++round)
+      for (size_t i = 0; i < n; ++i) {
+        const uint64_t start = next[i] + (i % 3);  // a timer fires up to 2 ms late
+        ++per_window[(start - epoch) / 100];
+        ++per_start[next[i]];
+        next[i] =
+            after_check_slot(epoch, place(check_slot_offset(i, n, interval)), interval, start, start + 1 + i % 40);
+      }
+    size_t busiest = 0, together = 0;
+    for (const auto& [w, count] : per_window) busiest = std::max(busiest, count);
+    for (const auto& [t, count] : per_start) together = std::max(together, count);
+    const std::string what = tick ? "on the tick" : "bare grid";
+    MESSAGE(what << ": busiest 100 ms window: " << busiest << " checks (average " << n * 100 / interval << "), at most "
+                 << together << " due at one millisecond");
+    // The tick moves a check by less than 10 ms: at most one tick's checks more.
+    CHECK(busiest <= (tick ? 52u + n * kCheckTickMs / interval : 52u));
+    CHECK(together == (tick ? n * kCheckTickMs / interval : 1u));
+  }
+}
+
+TEST_CASE("the check tick rounds down to 10 ms") {
+  CHECK(on_check_tick(0) == 0);
+  CHECK(on_check_tick(9) == 0);
+  CHECK(on_check_tick(10) == 10);
+  CHECK(on_check_tick(1998) == 1990);
 }
 
 TEST_CASE("the first round ramps 2 ms apart, never past the interval") {

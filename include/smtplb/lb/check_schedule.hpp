@@ -15,6 +15,14 @@ inline uint64_t check_slot_offset(size_t index, size_t count, uint64_t interval_
   return i * (interval_ms / count) + i * (interval_ms % count) / count;
 }
 
+// Check starts are grouped on a 10 ms tick: the checks whose slots fall in one tick start
+// on one wake-up of the control loop (and their replies tend to come together), instead
+// of one wake-up each. At 10 ms the spread over any 100 ms stays even.
+constexpr uint64_t kCheckTickMs = 10;
+inline uint64_t on_check_tick(uint64_t offset_ms) {
+  return offset_ms / kCheckTickMs * kCheckTickMs;
+}
+
 // The first time at or after `earliest` of the grid epoch + offset + k * interval.
 inline uint64_t next_check_slot(uint64_t epoch_ms, uint64_t offset_ms, uint64_t interval_ms, uint64_t earliest_ms) {
   const uint64_t first = epoch_ms + offset_ms;
