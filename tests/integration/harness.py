@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 import unittest
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 
 # Postfix's tools (smtp-sink, smtp-source, postfix) are in /usr/sbin, which is not on a
 # normal user's PATH: looked up there too, so that the tests run for any user.
@@ -979,6 +979,26 @@ def recv_exact(sock: socket.socket, n: int, timeout: float = STEP_TIMEOUT) -> by
             break
         out += d
     return bytes(out)
+
+
+def admin_request(path: str, method: str, target: str, body: bytes = b"",
+                  timeout: float = STEP_TIMEOUT) -> Tuple[int, str]:
+    """One request to the admin API on the unix socket `path`, on its own connection:
+    (status, body text)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        s.sendall(b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                  % (method.encode(), target.encode(), len(body)) + body)
+        raw = recv_until_eof(s, timeout=timeout)
+    finally:
+        s.close()
+    head, _, text = raw.partition(b"\r\n\r\n")
+    m = re.match(rb"HTTP/1\.1 (\d+) ", head)
+    if not m:
+        raise AssertionError("not an HTTP response: %r" % raw[:200])
+    return int(m.group(1)), text.decode("utf-8", "replace")
 
 
 def recv_until_eof(sock: socket.socket, timeout: float = STEP_TIMEOUT, limit: int = 1 << 30) -> bytes:

@@ -20,8 +20,8 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (SMTPLB_BIN, STEP_TIMEOUT, SmtpClient, TestCase, log_time, main, make_config,  # noqa: E402
-                     server_of, stop_process, wait_until)
+from harness import (SMTPLB_BIN, STEP_TIMEOUT, SmtpClient, TestCase, admin_request, log_time, main,  # noqa: E402
+                     make_config, server_of, stop_process, wait_until)
 import subprocess  # noqa: E402
 
 AGENT_INTERVAL = 0.2
@@ -207,22 +207,7 @@ class AgentTest(TestCase):
 
     def admin(self, method, target, body=b""):
         """(status, body) of one admin API request."""
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(STEP_TIMEOUT)
-        try:
-            s.connect(self.admin_path)
-            s.sendall(b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-                      % (method.encode(), target.encode(), len(body)) + body)
-            raw = b""
-            while True:
-                d = s.recv(65536)
-                if not d:
-                    break
-                raw += d
-        finally:
-            s.close()
-        head, _, text = raw.partition(b"\r\n\r\n")
-        return int(head.split()[1]), text.decode()
+        return admin_request(self.admin_path, method, target, body)
 
     def states(self):
         """s1's (health, admin_state, effective_admin_state, agent state) from /status."""

@@ -34,8 +34,8 @@ import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from harness import (CHECK_EHLO, HOSTNAME, SMTPLB_BIN, STEP_TIMEOUT, SmtpClient, TestCase, log_time, main,  # noqa: E402
-                     recv_until_eof, server_of, toml_value, wait_until)
+from harness import (CHECK_EHLO, HOSTNAME, SMTPLB_BIN, STEP_TIMEOUT, SmtpClient, TestCase, admin_request,  # noqa: E402
+                     log_time, main, recv_until_eof, server_of, toml_value, wait_until)
 
 SLOW_ZONE = "slow.test"
 DELAY = 4.0             # seconds the fake DNS server takes for names under slow.test
@@ -283,21 +283,8 @@ def write_config(path, text):
 def admin(path, method, target, timeout=STEP_TIMEOUT + DELAY):
     """One request on its own connection: (status, body text, seconds taken)."""
     start = time.monotonic()
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(path)
-        s.sendall(("%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                   % (method, target)).encode())
-        raw = recv_until_eof(s, timeout=timeout)
-    finally:
-        s.close()
-    took = time.monotonic() - start
-    head, _, body = raw.partition(b"\r\n\r\n")
-    m = re.match(rb"HTTP/1\.1 (\d+) ", head)
-    if not m:
-        raise AssertionError("not an HTTP response: %r" % raw[:200])
-    return int(m.group(1)), body.decode("utf-8", "replace"), took
+    status, body = admin_request(path, method, target, timeout=timeout)
+    return status, body, time.monotonic() - start
 
 
 class Background:

@@ -29,7 +29,7 @@ import unittest
 from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import CHECK_EHLO, STEP_TIMEOUT, TestCase, main, make_config, wait_until  # noqa: E402
+from harness import CHECK_EHLO, STEP_TIMEOUT, TestCase, admin_request, main, make_config, wait_until  # noqa: E402
 
 RIGHT_NAME = "mail.test"
 
@@ -531,22 +531,9 @@ class StarttlsTest(TestCase):
 
 def unix_get(path: str, target: str) -> str:
     """GET on the admin socket; the body."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(STEP_TIMEOUT)
-    try:
-        s.connect(path)
-        s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target).encode())
-        raw = b""
-        while True:
-            d = s.recv(65536)
-            if not d:
-                break
-            raw += d
-    finally:
-        s.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), raw[:200]
-    return body.decode()
+    status, body = admin_request(path, "GET", target)
+    assert status == 200, body[:200]
+    return body
 
 
 class ImplicitTlsTest(TestCase):
