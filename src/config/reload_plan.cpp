@@ -9,8 +9,7 @@ bool same_pool(const PoolConfig& a, const PoolConfig& b) {
 }
 
 bool same_server(const ServerConfig& a, const ServerConfig& b) {
-  return a.name == b.name && a.address == b.address && a.port == b.port && a.addr.len == b.addr.len &&
-         std::memcmp(&a.addr.storage, &b.addr.storage, a.addr.len) == 0;
+  return a.name == b.name && a.address == b.address && a.port == b.port && a.addr.same_as(b.addr);
 }
 
 bool same_listener(const ListenerConfig& a, const ListenerConfig& b) {

@@ -657,12 +657,6 @@ void Process::refresh_names() {
   });
 }
 
-namespace {
-bool same_address(const SocketAddress& a, const SocketAddress& b) {
-  return a.len == b.len && std::memcmp(&a.storage, &b.storage, a.len) == 0;
-}
-}  // namespace
-
 void Process::on_lookups(const std::vector<HostLookup>& lookups, bool quiet) {
   for (const auto& l : lookups) {
     if (!l.ok) {
@@ -696,23 +690,22 @@ void Process::on_lookups(const std::vector<HostLookup>& lookups, bool quiet) {
         if (current.len == 0) return false;
         for (SocketAddress x : it->all) {
           x.set_port(sc.port);
-          if (same_address(x, current)) return true;
+          if (x.same_as(current)) return true;
         }
         return false;
       };
-      SocketAddress a = it->addr;
-      a.set_port(sc.port);
       auto cand = candidates_.find(s);
-      if (in_answer(s->cfg.addr)) a = s->cfg.addr;
-      if (s->cfg.addr.len != 0 && same_address(a, s->cfg.addr)) {
+      if (in_answer(s->cfg.addr)) {
         if (cand != candidates_.end()) {
           spdlog::info("server {}: {} resolves to {} again; the check of {} is dropped", s->label, sc.address,
-                       a.to_string(), s->pending_address);
+                       s->cfg.addr.to_string(), s->pending_address);
           drop_candidate(s);
         }
         continue;
       }
       if (cand != candidates_.end() && in_answer(cand->second.runtime->cfg.addr)) continue;
+      SocketAddress a = it->addr;
+      a.set_port(sc.port);
       changed.emplace_back(s, a);
     }
   for (const auto& [s, a] : changed) start_candidate(s, a);

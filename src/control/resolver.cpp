@@ -61,20 +61,19 @@ void Resolver::start(std::vector<std::string> hosts, Millis timeout, Done done) 
           Batch* batch = query->batch;
           if (!batch->finished) {
             HostLookup& out = batch->results[query->index];
-            if (status == 0 && res && res->ai_addrlen <= sizeof out.addr.storage) {
-              std::memcpy(&out.addr.storage, res->ai_addr, res->ai_addrlen);
-              out.addr.len = res->ai_addrlen;
+            for (const addrinfo* ai = status == 0 ? res : nullptr; ai && out.all.size() < HostLookup::kMaxAddresses;
+                 ai = ai->ai_next) {
+              if (ai->ai_addrlen > sizeof out.addr.storage) continue;
+              SocketAddress a;
+              std::memcpy(&a.storage, ai->ai_addr, ai->ai_addrlen);
+              a.len = ai->ai_addrlen;
+              if (std::none_of(out.all.begin(), out.all.end(),
+                               [&](const SocketAddress& seen) { return seen.same_as(a); }))
+                out.all.push_back(a);
+            }
+            if (!out.all.empty()) {
+              out.addr = out.all.front();
               out.ok = true;
-              for (const addrinfo* ai = res; ai && out.all.size() < HostLookup::kMaxAddresses; ai = ai->ai_next) {
-                if (ai->ai_addrlen > sizeof out.addr.storage) continue;
-                SocketAddress a;
-                std::memcpy(&a.storage, ai->ai_addr, ai->ai_addrlen);
-                a.len = ai->ai_addrlen;
-                if (std::none_of(out.all.begin(), out.all.end(), [&](const SocketAddress& seen) {
-                      return seen.len == a.len && std::memcmp(&seen.storage, &a.storage, a.len) == 0;
-                    }))
-                  out.all.push_back(a);
-              }
             } else {
               out.error = status == 0 ? "no address" : uv_strerror(status);
             }

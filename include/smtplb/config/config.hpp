@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -80,6 +81,8 @@ struct SocketAddress {
   uint16_t port() const;
   void set_port(uint16_t port);
   std::string to_string() const;  // "1.2.3.4:25" or "[::1]:25"
+  // The same address and port (and family): compares the bytes in use.
+  bool same_as(const SocketAddress& o) const { return len == o.len && std::memcmp(&storage, &o.storage, len) == 0; }
 };
 
 // An address block such as 10.0.0.0/8 or 2001:db8::/32.
