@@ -361,15 +361,16 @@ std::string Process::render_metrics() const {
     for (const auto& s : p.servers) {
       // As the balancer sees it: the agent's admin state and its "down" count too.
       const AdminState a = s->effective_admin();
+      const Health h = s->health.load();
       if (a == AdminState::maint)
         ++maint;
       else if (a == AdminState::drain)
         ++drain;
-      else if (s->health.load() == Health::up && s->agent_down.load(std::memory_order_relaxed))
+      else if (h == Health::up && s->agent_down.load(std::memory_order_relaxed))
         ++down;
-      else if (s->health.load() == Health::up)
+      else if (h == Health::up)
         ++up;
-      else if (s->health.load() == Health::down)
+      else if (h == Health::down)
         ++down;
       else
         ++unchecked;
